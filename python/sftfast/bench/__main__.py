@@ -1,0 +1,62 @@
+"""Entry point: python -m sftfast.bench SUBCOMMAND [--json] [options]."""
+
+import argparse
+import importlib
+import json
+import platform
+import sys
+
+SUBCOMMANDS = ["tokenizer", "data", "prep", "loss", "train", "generate"]
+
+
+def machine_info() -> dict:
+    import os
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sftfast.bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    modules = {}
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"sftfast.bench.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"sftfast.bench.{name}":
+                raise
+            continue
+        modules[name] = module
+        p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+        module.add_arguments(p)
+    p = sub.add_parser("all", help="every benchmark with its defaults")
+    p.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+
+    if args.command == "all":
+        results = {}
+        for name, module in modules.items():
+            sub_args = sub.choices[name].parse_args(["--json"] if args.json else [])
+            results[name] = module.run(sub_args)
+    else:
+        results = modules[args.command].run(args)
+    out = {"machine": machine_info(), "results": results}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+//! Conversation rendering: special tokens, the assistant-only loss mask (SPEC 2).

@@ -1,0 +1,1 @@
+//! Packing rendered conversations into batches: padded and best-fit (SPEC 4).

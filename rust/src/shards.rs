@@ -1,0 +1,1 @@
+//! Preprocessed, memory-mapped shards of rendered conversations (issue 4).

@@ -1,0 +1,1 @@
+//! BPE training from text: incremental pair counts, parallel over documents.

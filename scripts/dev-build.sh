@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Day-to-day build of the extension in this checkout, without reinstalling anything:
+# builds sftfast._core (profile `fast`) and drops it into python/sftfast/, so that
+#   PYTHONPATH=$PWD/python $VENV/bin/python -m pytest tests
+# uses this checkout's code with the interpreter of any venv that has the dependencies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-$(pwd)/.venv/bin/python}
+[ -x "$PY" ] || PY=/work/main/.venv/bin/python
+suffix=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+PYO3_PYTHON="$PY" cargo build --profile fast --features python --lib
+cp target/fast/libsftfast.so "python/sftfast/_core$suffix"
+echo "built python/sftfast/_core$suffix"
