@@ -26,13 +26,16 @@
 //!   what a failed or shortened attempt scanned is consumed by the next one or two
 //!   pieces (no quadratic rescans on runs of letters, spaces, CR/LF, digits or symbols).
 //!
-//! General (regex) path and backtrack limits: fancy-regex gives up with an error when a
-//! search exceeds its backtrack limit (1M steps); tiktoken then panics, and the old code
-//! here silently dropped the rest of the text. Now that search is retried once from the
-//! same position with a regex whose limit is 100x larger, and if that also gives up the
-//! rest of the text becomes one piece: lossless, always terminates. Text between matches
-//! of a pattern that does not cover every char is skipped, as tiktoken skips it (the
-//! known patterns cover every char). Empty matches carry no bytes and are not reported.
+//! General (regex) path and its failures: fancy-regex gives up with an error when a
+//! search exceeds its backtrack limit (1M pops) or its VM stack (1M entries: a 1M-char
+//! whitespace run is enough with these patterns); tiktoken then panics, and the old code
+//! here silently dropped the rest of the text. Now the rest of the text, from the end of
+//! the last match, is searched again with a regex whose backtrack limit is 100x larger,
+//! and if that gives up too, the rest becomes one piece: no byte is lost and the split
+//! always terminates (the pieces then differ from what tiktoken would give, which is an
+//! error). Text between matches of a pattern that does not cover every char is skipped,
+//! as tiktoken skips it (the known patterns cover every char). Empty matches carry no
+//! bytes and are not reported.
 //!
 //! Performance notes (2-core x86_64 CPU, `cargo run --profile fast --example
 //! pretok_bench`, MB/s of text split, regex path vs fast path, same run):
@@ -256,6 +259,32 @@ impl<'a> Scanner<'a> {
         i
     }
 
+    /// `skip` for a class that holds every ASCII byte in `lo..=hi` after OR-ing it with
+    /// `fold` (0x20 folds A-Z onto a-z and maps no other byte into a-z): 8 bytes at a time
+    /// while they are all in the range, then `skip` from the first byte that is not (which
+    /// still checks it, and everything after it, with the full table).
+    #[inline(always)]
+    fn skip_ascii_fast(&self, mut i: usize, keep: impl Fn(u8) -> bool, lo: u8, hi: u8, fold: u8) -> usize {
+        const ONES: u64 = 0x0101_0101_0101_0101;
+        const HIGH: u64 = 0x8080_8080_8080_8080;
+        let b = self.b;
+        while let Some(chunk) = b.get(i..i + 8) {
+            let x = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+            // Per byte, with the top bit cleared first so the additions never carry into
+            // the next byte: top bit set in `ge` iff byte >= lo, in `gt` iff byte > hi.
+            let low7 = (x | ONES * fold as u64) & !HIGH;
+            let ge = low7 + ONES * (0x80 - lo) as u64;
+            let gt = low7 + ONES * (0x7F - hi) as u64;
+            let inside = !x & ge & !gt & HIGH;
+            if inside != HIGH {
+                i += ((!inside & HIGH).trailing_zeros() / 8) as usize;
+                break;
+            }
+            i += 8;
+        }
+        self.skip(i, keep)
+    }
+
     /// The end of the longest run of bytes from `i` in `set` (ASCII only).
     #[inline(always)]
     fn skip_bytes(&self, mut i: usize, set: &[u8]) -> usize {
@@ -313,11 +342,8 @@ impl<'a> Scanner<'a> {
         // [^\r\n\p{L}\p{N}]?+\p{L}+ : the possessive `?+` never gives its char back, and
         // giving it back could not help (it is not a letter), so: a letter run, or one
         // prefix char then a letter run.
-        if k0 & LETTER != 0 {
-            return self.skip(pos + len0, |k| k & LETTER != 0);
-        }
-        if is_prefix(k0) && self.class_at(pos + len0) & LETTER != 0 {
-            return self.skip(pos + len0, |k| k & LETTER != 0);
+        if k0 & LETTER != 0 || (is_prefix(k0) && self.class_at(pos + len0) & LETTER != 0) {
+            return self.skip_ascii_fast(pos + len0, |k| k & LETTER != 0, b'a', b'z', 0x20);
         }
         // \p{N}{1,2} / \p{N}{1,3}+
         if k0 & NU != 0 {
@@ -388,7 +414,7 @@ impl<'a> Scanner<'a> {
             }
         }
         if self.class_at(i) & LOWER != 0 {
-            return Some(self.skip(i, |k| k & LOWER != 0));
+            return Some(self.skip_ascii_fast(i, |k| k & LOWER != 0, b'a', b'z', 0));
         }
         after_both
     }
@@ -549,62 +575,37 @@ fn build_regex(pattern: &str, backtrack_limit: usize) -> Result<Regex> {
         .map_err(|e| Error::Pattern(format!("{pattern:?}: {e}")))
 }
 
-/// The general path: fancy-regex's `find_iter`, resumed after a backtrack-limit failure.
+/// The general path: fancy-regex's `find_iter`. After a search fails (backtrack limit
+/// or VM stack), the rest of the text is searched with `fallback` (a larger limit) from
+/// the end of the last match; if that fails too, the rest of the text is one piece.
 fn regex_pieces<'t, 'r>(
     regex: &'r Regex,
-    fallback: impl Fn() -> &'r Option<Regex>,
+    fallback: impl FnOnce() -> &'r Option<Regex>,
     text: &'t str,
     mut f: impl FnMut(&'t str),
 ) {
-    let mut from = 0;
-    loop {
-        let mut failed = false;
-        for m in regex.find_iter_input(RegexInput::new(text).from_pos(from)) {
-            match m {
-                Ok(m) => {
-                    if !m.as_str().is_empty() {
-                        f(m.as_str());
-                    }
-                    from = m.end();
-                }
-                Err(_) => {
-                    failed = true;
-                    break;
-                }
+    // Pieces from `from` on; Err(at) if a search failed, `at` being the end of the last match.
+    let mut run = |re: &Regex, mut from: usize| -> std::result::Result<(), usize> {
+        for m in re.find_iter_input(RegexInput::new(text).from_pos(from)) {
+            let m = m.map_err(|_| from)?;
+            // Empty matches carry no bytes (and a restarted search may find one again).
+            if !m.as_str().is_empty() {
+                f(m.as_str());
             }
+            from = m.end();
         }
-        if !failed {
-            return;
-        }
-        // One search from `from` blew the backtrack limit: redo it with the larger limit.
-        match fallback().as_ref().map(|re| re.find_from_pos(text, from)) {
-            Some(Ok(Some(m))) => {
-                if !m.as_str().is_empty() {
-                    f(m.as_str());
-                }
-                // An empty match must not be found again at the same place.
-                from = if m.end() > from { m.end() } else { next_char_boundary(text, from) };
-                if from > text.len() {
-                    return;
-                }
-            }
-            Some(Ok(None)) => return,
-            // Still too hard (or the fallback did not build): keep the bytes as one piece.
-            Some(Err(_)) | None => {
-                if from < text.len() {
-                    f(&text[from..]);
-                }
-                return;
-            }
-        }
-    }
-}
-
-/// The byte index just after the char at `i` (`text.len() + 1` at the end).
-fn next_char_boundary(text: &str, i: usize) -> usize {
-    match text[i..].chars().next() {
-        Some(c) => i + c.len_utf8(),
-        None => text.len() + 1,
+        Ok(())
+    };
+    let Err(from) = run(regex, 0) else { return };
+    let from = match fallback() {
+        Some(bigger) => match run(bigger, from) {
+            Ok(()) => return,
+            Err(from) => from,
+        },
+        None => from,
+    };
+    if from < text.len() {
+        f(&text[from..]);
     }
 }
 
@@ -806,6 +807,34 @@ mod tests {
                 let long = text.repeat(30);
                 for (pattern, re) in KNOWN.iter().zip(&res) {
                     check(pattern, re, &long);
+                }
+            }
+        }
+    }
+
+    /// Letter runs of every length around the 8-byte steps of `skip_ascii_fast`, broken at
+    /// every offset by the bytes next to the ASCII letter ranges and by non-ASCII chars.
+    #[test]
+    fn ascii_runs_of_every_length_and_break_match_the_regex() {
+        let res: Vec<Regex> = KNOWN.iter().map(|p| oracle(p)).collect();
+        let breakers = ['@', '[', '`', '{', '\u{7F}', '0', ' ', '\'', 'é', 'É', '中', 'ʰ', 'ǅ', '\u{301}', '\u{A0}', 'A', 'z'];
+        let letters = b"abcXYZqrsTUVwZaA";
+        for prefix in ["", " ", "'", "-", "Ab", "\n"] {
+            for len in 0..20 {
+                for at in 0..=len {
+                    for &brk in &breakers {
+                        let mut text = String::from(prefix);
+                        for i in 0..len {
+                            if i == at {
+                                text.push(brk);
+                            }
+                            text.push(letters[(i * 7 + len) % letters.len()] as char);
+                        }
+                        text.push_str("!x");
+                        for (pattern, re) in KNOWN.iter().zip(&res) {
+                            check(pattern, re, &text);
+                        }
+                    }
                 }
             }
         }
