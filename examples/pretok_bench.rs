@@ -44,7 +44,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if files.is_empty() {
         let root = env!("CARGO_MANIFEST_DIR");
-        for f in ["rust/src/bpe.rs", "rust/src/pretokenize.rs", "rust/src/chat.rs", "README.md", "Cargo.toml"] {
+        for f in [
+            "rust/src/bpe.rs",
+            "rust/src/pretokenize.rs",
+            "rust/src/chat.rs",
+            "README.md",
+            "Cargo.toml",
+        ] {
             files.push(format!("{root}/{f}"));
         }
     }
@@ -60,7 +66,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let text = sample.repeat(reps);
     let megabytes = text.len() as f64 / 1e6;
 
-    for (name, pattern) in [("nanochat", NANOCHAT_PATTERN), ("cl100k", CL100K_PATTERN), ("o200k", O200K_PATTERN)] {
+    for (name, pattern) in [
+        ("nanochat", NANOCHAT_PATTERN),
+        ("cl100k", CL100K_PATTERN),
+        ("o200k", O200K_PATTERN),
+    ] {
         let regex = Regex::new(pattern)?;
         let fast = Pretokenizer::new(pattern)?;
         assert!(fast.is_fast());

@@ -121,9 +121,11 @@ fn class_ranges(class: &str) -> Vec<(u32, u32)> {
         .parse(class)
         .unwrap_or_else(|e| panic!("built-in class {class:?} does not parse: {e}"));
     match hir.kind() {
-        HirKind::Class(Class::Unicode(c)) => {
-            c.ranges().iter().map(|r| (r.start() as u32, r.end() as u32)).collect()
-        }
+        HirKind::Class(Class::Unicode(c)) => c
+            .ranges()
+            .iter()
+            .map(|r| (r.start() as u32, r.end() as u32))
+            .collect(),
         other => panic!("built-in class {class:?} is not a Unicode class: {other:?}"),
     }
 }
@@ -158,11 +160,16 @@ impl Classes {
             .map(|chunk| {
                 *seen.entry(chunk).or_insert_with(|| {
                     blocks.extend_from_slice(chunk);
-                    u16::try_from(blocks.len() / BLOCK - 1).expect("fewer than 65536 distinct blocks")
+                    u16::try_from(blocks.len() / BLOCK - 1)
+                        .expect("fewer than 65536 distinct blocks")
                 })
             })
             .collect();
-        Self { ascii, index, blocks: blocks.into_boxed_slice() }
+        Self {
+            ascii,
+            index,
+            blocks: blocks.into_boxed_slice(),
+        }
     }
 
     fn get() -> &'static Self {
@@ -214,7 +221,12 @@ impl<'a> Scanner<'a> {
         let (cp, len) = if b0 < 0xE0 {
             (((b0 as u32 & 0x1F) << 6) | (b[i + 1] as u32 & 0x3F), 2)
         } else if b0 < 0xF0 {
-            (((b0 as u32 & 0x0F) << 12) | ((b[i + 1] as u32 & 0x3F) << 6) | (b[i + 2] as u32 & 0x3F), 3)
+            (
+                ((b0 as u32 & 0x0F) << 12)
+                    | ((b[i + 1] as u32 & 0x3F) << 6)
+                    | (b[i + 2] as u32 & 0x3F),
+                3,
+            )
         } else {
             (
                 ((b0 as u32 & 0x07) << 18)
@@ -264,7 +276,14 @@ impl<'a> Scanner<'a> {
     /// while they are all in the range, then `skip` from the first byte that is not (which
     /// still checks it, and everything after it, with the full table).
     #[inline(always)]
-    fn skip_ascii_fast(&self, mut i: usize, keep: impl Fn(u8) -> bool, lo: u8, hi: u8, fold: u8) -> usize {
+    fn skip_ascii_fast(
+        &self,
+        mut i: usize,
+        keep: impl Fn(u8) -> bool,
+        lo: u8,
+        hi: u8,
+        fold: u8,
+    ) -> usize {
         const ONES: u64 = 0x0101_0101_0101_0101;
         const HIGH: u64 = 0x8080_8080_8080_8080;
         let b = self.b;
@@ -272,7 +291,7 @@ impl<'a> Scanner<'a> {
             let x = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
             // Per byte, with the top bit cleared first so the additions never carry into
             // the next byte: top bit set in `ge` iff byte >= lo, in `gt` iff byte > hi.
-            let low7 = (x | ONES * fold as u64) & !HIGH;
+            let low7 = (x | (ONES * fold as u64)) & !HIGH;
             let ge = low7 + ONES * (0x80 - lo) as u64;
             let gt = low7 + ONES * (0x7F - hi) as u64;
             let inside = !x & ge & !gt & HIGH;
@@ -310,7 +329,11 @@ impl<'a> Scanner<'a> {
                 after_last_newline = Some(i);
             }
         }
-        WsRun { end: i, last_start, after_last_newline }
+        WsRun {
+            end: i,
+            last_start,
+            after_last_newline,
+        }
     }
 
     /// Length of `(?i:'s|'t|'re|'ve|'m|'ll|'d)` at `i` (the same set as
@@ -322,7 +345,14 @@ impl<'a> Scanner<'a> {
             [b'\'', c, ..] if matches!(c | 0x20, b's' | b'd' | b'm' | b't') => 2,
             // U+017F LATIN SMALL LETTER LONG S case-folds to `s`.
             [b'\'', 0xC5, 0xBF, ..] => 3,
-            [b'\'', c1, c2, ..] if matches!((c1 | 0x20, c2 | 0x20), (b'l', b'l') | (b'v', b'e') | (b'r', b'e')) => 3,
+            [b'\'', c1, c2, ..]
+                if matches!(
+                    (c1 | 0x20, c2 | 0x20),
+                    (b'l', b'l') | (b'v', b'e') | (b'r', b'e')
+                ) =>
+            {
+                3
+            }
             _ => 0,
         }
     }
@@ -428,7 +458,10 @@ impl<'a> Scanner<'a> {
         // X?U*W+C? then X?U+W*C? (X = [^\r\n\p{L}\p{N}], C = the optional contraction).
         // X? is greedy: first with the prefix char, then (a mark is both X and U/W)
         // without it. C? is optional, so it never decides whether an alternative matches.
-        let word = if let Some(e) = prefix.then(|| self.upper_star_lower_plus(pos + len0)).flatten() {
+        let word = if let Some(e) = prefix
+            .then(|| self.upper_star_lower_plus(pos + len0))
+            .flatten()
+        {
             Some(e)
         } else if let Some(e) = self.upper_star_lower_plus(pos) {
             Some(e)
@@ -493,12 +526,15 @@ impl<'a> Scanner<'a> {
 
 enum Engine {
     Fast(Known),
-    Regex {
-        regex: Regex,
-        /// Built on the first search that hits `regex`'s backtrack limit.
-        fallback: OnceLock<Option<Regex>>,
-        fallback_limit: usize,
-    },
+    Regex(Box<General>),
+}
+
+/// The general path's regexes.
+struct General {
+    regex: Regex,
+    /// Built on the first search that fails with `regex` (None if it does not build).
+    fallback: OnceLock<Option<Regex>>,
+    fallback_limit: usize,
 }
 
 /// A compiled pre-tokenizer.
@@ -525,13 +561,16 @@ impl Pretokenizer {
                 Classes::get();
                 Engine::Fast(known)
             }
-            None => Engine::Regex {
+            None => Engine::Regex(Box::new(General {
                 regex: build_regex(pattern, limit)?,
                 fallback: OnceLock::new(),
                 fallback_limit,
-            },
+            })),
         };
-        Ok(Self { pattern: pattern.to_string(), engine })
+        Ok(Self {
+            pattern: pattern.to_string(),
+            engine,
+        })
     }
 
     pub fn pattern(&self) -> &str {
@@ -546,25 +585,41 @@ impl Pretokenizer {
     /// Calls `f` on each piece of `text`, in order. For the known patterns the pieces
     /// concatenate to `text`; for others, text the pattern does not match is skipped, as
     /// in tiktoken (see the module docs for backtrack-limit failures).
-    pub fn for_each_piece<'t>(&self, text: &'t str, mut f: impl FnMut(&'t str)) {
+    pub fn for_each_piece<'t>(&self, text: &'t str, f: impl FnMut(&'t str)) {
         match &self.engine {
-            Engine::Fast(known) => {
-                let scanner = Scanner { b: text.as_bytes(), classes: Classes::get() };
-                let mut pos = 0;
-                while pos < text.len() {
-                    let end = match known {
-                        Known::Nanochat => scanner.gpt4_piece(pos, 2, false),
-                        Known::Cl100k => scanner.gpt4_piece(pos, 3, true),
-                        Known::O200k => scanner.o200k_piece(pos),
-                    };
-                    f(&text[pos..end]);
-                    pos = end;
-                }
-            }
-            Engine::Regex { regex, fallback, fallback_limit } => {
-                regex_pieces(regex, || fallback.get_or_init(|| build_regex(&self.pattern, *fallback_limit).ok()), text, f)
-            }
+            // One loop per pattern, so the pattern's constants fold into its scanner.
+            Engine::Fast(Known::Nanochat) => split(text, f, |s, pos| s.gpt4_piece(pos, 2, false)),
+            Engine::Fast(Known::Cl100k) => split(text, f, |s, pos| s.gpt4_piece(pos, 3, true)),
+            Engine::Fast(Known::O200k) => split(text, f, |s, pos| s.o200k_piece(pos)),
+            Engine::Regex(g) => regex_pieces(
+                &g.regex,
+                || {
+                    g.fallback
+                        .get_or_init(|| build_regex(&self.pattern, g.fallback_limit).ok())
+                },
+                text,
+                f,
+            ),
         }
+    }
+}
+
+/// The fast path: `piece(scanner, pos)` is the end of the piece that starts at `pos`.
+#[inline(always)]
+fn split<'t>(
+    text: &'t str,
+    mut f: impl FnMut(&'t str),
+    piece: impl Fn(&Scanner<'t>, usize) -> usize,
+) {
+    let scanner = Scanner {
+        b: text.as_bytes(),
+        classes: Classes::get(),
+    };
+    let mut pos = 0;
+    while pos < text.len() {
+        let end = piece(&scanner, pos);
+        f(&text[pos..end]);
+        pos = end;
     }
 }
 
@@ -628,13 +683,20 @@ mod tests {
         re.find_iter(text)
             .map(|m| {
                 let head: String = text.chars().take(100).collect();
-                m.unwrap_or_else(|e| panic!("oracle failed on {head:?} ({} bytes): {e}", text.len())).as_str().to_string()
+                m.unwrap_or_else(|e| {
+                    panic!("oracle failed on {head:?} ({} bytes): {e}", text.len())
+                })
+                .as_str()
+                .to_string()
             })
             .collect()
     }
 
     fn oracle(pattern: &str) -> Regex {
-        RegexBuilder::new(pattern).backtrack_limit(1_000_000_000).build().unwrap()
+        RegexBuilder::new(pattern)
+            .backtrack_limit(1_000_000_000)
+            .build()
+            .unwrap()
     }
 
     fn check(pattern: &str, re: &Regex, text: &str) {
@@ -666,7 +728,8 @@ mod tests {
     #[test]
     fn class_table_matches_regex_classes_for_every_code_point() {
         let classes = Classes::get();
-        let cases: [(&str, fn(u8) -> bool); 10] = [
+        type Has = fn(u8) -> bool;
+        let cases: [(&str, Has); 10] = [
             (r"\p{L}", |k| k & LETTER != 0),
             (r"\p{N}", |k| k & NU != 0),
             (r"\s", |k| k & WS != 0),
@@ -683,10 +746,18 @@ mod tests {
             let mut buf = [0u8; 4];
             for c in all_chars() {
                 let s = c.encode_utf8(&mut buf);
-                let scanner = Scanner { b: s.as_bytes(), classes };
+                let scanner = Scanner {
+                    b: s.as_bytes(),
+                    classes,
+                };
                 let (k, len) = scanner.at(0);
                 assert_eq!(len, s.len());
-                assert_eq!(has(k), re.is_match(s).unwrap(), "class {class} on U+{:04X}", c as u32);
+                assert_eq!(
+                    has(k),
+                    re.is_match(s).unwrap(),
+                    "class {class} on U+{:04X}",
+                    c as u32
+                );
             }
         }
     }
@@ -696,7 +767,9 @@ mod tests {
         // Which code points `(?i)x` matches, for each contraction letter.
         for letter in ['s', 'd', 'm', 't', 'l', 'v', 'e', 'r'] {
             let re = Regex::new(&format!(r"\A(?i:{letter})\z")).unwrap();
-            let matched: Vec<char> = all_chars().filter(|c| re.is_match(&c.to_string()).unwrap()).collect();
+            let matched: Vec<char> = all_chars()
+                .filter(|c| re.is_match(&c.to_string()).unwrap())
+                .collect();
             let mut want = vec![letter.to_ascii_uppercase(), letter];
             if letter == 's' {
                 want.push('\u{17F}');
@@ -776,10 +849,11 @@ mod tests {
 
     /// Characters at the boundaries of the classes and alternatives.
     const ALPHABET: &[char] = &[
-        ' ', ' ', ' ', '\t', '\r', '\n', '\n', '\'', '\'', 's', 'S', 'ſ', 'l', 'L', 'v', 'e', 'E', 'r', 'd', 'm', 't', 'T',
-        'a', 'Z', 'x', '0', '7', '9', '²', '٣', 'Ⅻ', '-', '/', '/', '!', '.', ',', '_', '\u{A0}', '\u{2028}', '\u{85}',
-        '\u{3000}', '\u{B}', '\u{C}', '中', '😀', '\u{301}', '\u{903}', 'ǅ', 'ʰ', 'א', 'É', 'é', '\u{212A}', 'ẞ', 'ß',
-        '\u{0}', '\u{200D}', '\u{FEFF}',
+        ' ', ' ', ' ', '\t', '\r', '\n', '\n', '\'', '\'', 's', 'S', 'ſ', 'l', 'L', 'v', 'e', 'E',
+        'r', 'd', 'm', 't', 'T', 'a', 'Z', 'x', '0', '7', '9', '²', '٣', 'Ⅻ', '-', '/', '/', '!',
+        '.', ',', '_', '\u{A0}', '\u{2028}', '\u{85}', '\u{3000}', '\u{B}', '\u{C}', '中', '😀',
+        '\u{301}', '\u{903}', 'ǅ', 'ʰ', 'א', 'É', 'é', '\u{212A}', 'ẞ', 'ß', '\u{0}', '\u{200D}',
+        '\u{FEFF}', '\u{2029}', '\u{1C}', '\u{20DD}', 'ǈ',
     ];
 
     #[test]
@@ -787,7 +861,12 @@ mod tests {
         let res: Vec<Regex> = KNOWN.iter().map(|p| oracle(p)).collect();
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
         let mut text = String::new();
-        for case in 0..4000 {
+        // PRETOK_FUZZ_CASES=1000000 for a deeper run than the default.
+        let cases = std::env::var("PRETOK_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(4000);
+        for case in 0..cases {
             text.clear();
             let len = rng.below(24);
             for _ in 0..len {
@@ -817,7 +896,10 @@ mod tests {
     #[test]
     fn ascii_runs_of_every_length_and_break_match_the_regex() {
         let res: Vec<Regex> = KNOWN.iter().map(|p| oracle(p)).collect();
-        let breakers = ['@', '[', '`', '{', '\u{7F}', '0', ' ', '\'', 'é', 'É', '中', 'ʰ', 'ǅ', '\u{301}', '\u{A0}', 'A', 'z'];
+        let breakers = [
+            '@', '[', '`', '{', '\u{7F}', '0', ' ', '\'', 'é', 'É', '中', 'ʰ', 'ǅ', '\u{301}',
+            '\u{A0}', 'A', 'z',
+        ];
         let letters = b"abcXYZqrsTUVwZaA";
         for prefix in ["", " ", "'", "-", "Ab", "\n"] {
             for len in 0..20 {
@@ -881,7 +963,12 @@ mod tests {
         let spaces = " ".repeat(M);
         for pattern in KNOWN {
             // Symbols: one ` ?[^\s\p{L}\p{N}]+` piece. Letters: one word.
-            for text in ["^".repeat(M), "a".repeat(M), "\u{301}".repeat(M), "中".repeat(M)] {
+            for text in [
+                "^".repeat(M),
+                "a".repeat(M),
+                "\u{301}".repeat(M),
+                "中".repeat(M),
+            ] {
                 assert_eq!(fast_pieces(pattern, &text), [text.as_str()]);
             }
             // Whitespace to the end of the text: one piece (`\s++$` or `\s+(?!\S)`).
@@ -912,7 +999,11 @@ mod tests {
         let text = "abc 123456 def's  \n\n x";
         let mut got = Vec::new();
         p.for_each_piece(text, |s| got.push(s));
-        let want: Vec<&str> = Regex::new(&almost).unwrap().find_iter(text).map(|m| m.unwrap().as_str()).collect();
+        let want: Vec<&str> = Regex::new(&almost)
+            .unwrap()
+            .find_iter(text)
+            .map(|m| m.unwrap().as_str())
+            .collect();
         assert_eq!(got, want);
         assert!(got.contains(&"1234"));
 
@@ -948,12 +1039,19 @@ mod tests {
         // `\s+(?=\S\S)` backtracks once per space of a run followed by a single non-space:
         // with a limit of 10 those searches fail.
         let pattern = r"\s+(?=\S\S)|\S+|\s";
-        let text = format!("hello {}world, {}a b\n\n  more   text", " ".repeat(30), "\t".repeat(30));
+        let text = format!(
+            "hello {}world, {}a b\n\n  more   text",
+            " ".repeat(30),
+            "\t".repeat(30)
+        );
         let want = regex_pieces_oracle(&oracle(pattern), &text);
         assert_eq!(want.concat(), text);
 
         let tiny = build_regex(pattern, 10).unwrap();
-        assert!(tiny.find_iter(&text).any(|m| m.is_err()), "the test needs a search that hits the limit");
+        assert!(
+            tiny.find_iter(&text).any(|m| m.is_err()),
+            "the test needs a search that hits the limit"
+        );
 
         // The retry with the larger limit gives exactly the regex's pieces.
         let p = Pretokenizer::with_backtrack_limits(pattern, 10, FALLBACK_BACKTRACK_LIMIT).unwrap();
