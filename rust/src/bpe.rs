@@ -264,15 +264,23 @@ struct Slot {
 
 const HASH_K: u64 = 0x9E37_79B9_7F4A_7C15;
 
-/// First (up to) 8 bytes as a little-endian integer, zero-padded.
+/// First (up to) 8 bytes as a little-endian integer, zero-padded. Short slices are read with
+/// overlapping loads instead of a copy into a buffer (which compiled to a `memcpy` call and
+/// cost ~15% of the encoder's time on prose).
 #[inline(always)]
-fn prefix8(bytes: &[u8]) -> u64 {
-    if bytes.len() >= 8 {
-        u64::from_le_bytes(bytes[..8].try_into().unwrap())
+fn prefix8(b: &[u8]) -> u64 {
+    let n = b.len();
+    if n >= 8 {
+        u64::from_le_bytes(b[..8].try_into().unwrap())
+    } else if n >= 4 {
+        let lo = u32::from_le_bytes(b[..4].try_into().unwrap()) as u64;
+        let hi = u32::from_le_bytes(b[n - 4..n].try_into().unwrap()) as u64;
+        // The two loads overlap on bytes n-4..4; they agree there, so OR is exact.
+        lo | hi << (8 * (n - 4))
+    } else if n > 0 {
+        (b[0] as u64) | (b[n / 2] as u64) << (8 * (n / 2)) | (b[n - 1] as u64) << (8 * (n - 1))
     } else {
-        let mut buf = [0u8; 8];
-        buf[..bytes.len()].copy_from_slice(bytes);
-        u64::from_le_bytes(buf)
+        0
     }
 }
 
@@ -543,6 +551,17 @@ mod tests {
                 let total: usize = a.iter().map(|&r| ranks.iter().find(|(_, &v)| v == r).unwrap().0.len()).sum();
                 assert_eq!(total, len);
             }
+        }
+    }
+
+    #[test]
+    fn prefix8_matches_zero_padded_copy() {
+        let data: Vec<u8> = (1..=20u8).map(|x| x.wrapping_mul(37)).collect();
+        for n in 0..=12 {
+            let mut buf = [0u8; 8];
+            let k = n.min(8);
+            buf[..k].copy_from_slice(&data[..k]);
+            assert_eq!(prefix8(&data[..n]), u64::from_le_bytes(buf), "len {n}");
         }
     }
 
