@@ -325,3 +325,14 @@ def test_train_bad_input(corpus):
         Tokenizer.train(corpus[:10], vocab_size=300, pattern="(")
     # Lone surrogates are repaired as in encoding, not rejected.
     assert Tokenizer.train(["a\ud800b ab ab"], vocab_size=300).n_vocab <= 300
+
+
+def test_train_matches_rustbpe(corpus):
+    # nanochat's trainer (PyPI rustbpe) on the same corpus, vocab size and pattern: the same
+    # merges in the same order (both take the most frequent pair, ties to the smaller pair).
+    rustbpe = pytest.importorskip("rustbpe")
+    docs = corpus[:300]
+    ours = Tokenizer.train(docs, vocab_size=700)
+    theirs = rustbpe.Tokenizer()
+    theirs.train_from_iterator(iter(docs), 700 - len(SPECIAL_TOKENS), pattern=NANOCHAT_SPLIT_PATTERN)
+    assert {bytes(k): v for k, v in theirs.get_mergeable_ranks()} == ours._core.ranks()
