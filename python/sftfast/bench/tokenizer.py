@@ -126,8 +126,8 @@ def bench_pathological(tok, enc, n_sft, n_tt, repeat) -> dict:
         row = {}
         for lib, fn, n in (("sftfast", tok.encode, n_sft), ("tiktoken", enc.encode_ordinary, n_tt)):
             small, big = make(n), make(10 * n)
-            t1 = _best(lambda: fn(small), max(1, repeat // 2))
-            t10 = _best(lambda: fn(big), 1)
+            t1 = _best(lambda: fn(small), max(2, repeat))
+            t10 = _best(lambda: fn(big), 2)
             row[lib] = {"n": n, "t_1x_s": round(t1, 5), "t_10x_s": round(t10, 5), "ratio_10x": round(t10 / t1, 1)}
         out[name] = row
     return out
@@ -225,7 +225,7 @@ def run(args) -> dict:
     if "batch" not in skip:
         result["encode_batch"] = bench_batch(tok, enc, docs if not args.quick else docs[:200], args.threads, repeat)
     if "pathological" not in skip:
-        n_sft, n_tt = (10_000, 1_000) if args.quick else (100_000, 2_000)
+        n_sft, n_tt = (10_000, 1_000) if args.quick else (100_000, 5_000)
         result["pathological"] = bench_pathological(tok, enc, n_sft, n_tt, repeat)
     if "memory" not in skip:
         result["memory_after_load_cl100k"] = bench_memory(path, CL100K_SPLIT_PATTERN)
