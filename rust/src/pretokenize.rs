@@ -1021,6 +1021,13 @@ mod tests {
     }
 
     #[test]
+    fn pretokenizer_is_shared_across_threads() {
+        // encode_batch splits on rayon threads with one shared Pretokenizer.
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Pretokenizer>();
+    }
+
+    #[test]
     fn bad_pattern_is_a_pattern_error() {
         match Pretokenizer::new(r"(unclosed") {
             Err(Error::Pattern(msg)) => assert!(msg.contains("unclosed"), "{msg}"),
