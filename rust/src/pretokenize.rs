@@ -46,12 +46,14 @@
 //! - 31 languages (vim's `tutor.*.utf-8`, 4.7 MB): regex 4.7-8.3 MB/s, fast 83-137 MB/s:
 //!   nanochat ~20x, cl100k ~19x, o200k ~10-12x. The bench also checks that both ways give
 //!   the same pieces on these inputs.
+//! - Load-independent: `valgrind --tool=cachegrind --branch-sim=yes` on the fast-only run
+//!   (SPEC.md, all three patterns): ~24 instructions and ~0.3 branch mispredicts per byte.
 //! - The profile of the regex path is all fancy-regex VM + regex-automata searches per
 //!   piece (pieces average ~4 bytes, so per-search overhead dominates). The scanner's
 //!   cost is the per-piece branch mispredict at the end of each run.
 //! - Tried and kept: SWAR for ASCII letter runs (8 bytes per step, then the full table
-//!   from the first byte that is not a-z/A-Z): fast-only nanochat ~150 -> ~175-270 MB/s
-//!   across noisy runs. One split loop per pattern (constants folded): no difference
+//!   from the first byte that is not a-z/A-Z): fast-only nanochat on SPEC.md 149 MB/s
+//!   (1 run) before, 174-274 MB/s (5 runs) after. One split loop per pattern (constants folded): no difference
 //!   measurable under this load, kept because it is no more code.
 //! - Class lookup: ASCII through a 128-entry table; other code points through a
 //!   two-level table (code point >> 7 -> one of 230 distinct 128-byte blocks): 17 KB of
