@@ -336,3 +336,18 @@ def test_train_matches_rustbpe(corpus):
     theirs = rustbpe.Tokenizer()
     theirs.train_from_iterator(iter(docs), 700 - len(SPECIAL_TOKENS), pattern=NANOCHAT_SPLIT_PATTERN)
     assert {bytes(k): v for k, v in theirs.get_mergeable_ranks()} == ours._core.ranks()
+
+
+def test_benchmark_quick_run(cl100k_file):
+    # The benchmark checks ids against tiktoken before timing (it raises if they differ);
+    # here only its shape is checked, never a time.
+    import argparse
+
+    from sftfast.bench import tokenizer as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    result = bench.run(parser.parse_args(["--quick", "--repeat", "1", "--skip", "memory,pathological"]))
+    assert set(result["encode_1thread"]) == {"nanochat/prose", "nanochat/code", "cl100k/prose", "cl100k/code"}
+    assert all(row["sftfast_MBps"] > 0 and row["tiktoken_MBps"] > 0 for row in result["encode_1thread"].values())
+    assert result["encode_batch"]["docs"] == 200

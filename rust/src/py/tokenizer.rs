@@ -113,9 +113,10 @@ impl PyCoreTokenizer {
         let mut trainer = Trainer::new(pattern)?;
         let mut batch: Vec<PyBackedStr> = Vec::with_capacity(batch_size.max(1));
         let mut batch_bytes = 0usize;
-        let flush = |trainer: &mut Trainer, batch: &mut Vec<PyBackedStr>| {
-            py.detach(|| parallel::install(num_threads, || trainer.add_documents(batch)));
+        let flush = |trainer: &mut Trainer, batch: &mut Vec<PyBackedStr>| -> PyResult<()> {
+            py.detach(|| parallel::install(num_threads, || trainer.add_documents(batch)))?;
             batch.clear();
+            Ok(())
         };
         for (index, item) in texts.try_iter()?.enumerate() {
             let item = item?;
@@ -139,16 +140,16 @@ impl PyCoreTokenizer {
             batch.push(s);
             // Bound the batch by documents and by bytes, so memory stays flat on huge corpora.
             if batch.len() >= batch_size.max(1) || batch_bytes >= 64 << 20 {
-                flush(&mut trainer, &mut batch);
+                flush(&mut trainer, &mut batch)?;
                 batch_bytes = 0;
             }
         }
         if !batch.is_empty() {
-            flush(&mut trainer, &mut batch);
+            flush(&mut trainer, &mut batch)?;
         }
         let specials_names = special_tokens;
         let (inner, stats) = py.detach(move || -> crate::error::Result<_> {
-            let trained = parallel::install(num_threads, || trainer.train(n_ranks))?;
+            let trained = parallel::install(num_threads, || trainer.train(n_ranks))??;
             let specials = specials_after(&trained.ranks, specials_names);
             let stats = (trained.n_documents, trained.n_bytes, trained.n_unique_pieces, trained.n_missing);
             Ok((CoreBPE::new(trained.ranks, pattern, specials)?, stats))
@@ -171,12 +172,12 @@ impl PyCoreTokenizer {
     fn encode_batch(&self, py: Python<'_>, texts: Vec<PyBackedStr>, num_threads: Option<usize>) -> PyResult<Vec<Vec<Rank>>> {
         let num_threads = check_threads(num_threads)?;
         let inner = &self.inner;
-        Ok(py.detach(|| {
+        Ok(py.detach(|| -> crate::error::Result<Vec<Vec<Rank>>> {
             if num_threads == Some(1) || texts.len() <= 1 {
-                return texts.iter().map(|t| inner.encode_ordinary(t)).collect();
+                return Ok(texts.iter().map(|t| inner.encode_ordinary(t)).collect());
             }
             parallel::install(num_threads, || texts.par_iter().map(|t| inner.encode_ordinary(t)).collect())
-        }))
+        })?)
     }
 
     /// Bytes of `ids`; a negative or out-of-range id raises TokenOutOfRangeError naming its index.
