@@ -97,6 +97,26 @@ def test_identical_on_bundled_prose_and_code(pair):
     assert tok.encode_batch(texts, num_threads=2) == [_tiktoken_ids(enc, t) for t in texts]
 
 
+long_runs = st.lists(
+    st.one_of(
+        # one long piece of mixed letters / symbols / digits: exercises the long-piece merge
+        st.text(alphabet="abcdefghijklmnopqrstuvwxyzéü", min_size=128, max_size=2000),
+        st.text(alphabet="^-=*#~!?.", min_size=128, max_size=2000),
+        st.builds(lambda c, n: c * n, st.sampled_from(["a", "ab", " ", "\r\n", "-", "1", "中", "🙂", "\t "]), st.integers(60, 1500)),
+        fragment_text,
+    ),
+    min_size=1,
+    max_size=4,
+).map("".join)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=long_runs)
+def test_identical_to_tiktoken_on_long_pieces(pair, text):
+    tok, enc = pair
+    assert tok.encode(text) == _tiktoken_ids(enc, text)
+
+
 PATHOLOGICAL = {
     "one_letter": lambda n: "a" * n,
     "caret": lambda n: "^" * n,
