@@ -94,7 +94,8 @@ impl CoreBPE {
         }
         let mut token_data = Vec::with_capacity(total);
         // Fill in rank order so the buffer's layout does not depend on hash order.
-        let mut by_rank: Vec<(&[u8], Rank)> = encoder.iter().map(|(k, &v)| (k.as_slice(), v)).collect();
+        let mut by_rank: Vec<(&[u8], Rank)> =
+            encoder.iter().map(|(k, &v)| (k.as_slice(), v)).collect();
         by_rank.sort_unstable_by_key(|&(_, r)| r);
         for w in by_rank.windows(2) {
             if w[0].1 == w[1].1 {
@@ -108,7 +109,9 @@ impl CoreBPE {
         }
         for &(bytes, rank) in &by_rank {
             if bytes.is_empty() {
-                return Err(Error::Vocab(format!("rank {rank} is given to the empty token")));
+                return Err(Error::Vocab(format!(
+                    "rank {rank} is given to the empty token"
+                )));
             }
             spans[rank as usize] = (token_data.len() as u32, bytes.len() as u32);
             token_data.extend_from_slice(bytes);
@@ -123,18 +126,32 @@ impl CoreBPE {
         }
         for (i, (name, id)) in specials.iter().enumerate() {
             if (*id as usize) < spans.len() && spans[*id as usize].1 != 0 {
-                return Err(Error::Vocab(format!("special token {name:?} id {id} collides with an ordinary token")));
+                return Err(Error::Vocab(format!(
+                    "special token {name:?} id {id} collides with an ordinary token"
+                )));
             }
             if let Some((other, _)) = specials[..i].iter().find(|(_, oid)| oid == id) {
-                return Err(Error::Vocab(format!("special tokens {other:?} and {name:?} share id {id}")));
+                return Err(Error::Vocab(format!(
+                    "special tokens {other:?} and {name:?} share id {id}"
+                )));
             }
             if specials[..i].iter().any(|(n, _)| n == name) {
-                return Err(Error::Vocab(format!("special token {name:?} is listed twice")));
+                return Err(Error::Vocab(format!(
+                    "special token {name:?} is listed twice"
+                )));
             }
             n_vocab = n_vocab.max(*id as usize + 1);
         }
         let table = TokenTable::new(&spans, &token_data);
-        Ok(Self { table, encoder: OnceLock::new(), spans, token_data, specials, pretokenizer, n_vocab })
+        Ok(Self {
+            table,
+            encoder: OnceLock::new(),
+            spans,
+            token_data,
+            specials,
+            pretokenizer,
+            n_vocab,
+        })
     }
 
     pub fn n_vocab(&self) -> usize {
@@ -152,7 +169,11 @@ impl CoreBPE {
 
     /// bytes -> rank as a hash map (built on first call; the encoder itself does not use it).
     pub fn encoder(&self) -> &FxHashMap<Vec<u8>, Rank> {
-        self.encoder.get_or_init(|| self.ranks_in_order().map(|(b, r)| (b.to_vec(), r)).collect())
+        self.encoder.get_or_init(|| {
+            self.ranks_in_order()
+                .map(|(b, r)| (b.to_vec(), r))
+                .collect()
+        })
     }
 
     /// The rank of `bytes`, if it is an ordinary token.
@@ -166,7 +187,10 @@ impl CoreBPE {
     }
 
     pub fn special_token_id(&self, name: &str) -> Option<Rank> {
-        self.specials.iter().find(|(n, _)| n == name).map(|&(_, id)| id)
+        self.specials
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|&(_, id)| id)
     }
 
     /// The bytes of ordinary token `id` (None for specials and holes).
@@ -224,7 +248,13 @@ impl CoreBPE {
                 Some(bytes) => out.extend_from_slice(bytes),
                 None => match self.specials.iter().find(|&&(_, sid)| sid == id) {
                     Some((name, _)) => out.extend_from_slice(name.as_bytes()),
-                    None => return Err(Error::TokenOutOfRange { id, index, n_vocab: self.n_vocab }),
+                    None => {
+                        return Err(Error::TokenOutOfRange {
+                            id,
+                            index,
+                            n_vocab: self.n_vocab,
+                        })
+                    }
                 },
             }
         }
@@ -242,7 +272,9 @@ impl CoreBPE {
 
     /// Approximate heap bytes held by the vocabulary (for the memory benchmark).
     pub fn heap_bytes(&self) -> usize {
-        self.table.slots.capacity() * std::mem::size_of::<Slot>() + self.spans.capacity() * 8 + self.token_data.capacity()
+        self.table.slots.capacity() * std::mem::size_of::<Slot>()
+            + self.spans.capacity() * 8
+            + self.token_data.capacity()
     }
 }
 
@@ -291,7 +323,8 @@ fn prefix8(b: &[u8]) -> u64 {
 
 #[inline(always)]
 fn hash_bytes(bytes: &[u8], prefix: u64) -> u64 {
-    let mut h = (prefix ^ (bytes.len() as u64).wrapping_mul(0xFF51_AFD7_ED55_8CCD)).wrapping_mul(HASH_K);
+    let mut h =
+        (prefix ^ (bytes.len() as u64).wrapping_mul(0xFF51_AFD7_ED55_8CCD)).wrapping_mul(HASH_K);
     if bytes.len() > 8 {
         for chunk in bytes[8..].chunks(8) {
             h = (h.rotate_left(23) ^ prefix8(chunk)).wrapping_mul(HASH_K);
@@ -320,7 +353,11 @@ impl TokenTable {
             while slots[i].len != 0 {
                 i = (i + 1) & mask;
             }
-            slots[i] = Slot { prefix, rank: rank as Rank, len };
+            slots[i] = Slot {
+                prefix,
+                rank: rank as Rank,
+                len,
+            };
         }
         Self { slots, shift }
     }
@@ -341,7 +378,7 @@ impl TokenTable {
                     return Some(slot.rank);
                 }
                 let (off, len) = spans[slot.rank as usize];
-                if &data[off as usize + 8..(off + len) as usize] == &bytes[8..] {
+                if data[off as usize + 8..(off + len) as usize] == bytes[8..] {
                     return Some(slot.rank);
                 }
             }
@@ -516,8 +553,20 @@ fn merge_long(piece: &[u8], rank: impl Fn(&[u8]) -> Option<Rank>, out: &mut Vec<
     // next[i]: start of the part after part i (n for the last part); prev[i]: start of the
     // part before it (NONE for the first). Only entries at live part starts are meaningful.
     let mut next: Vec<u32> = (1..=n as u32).collect();
-    let mut prev: Vec<u32> = (0..n as u32).map(|i| if i == 0 { NONE } else { i - 1 }).collect();
-    let mut tree = BlockMin::new((0..n).map(|i| if i + 1 < n { rank_of(&piece[i..i + 2]) } else { Rank::MAX }).collect());
+    let mut prev: Vec<u32> = (0..n as u32)
+        .map(|i| if i == 0 { NONE } else { i - 1 })
+        .collect();
+    let mut tree = BlockMin::new(
+        (0..n)
+            .map(|i| {
+                if i + 1 < n {
+                    rank_of(&piece[i..i + 2])
+                } else {
+                    Rank::MAX
+                }
+            })
+            .collect(),
+    );
     // Rank of the pair starting at part `i`: bytes from i to the end of the part after it.
     let pair_at = |next: &[u32], i: u32| -> Rank {
         let j = next[i as usize];
@@ -606,7 +655,9 @@ mod tests {
             for len in [2usize, 3, 5, 17, 64, 65, 200, 1000, 5000] {
                 let piece: Vec<u8> = (0..len)
                     .map(|_| {
-                        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        state = state
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
                         b'a' + ((state >> 33) % 4) as u8
                     })
                     .collect();
@@ -615,7 +666,10 @@ mod tests {
                 merge_short(&piece, get, &mut scratch, &mut a);
                 merge_long(&piece, get, &mut b);
                 assert_eq!(a, b, "seed {seed} len {len}");
-                let total: usize = a.iter().map(|&r| ranks.iter().find(|(_, &v)| v == r).unwrap().0.len()).sum();
+                let total: usize = a
+                    .iter()
+                    .map(|&r| ranks.iter().find(|(_, &v)| v == r).unwrap().0.len())
+                    .sum();
                 assert_eq!(total, len);
             }
         }
@@ -636,14 +690,23 @@ mod tests {
     fn token_table_finds_every_token_and_nothing_else() {
         let mut ranks = random_vocab(99, 500);
         // Tokens longer than the 8-byte inline prefix, sharing that prefix.
-        for (i, t) in ["abcdefgh1", "abcdefgh12", "abcdefgh123456789", "abcdefgh"].iter().enumerate() {
+        for (i, t) in ["abcdefgh1", "abcdefgh12", "abcdefgh123456789", "abcdefgh"]
+            .iter()
+            .enumerate()
+        {
             ranks.insert(t.as_bytes().to_vec(), 1000 + i as Rank);
         }
         let bpe = CoreBPE::new(ranks.clone(), NANOCHAT_PATTERN, vec![]).unwrap();
         for (bytes, &r) in &ranks {
             assert_eq!(bpe.rank(bytes), Some(r), "{bytes:?}");
         }
-        for miss in [&b"abcdefgh2"[..], b"abcdefgh1234", b"", b"zzzzzzzzzzzzzzzzzzzz", b"abcdefg"] {
+        for miss in [
+            &b"abcdefgh2"[..],
+            b"abcdefgh1234",
+            b"",
+            b"zzzzzzzzzzzzzzzzzzzz",
+            b"abcdefg",
+        ] {
             assert_eq!(bpe.rank(miss), ranks.get(miss).copied(), "{miss:?}");
         }
         assert_eq!(bpe.encoder(), &ranks);
@@ -664,7 +727,12 @@ mod tests {
 
     #[test]
     fn decode_out_of_range_names_index() {
-        let bpe = CoreBPE::new(byte_vocab(), NANOCHAT_PATTERN, vec![("<|bos|>".into(), 256)]).unwrap();
+        let bpe = CoreBPE::new(
+            byte_vocab(),
+            NANOCHAT_PATTERN,
+            vec![("<|bos|>".into(), 256)],
+        )
+        .unwrap();
         let err = bpe.decode_bytes(&[1, 256, 999]).unwrap_err();
         assert!(err.to_string().contains("index 2"), "{err}");
         assert_eq!(bpe.decode_bytes(&[256]).unwrap(), b"<|bos|>".to_vec());
@@ -676,17 +744,31 @@ mod tests {
     fn rejects_bad_vocabularies() {
         let mut missing = byte_vocab();
         missing.remove(&vec![0x80u8]);
-        let err = CoreBPE::new(missing, NANOCHAT_PATTERN, vec![]).err().unwrap();
+        let err = CoreBPE::new(missing, NANOCHAT_PATTERN, vec![])
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("0x80"), "{err}");
 
         let mut dup = byte_vocab();
         dup.insert(b"ab".to_vec(), 5);
-        assert!(matches!(CoreBPE::new(dup, NANOCHAT_PATTERN, vec![]), Err(Error::Vocab(_))));
+        assert!(matches!(
+            CoreBPE::new(dup, NANOCHAT_PATTERN, vec![]),
+            Err(Error::Vocab(_))
+        ));
 
         let clash = vec![("<|bos|>".to_string(), 3)];
-        assert!(matches!(CoreBPE::new(byte_vocab(), NANOCHAT_PATTERN, clash), Err(Error::Vocab(_))));
+        assert!(matches!(
+            CoreBPE::new(byte_vocab(), NANOCHAT_PATTERN, clash),
+            Err(Error::Vocab(_))
+        ));
         let twice = vec![("<|a|>".to_string(), 300), ("<|b|>".to_string(), 300)];
-        assert!(matches!(CoreBPE::new(byte_vocab(), NANOCHAT_PATTERN, twice), Err(Error::Vocab(_))));
-        assert!(matches!(CoreBPE::new(byte_vocab(), "(", vec![]), Err(Error::Pattern(_))));
+        assert!(matches!(
+            CoreBPE::new(byte_vocab(), NANOCHAT_PATTERN, twice),
+            Err(Error::Vocab(_))
+        ));
+        assert!(matches!(
+            CoreBPE::new(byte_vocab(), "(", vec![]),
+            Err(Error::Pattern(_))
+        ));
     }
 }

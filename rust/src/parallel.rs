@@ -26,7 +26,12 @@ fn registry() -> &'static Registry {
         return unsafe { &*p };
     }
     let fresh = Box::into_raw(Box::new(Mutex::new(Vec::new())));
-    match REGISTRY.compare_exchange(std::ptr::null_mut(), fresh, Ordering::AcqRel, Ordering::Acquire) {
+    match REGISTRY.compare_exchange(
+        std::ptr::null_mut(),
+        fresh,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    ) {
         Ok(_) => unsafe { &*fresh },
         Err(existing) => {
             // SAFETY: `fresh` was never shared; `existing` is leaked like every registry.

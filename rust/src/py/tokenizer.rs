@@ -27,12 +27,18 @@ pub struct PyCoreTokenizer {
 /// Special tokens get the ids right after the largest rank, in the order given.
 fn specials_after(ranks: &FxHashMap<Vec<u8>, Rank>, names: Vec<String>) -> Vec<(String, Rank)> {
     let base = ranks.values().copied().max().map_or(0, |r| r + 1);
-    names.into_iter().enumerate().map(|(i, n)| (n, base + i as Rank)).collect()
+    names
+        .into_iter()
+        .enumerate()
+        .map(|(i, n)| (n, base + i as Rank))
+        .collect()
 }
 
 fn check_threads(num_threads: Option<usize>) -> PyResult<Option<usize>> {
     match num_threads {
-        Some(0) => Err(Error::Other("num_threads must be at least 1 (or None for all CPUs)".into()).into()),
+        Some(0) => {
+            Err(Error::Other("num_threads must be at least 1 (or None for all CPUs)".into()).into())
+        }
         n => Ok(n),
     }
 }
@@ -49,33 +55,46 @@ impl PyCoreTokenizer {
     ) -> PyResult<Self> {
         let pattern = pattern.to_string();
         let inner = py.detach(move || CoreBPE::new(ranks, &pattern, specials))?;
-        Ok(Self { inner: Arc::new(inner) })
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
     }
 
     /// Reads a tiktoken rank file; special tokens get the ids after the largest rank.
     #[staticmethod]
-    fn from_tiktoken_file(py: Python<'_>, path: PathBuf, pattern: &str, special_tokens: Vec<String>) -> PyResult<Self> {
+    fn from_tiktoken_file(
+        py: Python<'_>,
+        path: PathBuf,
+        pattern: &str,
+        special_tokens: Vec<String>,
+    ) -> PyResult<Self> {
         let pattern = pattern.to_string();
         let inner = py.detach(move || {
             let ranks = vocab_io::load_tiktoken_file(&path)?;
             let specials = specials_after(&ranks, special_tokens);
             CoreBPE::new(ranks, &pattern, specials)
         })?;
-        Ok(Self { inner: Arc::new(inner) })
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
     }
 
     /// Reads a file written by `save` (format in `sftfast.tokenizer`'s docstring).
     #[staticmethod]
     fn load(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
         let inner = py.detach(move || vocab_io::load_tokenizer(&path))?;
-        Ok(Self { inner: Arc::new(inner) })
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
     }
 
     /// Parses the bytes of a tokenizer file (what `to_bytes` returns).
     #[staticmethod]
     fn from_bytes(py: Python<'_>, data: &[u8]) -> PyResult<Self> {
         let inner = py.detach(|| vocab_io::parse_tokenizer_file(data, "<bytes>"))?;
-        Ok(Self { inner: Arc::new(inner) })
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
     }
 
     /// The tokenizer file's contents, as bytes (used to pickle a Tokenizer).
@@ -151,7 +170,12 @@ impl PyCoreTokenizer {
         let (inner, stats) = py.detach(move || -> crate::error::Result<_> {
             let trained = parallel::install(num_threads, || trainer.train(n_ranks))??;
             let specials = specials_after(&trained.ranks, specials_names);
-            let stats = (trained.n_documents, trained.n_bytes, trained.n_unique_pieces, trained.n_missing);
+            let stats = (
+                trained.n_documents,
+                trained.n_bytes,
+                trained.n_unique_pieces,
+                trained.n_missing,
+            );
             Ok((CoreBPE::new(trained.ranks, pattern, specials)?, stats))
         })?;
         let d = PyDict::new(py);
@@ -159,7 +183,12 @@ impl PyCoreTokenizer {
         d.set_item("n_bytes", stats.1)?;
         d.set_item("n_unique_pieces", stats.2)?;
         d.set_item("n_missing_merges", stats.3)?;
-        Ok((Self { inner: Arc::new(inner) }, d))
+        Ok((
+            Self {
+                inner: Arc::new(inner),
+            },
+            d,
+        ))
     }
 
     fn encode(&self, py: Python<'_>, text: &str) -> Vec<Rank> {
@@ -169,14 +198,21 @@ impl PyCoreTokenizer {
 
     /// Encodes each text in parallel (GIL released) on `num_threads` threads (None: all CPUs).
     #[pyo3(signature = (texts, num_threads=None))]
-    fn encode_batch(&self, py: Python<'_>, texts: Vec<PyBackedStr>, num_threads: Option<usize>) -> PyResult<Vec<Vec<Rank>>> {
+    fn encode_batch(
+        &self,
+        py: Python<'_>,
+        texts: Vec<PyBackedStr>,
+        num_threads: Option<usize>,
+    ) -> PyResult<Vec<Vec<Rank>>> {
         let num_threads = check_threads(num_threads)?;
         let inner = &self.inner;
         Ok(py.detach(|| -> crate::error::Result<Vec<Vec<Rank>>> {
             if num_threads == Some(1) || texts.len() <= 1 {
                 return Ok(texts.iter().map(|t| inner.encode_ordinary(t)).collect());
             }
-            parallel::install(num_threads, || texts.par_iter().map(|t| inner.encode_ordinary(t)).collect())
+            parallel::install(num_threads, || {
+                texts.par_iter().map(|t| inner.encode_ordinary(t)).collect()
+            })
         })?)
     }
 
@@ -188,7 +224,11 @@ impl PyCoreTokenizer {
             let mut ids32 = Vec::with_capacity(ids.len());
             for (index, &id) in ids.iter().enumerate() {
                 if id < 0 || id >= n_vocab as i64 {
-                    return Err(Error::TokenOutOfRange { id: id.clamp(0, u32::MAX as i64) as u32, index, n_vocab });
+                    return Err(Error::TokenOutOfRange {
+                        id: id.clamp(0, u32::MAX as i64) as u32,
+                        index,
+                        n_vocab,
+                    });
                 }
                 ids32.push(id as Rank);
             }
@@ -196,9 +236,12 @@ impl PyCoreTokenizer {
         });
         match bytes {
             Ok(b) => Ok(PyBytes::new(py, &b)),
-            Err(Error::TokenOutOfRange { index, n_vocab, .. }) => Err(crate::py::errors::TokenOutOfRangeError::new_err(
-                format!("token id {} at index {index} is out of range (vocabulary size {n_vocab})", ids[index]),
-            )),
+            Err(Error::TokenOutOfRange { index, n_vocab, .. }) => {
+                Err(crate::py::errors::TokenOutOfRangeError::new_err(format!(
+                    "token id {} at index {index} is out of range (vocabulary size {n_vocab})",
+                    ids[index]
+                )))
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -241,7 +284,12 @@ impl PyCoreTokenizer {
 
     /// Byte length of each token id (0 for special tokens), as int32.
     fn token_byte_lengths<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i32>> {
-        let lens: Vec<i32> = self.inner.token_byte_lengths().into_iter().map(|l| l as i32).collect();
+        let lens: Vec<i32> = self
+            .inner
+            .token_byte_lengths()
+            .into_iter()
+            .map(|l| l as i32)
+            .collect();
         lens.into_pyarray(py)
     }
 }
