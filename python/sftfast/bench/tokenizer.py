@@ -31,6 +31,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="N for encode_batch at N threads")
     parser.add_argument("--vocab-size", type=int, default=2048, help="training vocab size (special tokens included)")
     parser.add_argument("--train-repeat", type=int, default=4, help="training corpus = bundled prose + code, this many times")
+    parser.add_argument("--batch-copies", type=int, default=4, help="encode_batch input = prose paragraphs x this")
     parser.add_argument("--quick", action="store_true", help="smaller inputs, fewer repeats, no training")
     parser.add_argument("--skip", default="", help="comma list of sections to skip: encode,batch,pathological,memory,train")
 
@@ -223,7 +224,8 @@ def run(args) -> dict:
         result["encode_1thread"] = bench_encode(pairs, texts, repeat)
     tok, enc = pairs["cl100k"]
     if "batch" not in skip:
-        result["encode_batch"] = bench_batch(tok, enc, docs if not args.quick else docs[:200], args.threads, repeat)
+        batch_docs = docs * max(1, args.batch_copies) if not args.quick else docs[:200]
+        result["encode_batch"] = bench_batch(tok, enc, batch_docs, args.threads, repeat)
     if "pathological" not in skip:
         n_sft, n_tt = (10_000, 1_000) if args.quick else (100_000, 5_000)
         result["pathological"] = bench_pathological(tok, enc, n_sft, n_tt, repeat)
