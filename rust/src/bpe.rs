@@ -50,6 +50,9 @@ pub const SPECIAL_TOKENS: [&str; 9] = [
 /// about the same time (the heap pays for its allocations).
 const LONG_MERGE_MIN_LEN: usize = 128;
 
+/// How far past the ordinary ids a special token's id may lie (ids index dense tables).
+const MAX_SPECIAL_GAP: usize = 1 << 20;
+
 pub struct CoreBPE {
     /// bytes -> rank, the lookup of the hot loop (see `TokenTable`).
     table: TokenTable,
@@ -86,6 +89,15 @@ impl CoreBPE {
     ) -> Result<Self> {
         let max_rank = encoder.values().copied().max();
         let n_ranks = max_rank.map_or(0, |r| r as usize + 1);
+        // Ids index dense tables, so a stray huge rank would allocate gigabytes: allow holes,
+        // but not more holes than tokens.
+        if n_ranks > 2 * encoder.len() + 1024 {
+            return Err(Error::Vocab(format!(
+                "max rank {} is far beyond the {} tokens given (ranks should be 0..n)",
+                n_ranks - 1,
+                encoder.len()
+            )));
+        }
         let mut n_vocab = n_ranks;
         let mut spans: Vec<(u32, u32)> = vec![(0, 0); n_ranks];
         let total: usize = encoder.keys().map(|k| k.len()).sum();
@@ -138,6 +150,11 @@ impl CoreBPE {
             if specials[..i].iter().any(|(n, _)| n == name) {
                 return Err(Error::Vocab(format!(
                     "special token {name:?} is listed twice"
+                )));
+            }
+            if *id as usize > n_ranks + specials.len() + MAX_SPECIAL_GAP {
+                return Err(Error::Vocab(format!(
+                    "special token {name:?} id {id} is far beyond the {n_ranks} ordinary tokens"
                 )));
             }
             n_vocab = n_vocab.max(*id as usize + 1);
@@ -759,6 +776,17 @@ mod tests {
         let clash = vec![("<|bos|>".to_string(), 3)];
         assert!(matches!(
             CoreBPE::new(byte_vocab(), NANOCHAT_PATTERN, clash),
+            Err(Error::Vocab(_))
+        ));
+        let mut sparse = byte_vocab();
+        sparse.insert(b"ab".to_vec(), 4_000_000_000);
+        assert!(matches!(
+            CoreBPE::new(sparse, NANOCHAT_PATTERN, vec![]),
+            Err(Error::Vocab(_))
+        ));
+        let far = vec![("<|a|>".to_string(), 3_000_000_000)];
+        assert!(matches!(
+            CoreBPE::new(byte_vocab(), NANOCHAT_PATTERN, far),
             Err(Error::Vocab(_))
         ));
         let twice = vec![("<|a|>".to_string(), 300), ("<|b|>".to_string(), 300)];

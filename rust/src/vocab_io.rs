@@ -25,6 +25,9 @@ use std::path::Path;
 
 pub const FORMAT_NAME: &str = "sftfast-tokenizer";
 pub const FORMAT_VERSION: u64 = 1;
+/// Ranks index dense tables; a rank file with larger ones is malformed (and would allocate
+/// gigabytes).
+const MAX_RANK: Rank = 1 << 30;
 
 /// Parses tiktoken rank-file lines starting at 1-based line number `first_line`.
 /// `path` only labels errors.
@@ -76,14 +79,14 @@ pub fn parse_rank_lines(
         let rank: Rank = rank_str
             .parse()
             .ok()
-            .filter(|&r: &Rank| r != Rank::MAX)
+            .filter(|&r: &Rank| r < MAX_RANK)
             .ok_or_else(|| {
                 err(
                     line_no,
                     format!(
                         "rank {:?} is not an integer in 0..{}",
                         String::from_utf8_lossy(rank),
-                        Rank::MAX
+                        MAX_RANK
                     ),
                 )
             })?;
@@ -266,6 +269,10 @@ mod tests {
         );
         assert_eq!(
             line_of(parse_rank_lines(b"YQ== 0\n!!!! 1\n", "f", 1).unwrap_err()),
+            2
+        );
+        assert_eq!(
+            line_of(parse_rank_lines(b"YQ== 0\nYg== 3000000000\n", "f", 1).unwrap_err()),
             2
         );
         assert_eq!(
