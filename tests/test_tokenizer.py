@@ -199,6 +199,15 @@ def test_save_load_and_pickle(cl100k_tok, tmp_path):
     assert clone.encode(text) == cl100k_tok.encode(text)
 
 
+def test_from_tiktoken_file_variants(tmp_path, cl100k_tok):
+    # Tabs and CRLF line ends, as tiktoken's loader accepts; specials given as a mapping.
+    lines = [f"{__import__('base64').b64encode(bytes([b])).decode()}\t{b}" for b in range(256)]
+    (tmp_path / "bytes.tiktoken").write_text("\r\n".join(lines) + "\r\n")
+    tok = Tokenizer.from_tiktoken_file(tmp_path / "bytes.tiktoken", NANOCHAT_SPLIT_PATTERN, {"<|bos|>": 300})
+    assert tok.n_vocab == 301 and tok.bos_id == 300
+    assert tok.encode("hi") == [ord("h"), ord("i")]
+
+
 def test_malformed_files_name_the_line(tmp_path):
     good = [f"{__import__('base64').b64encode(bytes([b])).decode()} {b}" for b in range(256)]
     cases = {
