@@ -243,7 +243,7 @@ def test_bad_input_raises_specific_errors(cl100k_tok):
         Tokenizer.from_ranks({k: v for k, v in ranks.items() if k != b"A"}, NANOCHAT_SPLIT_PATTERN)
     with pytest.raises(_core.VocabError):
         Tokenizer.from_ranks({**ranks, b"ab": 3}, NANOCHAT_SPLIT_PATTERN)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"texts\[1\] is a int"):
         cl100k_tok.encode_batch(["ok", 3])
     with pytest.raises(_core.SftfastError):
         cl100k_tok.encode_batch(["ok"], num_threads=0)

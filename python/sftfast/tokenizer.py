@@ -242,16 +242,17 @@ class Tokenizer:
         texts = list(texts)
         try:
             return self._core.encode_batch(texts, num_threads)
-        except UnicodeEncodeError:
+        except (UnicodeEncodeError, TypeError):
+            # Slow path, only on bad input: name the first non-str, repair lone surrogates.
             fixed = []
-            for t in texts:
+            for i, t in enumerate(texts):
+                if not isinstance(t, str):
+                    raise TypeError(f"texts[{i}] is a {type(t).__name__}, not a str") from None
                 try:
                     t.encode("utf-8")
                     fixed.append(t)
                 except UnicodeEncodeError:
                     fixed.append(_fix_surrogates(t))
-                except AttributeError:
-                    fixed.append(t)  # not a str: let the core raise its TypeError
             return self._core.encode_batch(fixed, num_threads)
 
     def decode_bytes(self, ids) -> bytes:
