@@ -11,13 +11,59 @@ use crate::train::Trainer;
 use crate::vocab_io;
 use numpy::{IntoPyArray, PyArray1};
 use pyo3::exceptions::PyTypeError;
+use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedStr;
+use pyo3::types::PyList;
 use pyo3::types::{PyBytes, PyDict};
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+/// Python ints 0..n, shared by every tokenizer (an int is an int): building the list of ids
+/// then costs one reference-count increment per id instead of allocating an int object per
+/// id (ids above 256 are not cached by CPython). Capped so a huge vocabulary cannot make it
+/// large: ~3 MB for cl100k; ids above the cap get fresh ints.
+static INT_CACHE: Mutex<Vec<Py<PyAny>>> = Mutex::new(Vec::new());
+const INT_CACHE_MAX: usize = 1 << 20;
+
+fn ids_to_list<'py>(py: Python<'py>, ids: &[Rank], n_vocab: usize) -> PyResult<Bound<'py, PyList>> {
+    // Only taken with the GIL held, and nothing below releases it: no deadlock.
+    let mut cache = INT_CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    let want = n_vocab.min(INT_CACHE_MAX);
+    while cache.len() < want {
+        let i = cache.len();
+        cache.push(i.into_pyobject(py)?.into_any().unbind());
+    }
+    // SAFETY: a new list of len(ids) slots, each filled exactly once with a new reference
+    // (PyList_SET_ITEM steals it) before the list is exposed to Python.
+    unsafe {
+        let list = ffi::PyList_New(ids.len() as ffi::Py_ssize_t);
+        if list.is_null() {
+            return Err(PyErr::fetch(py));
+        }
+        let list = Bound::from_owned_ptr(py, list).cast_into_unchecked::<PyList>();
+        for (i, &id) in ids.iter().enumerate() {
+            let item = match cache.get(id as usize) {
+                Some(obj) => {
+                    let p = obj.as_ptr();
+                    ffi::Py_INCREF(p);
+                    p
+                }
+                None => {
+                    let p = ffi::PyLong_FromUnsignedLong(id as std::os::raw::c_ulong);
+                    if p.is_null() {
+                        return Err(PyErr::fetch(py)); // the list's empty slots are NULL-safe
+                    }
+                    p
+                }
+            };
+            ffi::PyList_SET_ITEM(list.as_ptr(), i as ffi::Py_ssize_t, item);
+        }
+        Ok(list)
+    }
+}
 
 #[pyclass(name = "CoreTokenizer", module = "sftfast._core", frozen)]
 pub struct PyCoreTokenizer {
@@ -191,29 +237,36 @@ impl PyCoreTokenizer {
         ))
     }
 
-    fn encode(&self, py: Python<'_>, text: &str) -> Vec<Rank> {
+    fn encode<'py>(&self, py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyList>> {
         let inner = &self.inner;
-        py.detach(|| inner.encode_ordinary(text))
+        let ids = py.detach(|| inner.encode_ordinary(text));
+        ids_to_list(py, &ids, inner.n_vocab())
     }
 
     /// Encodes each text in parallel (GIL released) on `num_threads` threads (None: all CPUs).
     #[pyo3(signature = (texts, num_threads=None))]
-    fn encode_batch(
+    fn encode_batch<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         texts: Vec<PyBackedStr>,
         num_threads: Option<usize>,
-    ) -> PyResult<Vec<Vec<Rank>>> {
+    ) -> PyResult<Bound<'py, PyList>> {
         let num_threads = check_threads(num_threads)?;
         let inner = &self.inner;
-        Ok(py.detach(|| -> crate::error::Result<Vec<Vec<Rank>>> {
+        let all = py.detach(|| -> crate::error::Result<Vec<Vec<Rank>>> {
             if num_threads == Some(1) || texts.len() <= 1 {
                 return Ok(texts.iter().map(|t| inner.encode_ordinary(t)).collect());
             }
             parallel::install(num_threads, || {
                 texts.par_iter().map(|t| inner.encode_ordinary(t)).collect()
             })
-        })?)
+        })?;
+        let n_vocab = inner.n_vocab();
+        let lists = all
+            .iter()
+            .map(|ids| ids_to_list(py, ids, n_vocab))
+            .collect::<PyResult<Vec<_>>>()?;
+        PyList::new(py, lists)
     }
 
     /// Bytes of `ids`; a negative or out-of-range id raises TokenOutOfRangeError naming its index.
