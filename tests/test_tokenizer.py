@@ -380,3 +380,16 @@ def test_benchmark_quick_run(cl100k_file):
     assert set(result["encode_1thread"]) == {"nanochat/prose", "nanochat/code", "cl100k/prose", "cl100k/code"}
     assert all(row["sftfast_MBps"] > 0 and row["tiktoken_MBps"] > 0 for row in result["encode_1thread"].values())
     assert result["encode_batch"]["docs"] == 200
+
+
+def test_train_tokenizer_cli(tmp_path, capsys):
+    from sftfast.train_tokenizer import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat\nthe dog sat on the log\n" * 20)
+    out = tmp_path / "tok.sftfast"
+    assert main(["train", str(corpus), "--vocab-size", "300", "--out", str(out)]) == 0
+    tok = Tokenizer.load(out)
+    assert tok.n_vocab == 300 and tok.training_stats is None
+    assert main(["encode", "--tokenizer", str(out), "the cat"]) == 0
+    assert capsys.readouterr().out.strip().endswith(str(tok.encode("the cat")))
