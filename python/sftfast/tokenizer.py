@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -170,6 +171,13 @@ class Tokenizer:
         core, stats = _core.CoreTokenizer.train(texts, int(vocab_size), pattern, list(special_tokens), num_threads)
         tok = cls(core)
         tok.training_stats = stats
+        if stats["n_missing_merges"]:
+            # Not an error (rustbpe stops the same way), but the caller asked for more.
+            warnings.warn(
+                f"the corpus ran out of pairs to merge: the vocabulary has {tok.n_vocab} tokens, "
+                f"not the {vocab_size} asked for",
+                stacklevel=2,
+            )
         return tok
 
     @classmethod
