@@ -45,9 +45,10 @@ pub const SPECIAL_TOKENS: [&str; 9] = [
     "<|output_end|>",
 ];
 
-/// Pieces at least this long are merged with the heap; shorter ones with tiktoken's loop.
-/// The loop scans all parts per merge, so its cost grows as len^2; at this length both take
-/// about the same time (the heap pays for its allocations).
+/// Pieces at least this long are merged with `merge_long`; shorter ones with tiktoken's loop.
+/// The loop scans all parts per merge, so its cost grows as len^2. Measured on runs of the
+/// prose's letters (cl100k ranks, ms per 150 KB, short / long): len 64: 22-27 / 36-40;
+/// len 128: 28-29 / 27-34; len 256: 37-40 / 28-31; len 1024: 93-100 / 29-52.
 const LONG_MERGE_MIN_LEN: usize = 128;
 
 /// How far past the ordinary ids a special token's id may lie (ids index dense tables).
