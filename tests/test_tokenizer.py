@@ -55,6 +55,10 @@ FRAGMENTS = [
 ]
 fragment_text = st.lists(st.sampled_from(FRAGMENTS), max_size=30).map("".join)
 any_text = st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=200)
+# Lone surrogates are rare in `any_text`; mix them in on purpose.
+surrogate_text = st.lists(
+    st.one_of(st.sampled_from(FRAGMENTS), st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)), max_size=20
+).map("".join)
 hyp = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -63,7 +67,7 @@ def _tiktoken_ids(enc, text):
 
 
 @hyp
-@given(text=st.one_of(any_text, fragment_text))
+@given(text=st.one_of(any_text, fragment_text, surrogate_text))
 def test_identical_to_tiktoken_on_arbitrary_text(pair, text):
     tok, enc = pair
     assert tok.encode(text) == _tiktoken_ids(enc, text)
