@@ -87,6 +87,7 @@ class Packer:
         max_tokens: int = 2048,
         num_threads: int | None = None,
         on_error: str = "fail",
+        indices: Sequence[int] | None = None,
     ) -> list[tuple[int, str]]: ...
     def next_batch(
         self, flush: bool = False, out: tuple[NDArray[np.int32], NDArray[np.int64], NDArray[np.int32]] | None = None

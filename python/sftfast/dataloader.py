@@ -140,9 +140,9 @@ class SFTLoader:
         if self.tokenizer is None:
             packer.feed(items, tags=tags)
             return []
-        errors = packer.feed_conversations(self.tokenizer, items, tags, self.max_tokens, self.num_threads, self.on_error)
-        # name the source index, not the stream tag
-        return [(t, msg.replace(f"conversation {t}:", f"conversation {self._source_index(t)}:", 1)) for t, msg in errors]
+        # errors name the source index, not the stream tag
+        indices = [self._source_index(t) for t in tags]
+        return packer.feed_conversations(self.tokenizer, items, tags, self.max_tokens, self.num_threads, self.on_error, indices)
 
     def _produce(self, held, cursor):
         q, stop = self._queue, self._stop

@@ -496,7 +496,9 @@ impl PyPacker {
     /// Walks, renders (in parallel, GIL released) and feeds conversation dicts: the loader's
     /// path, with no Python lists of tokens in between. Returns [(tag, message)] of the bad
     /// ones when on_error="skip" (empty otherwise; "fail" raises at the first).
-    #[pyo3(signature = (tokenizer, conversations, tags, max_tokens=2048, num_threads=None, on_error="fail"))]
+    /// `indices` (default: the tags) name the conversations in error messages.
+    #[pyo3(signature = (tokenizer, conversations, tags, max_tokens=2048, num_threads=None, on_error="fail", indices=None))]
+    #[allow(clippy::too_many_arguments)]
     fn feed_conversations(
         &mut self,
         py: Python<'_>,
@@ -506,6 +508,7 @@ impl PyPacker {
         max_tokens: usize,
         num_threads: Option<usize>,
         on_error: &str,
+        indices: Option<Vec<i64>>,
     ) -> PyResult<Vec<(u64, String)>> {
         let skip = parse_on_error(on_error)?;
         // Accept the Python Tokenizer wrapper too.
@@ -513,7 +516,10 @@ impl PyPacker {
             Ok(c) => c.clone(),
             Err(_) => tokenizer.getattr("_core")?.cast_into::<PyCoreTokenizer>()?,
         };
-        let indices: Option<Vec<i64>> = Some(tags.iter().map(|&t| t as i64).collect());
+        if tags.len() != conversations.len()? {
+            return Err(PyValueError::new_err(format!("tags has {} entries for {} conversations", tags.len(), conversations.len()?)));
+        }
+        let indices: Option<Vec<i64>> = Some(indices.unwrap_or_else(|| tags.iter().map(|&t| t as i64).collect()));
         let (ok, bad) = parse_many(conversations, &indices, skip)?;
         let tok = core.get();
         let rendered = py.detach(|| render_all(tok, &ok, max_tokens, num_threads))?;
