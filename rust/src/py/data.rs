@@ -337,6 +337,34 @@ fn extract_u32s(obj: &Bound<'_, PyAny>, what: &str, tag: u64) -> PyResult<Vec<u3
 }
 
 fn extract_mask(obj: &Bound<'_, PyAny>, tag: u64) -> PyResult<Vec<u8>> {
+    // Lists of 0/1 ints (what render_* returns): CPython caches small ints and the bools, so
+    // most items are recognised by pointer; anything else takes the general path below.
+    if let Ok(list) = obj.cast::<PyList>() {
+        let py = obj.py();
+        let zero = 0i64.into_pyobject(py)?;
+        let one = 1i64.into_pyobject(py)?;
+        let (zero, one) = (zero.as_ptr(), one.as_ptr());
+        let (f, t) = (pyo3::types::PyBool::new(py, false).as_ptr(), pyo3::types::PyBool::new(py, true).as_ptr());
+        let n = list.len();
+        let mut v = Vec::with_capacity(n);
+        let ptr = list.as_ptr();
+        for k in 0..n {
+            // SAFETY: GIL held, k < len, no Python code runs in this loop; borrowed reference.
+            let item = unsafe { pyo3::ffi::PyList_GET_ITEM(ptr, k as pyo3::ffi::Py_ssize_t) };
+            if item == zero || item == f {
+                v.push(0);
+            } else if item == one || item == t {
+                v.push(1);
+            } else {
+                let x = list.get_item(k)?;
+                match x.extract::<i64>() {
+                    Ok(m @ 0..=1) => v.push(m as u8),
+                    _ => return Err(PyValueError::new_err(format!("conversation tag {tag}: mask[{k}] = {x} (must be 0 or 1)"))),
+                }
+            }
+        }
+        return Ok(v);
+    }
     let v = extract_u32s(obj, "mask", tag)?;
     v.iter()
         .enumerate()
