@@ -23,6 +23,8 @@
 //! - Writes go through 1 MiB `BufWriter`s; the u32/u64 to little-endian conversion is a
 //!   plain loop into a reused byte buffer (the compiler turns it into a memcpy on LE).
 
+use crate::bpe::CoreBPE;
+use crate::chat::{self, ChatTokens, Conversation};
 use crate::error::{Error, Result};
 use memmap2::Mmap;
 use rayon::prelude::*;
@@ -31,6 +33,7 @@ use serde_json::{Map, Value};
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub const FORMAT_VERSION: u64 = 1;
 pub const IDS_FILE: &str = "ids.u32";
@@ -59,13 +62,13 @@ impl std::str::FromStr for OnError {
     }
 }
 
-/// One rendered conversation: ids and mask (same length, already truncated), and the
-/// length before truncation (so truncation is counted, never silent).
+/// One rendered conversation: ids and mask (same length, already truncated), and whether
+/// truncation cut it (so truncation is counted, never silent).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rendered {
     pub ids: Vec<u32>,
     pub mask: Vec<u8>,
-    pub full_len: usize,
+    pub truncated: bool,
 }
 
 /// How a record's position prints: `file:line` for line-based inputs (JSONL),
@@ -93,8 +96,6 @@ pub struct SourceStats {
     pub tokens: u64,
     pub supervised_tokens: u64,
     pub truncated: u64,
-    /// Tokens cut by truncation (sum over truncated conversations).
-    pub truncated_tokens: u64,
     pub skipped: u64,
 }
 
@@ -207,15 +208,15 @@ impl ShardWriter {
         Ok(())
     }
 
-    /// Records a skipped record in `bad_records.txt` (created on first use).
-    pub fn report_bad(&mut self, location: &str, reason: &str) -> Result<()> {
+    /// Records a skipped record in `bad_records.txt` (created on first use); `line` is the
+    /// error, which starts with the record's location.
+    pub fn report_bad(&mut self, line: &str) -> Result<()> {
         if self.report.is_none() {
             self.report = Some(create_buffered(&self.tmp_dir.join(REPORT_FILE))?);
         }
         let w = self.report.as_mut().expect("report was just created");
         // One line per record: newlines inside a reason would break that.
-        let reason = reason.replace('\n', "\\n");
-        writeln!(w, "{location}: {reason}")?;
+        writeln!(w, "{}", line.replace('\n', "\\n"))?;
         Ok(())
     }
 
@@ -387,9 +388,91 @@ pub fn read_json_file(path: &Path) -> Result<Vec<Value>> {
 // The pipeline: records -> parallel render -> ordered append
 
 /// Renders one raw record (JSON bytes) or says why it cannot be rendered.
+/// `location` names the record in errors (`file:line`, `name[index]`).
 pub trait RecordRenderer: Sync {
-    fn render_bytes(&self, bytes: &[u8]) -> std::result::Result<Rendered, String>;
-    fn render_value(&self, value: &Value) -> std::result::Result<Rendered, String>;
+    fn render_bytes(&self, bytes: &[u8], location: &str) -> Result<Rendered>;
+    fn render_value(&self, value: &Value, location: &str) -> Result<Rendered>;
+}
+
+/// The production renderer: JSON -> `chat::Conversation` -> ids and mask (SPEC 2).
+pub struct ChatRenderer {
+    bpe: Arc<CoreBPE>,
+    tokens: ChatTokens,
+    max_tokens: usize,
+}
+
+impl ChatRenderer {
+    pub fn new(bpe: Arc<CoreBPE>, max_tokens: usize) -> Result<Self> {
+        if max_tokens == 0 {
+            return Err(Error::Other("max_tokens must be at least 1".into()));
+        }
+        let tokens = ChatTokens::from_bpe(&bpe)?;
+        Ok(Self { bpe, tokens, max_tokens })
+    }
+
+}
+
+/// Renders a validated conversation, truncated to `max_tokens`, noting whether it was cut.
+pub fn render_truncating(bpe: &CoreBPE, tokens: &ChatTokens, conv: &Conversation, max_tokens: usize) -> Rendered {
+    // One token past the limit tells truncation apart from an exact fit; `render_into`
+    // stops encoding there, so long conversations cost only what is kept.
+    let mut ids = Vec::with_capacity(256);
+    let mut mask = Vec::with_capacity(256);
+    chat::render_into(bpe, tokens, conv, max_tokens.saturating_add(1), &mut ids, &mut mask);
+    let truncated = ids.len() > max_tokens;
+    ids.truncate(max_tokens);
+    mask.truncate(max_tokens);
+    Rendered { ids, mask, truncated }
+}
+
+impl RecordRenderer for ChatRenderer {
+    fn render_bytes(&self, bytes: &[u8], location: &str) -> Result<Rendered> {
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| Error::Conversation {
+            location: location.to_string(),
+            message: "-".into(),
+            reason: format!("invalid JSON: {e}"),
+        })?;
+        self.render_value(&value, location)
+    }
+
+    fn render_value(&self, value: &Value, location: &str) -> Result<Rendered> {
+        let conv = chat::parse_json_conversation(value, location)?;
+        Ok(render_truncating(&self.bpe, &self.tokens, &conv, self.max_tokens))
+    }
+}
+
+/// Bumped whenever the renderer's output changes on purpose; part of every shard's cache key.
+/// (The probe below catches changes nobody remembered to version.)
+pub const RENDERER_VERSION: &str = "sftfast-chat-1";
+
+/// Bytes that change whenever rendering changes: the renderer version plus the ids and masks
+/// of a fixed set of probe conversations covering every rule of SPEC 2 (system merge, parts,
+/// tool output, special-token text, truncation). Hash it for the shard key.
+pub fn renderer_probe(bpe: &CoreBPE) -> Result<Vec<u8>> {
+    const PROBES: [&str; 4] = [
+        r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 12/60?"},
+            {"role": "assistant", "content": [{"type": "python", "text": "12/60"}, {"type": "python_output", "text": "0.2"},
+            {"type": "text", "text": "The answer is 0.2"}]}]}"#,
+        r#"[{"role": "user", "content": "hi <|bos|> there"}, {"role": "assistant", "content": "hello!"},
+            {"role": "user", "content": "again"}, {"role": "assistant", "content": "ok\n\n  done"}]"#,
+        r#"{"messages": [{"role": "user", "content": "x"}]}"#,
+        r#"{"messages": [{"role": "user", "content": "a long one that is cut"}, {"role": "assistant", "content": "yes"}]}"#,
+    ];
+    let tokens = ChatTokens::from_bpe(bpe)?;
+    let mut out = RENDERER_VERSION.as_bytes().to_vec();
+    for (i, probe) in PROBES.iter().enumerate() {
+        let max_tokens = if i == 3 { 5 } else { 1 << 20 };
+        let value: Value = serde_json::from_str(probe).map_err(|e| Error::Other(format!("renderer probe {i}: {e}")))?;
+        let conv = chat::parse_json_conversation(&value, "renderer probe")?;
+        let r = render_truncating(bpe, &tokens, &conv, max_tokens);
+        out.extend_from_slice(&(r.ids.len() as u64).to_le_bytes());
+        for id in &r.ids {
+            out.extend_from_slice(&id.to_le_bytes());
+        }
+        out.extend_from_slice(&r.mask);
+        out.push(r.truncated as u8);
+    }
+    Ok(out)
 }
 
 /// Builds one shard from any number of sources, each a stream of records.
@@ -445,9 +528,7 @@ impl<R: RecordRenderer> Preprocessor<R> {
     fn append(
         &mut self,
         label: &str,
-        kind: LocKind,
-        positions: impl Iterator<Item = u64>,
-        results: Vec<std::result::Result<Rendered, String>>,
+        results: Vec<Result<Rendered>>,
     ) -> Result<BatchStats> {
         if self.sources.is_empty() {
             self.begin_source(label)?;
@@ -456,7 +537,7 @@ impl<R: RecordRenderer> Preprocessor<R> {
         let mut batch = BatchStats::default();
         let writer = self.writer.as_mut().ok_or_else(|| Error::Other("the shard was already finished".into()))?;
         let stats = self.sources.last_mut().expect("a source was begun");
-        for (pos, result) in positions.zip(results) {
+        for result in results {
             batch.records += 1;
             match result {
                 Ok(r) => {
@@ -465,21 +546,17 @@ impl<R: RecordRenderer> Preprocessor<R> {
                     stats.conversations += 1;
                     stats.tokens += n;
                     stats.supervised_tokens += r.mask.iter().map(|&m| (m != 0) as u64).sum::<u64>();
-                    if r.full_len > r.ids.len() {
+                    if r.truncated {
                         stats.truncated += 1;
-                        stats.truncated_tokens += (r.full_len - r.ids.len()) as u64;
                     }
                     batch.conversations += 1;
                     batch.tokens += n;
                 }
-                Err(reason) => {
-                    let location = format_location(label, kind, pos);
+                Err(err) => {
                     match on_error {
-                        OnError::Fail => {
-                            return Err(Error::Record { location, reason });
-                        }
+                        OnError::Fail => return Err(err),
                         OnError::Skip => {
-                            writer.report_bad(&location, &reason)?;
+                            writer.report_bad(&err.to_string())?;
                             stats.skipped += 1;
                             batch.skipped += 1;
                         }
@@ -498,10 +575,10 @@ impl<R: RecordRenderer> Preprocessor<R> {
                 .records
                 .par_iter()
                 .with_min_len(8)
-                .map(|&(_, s, e)| renderer.render_bytes(&chunk.buf[s..e]))
+                .map(|&(pos, s, e)| renderer.render_bytes(&chunk.buf[s..e], &format_location(label, kind, pos)))
                 .collect()
         });
-        self.append(label, kind, chunk.records.iter().map(|r| r.0), results)
+        self.append(label, results)
     }
 
     /// Renders already-parsed records (JSON files), positioned by `first_pos + i`.
@@ -509,8 +586,15 @@ impl<R: RecordRenderer> Preprocessor<R> {
         let renderer = &self.renderer;
         let results: Vec<_> = self
             .pool
-            .install(|| values.par_iter().with_min_len(8).map(|v| renderer.render_value(v)).collect());
-        self.append(label, kind, (0..values.len() as u64).map(|i| first_pos + i), results)
+            .install(|| {
+                values
+                    .par_iter()
+                    .enumerate()
+                    .with_min_len(8)
+                    .map(|(i, v)| renderer.render_value(v, &format_location(label, kind, first_pos + i as u64)))
+                    .collect()
+            });
+        self.append(label, results)
     }
 
     /// Streams a whole JSONL file (positions are line numbers).
@@ -547,7 +631,6 @@ impl<R: RecordRenderer> Preprocessor<R> {
             "num_tokens": n_tok,
             "num_supervised_tokens": sum(|s| s.supervised_tokens),
             "num_truncated": sum(|s| s.truncated),
-            "num_truncated_tokens": sum(|s| s.truncated_tokens),
             "num_skipped": sum(|s| s.skipped),
             "bad_records": if sum(|s| s.skipped) > 0 { Value::from(REPORT_FILE) } else { Value::Null },
             "sources": self.sources,
@@ -693,23 +776,25 @@ mod tests {
     /// numbers are masked, the value "bad" is an error, and output is truncated at 5.
     struct Toy;
     impl RecordRenderer for Toy {
-        fn render_bytes(&self, bytes: &[u8]) -> std::result::Result<Rendered, String> {
-            let v: Value = serde_json::from_slice(bytes).map_err(|e| format!("invalid JSON: {e}"))?;
-            self.render_value(&v)
+        fn render_bytes(&self, bytes: &[u8], location: &str) -> Result<Rendered> {
+            let v: Value = serde_json::from_slice(bytes)
+                .map_err(|e| Error::Record { location: location.into(), reason: format!("invalid JSON: {e}") })?;
+            self.render_value(&v, location)
         }
-        fn render_value(&self, v: &Value) -> std::result::Result<Rendered, String> {
-            let arr = v.as_array().ok_or("not an array")?;
+        fn render_value(&self, v: &Value, location: &str) -> Result<Rendered> {
+            let bad = |reason: &str| Error::Record { location: location.into(), reason: reason.into() };
+            let arr = v.as_array().ok_or_else(|| bad("not an array"))?;
             let mut ids = Vec::new();
             let mut mask = Vec::new();
             for x in arr {
-                let x = x.as_i64().ok_or("not an int")?;
+                let x = x.as_i64().ok_or_else(|| bad("not an int"))?;
                 ids.push(x.unsigned_abs() as u32);
                 mask.push((x < 0) as u8);
             }
-            let full_len = ids.len();
+            let truncated = ids.len() > 5;
             ids.truncate(5);
             mask.truncate(5);
-            Ok(Rendered { ids, mask, full_len })
+            Ok(Rendered { ids, mask, truncated })
         }
     }
 
@@ -740,7 +825,6 @@ mod tests {
         assert_eq!(b, BatchStats { records: 3, conversations: 3, tokens: 9, skipped: 0 });
         let (_, m) = p.finish(&Map::new()).unwrap();
         assert_eq!(m["num_truncated"], 1);
-        assert_eq!(m["num_truncated_tokens"], 2);
         assert_eq!(m["num_supervised_tokens"], 1);
         let s = Shard::open(&out).unwrap();
         assert_eq!(s.len(), 3);
