@@ -312,7 +312,8 @@ def length_histogram(lengths, max_tokens: int, width: int = 40) -> list[str]:
     return lines
 
 
-def summarize(data: ShardDataset, elapsed: float | None = None, out=sys.stdout) -> None:
+def summarize(data: ShardDataset, elapsed: float | None = None, out=None) -> None:
+    out = out or sys.stdout
     m = data.manifest
     n, t, sup = m["num_conversations"], m["num_tokens"], m["num_supervised_tokens"]
     p = lambda *a: print(*a, file=out)  # noqa: E731
