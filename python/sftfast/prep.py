@@ -73,18 +73,12 @@ def load_tokenizer(path, pattern: str | None = None) -> Tokenizer:
     path = Path(path)
     if not path.exists():
         raise PrepError(f"--tokenizer {path}: no such file or directory")
-    if path.is_dir():
-        for name in ("tokenizer.pkl",):
-            if (path / name).is_file():
-                loader = getattr(Tokenizer, "from_nanochat_pickle", None) or getattr(Tokenizer, "from_pickle", None)
-                if loader is None:
-                    raise PrepError(f"--tokenizer {path}: this build cannot read nanochat's {name}")
-                return loader(path / name)
-        raise PrepError(f"--tokenizer {path}: a directory must hold nanochat's tokenizer.pkl")
-    if path.suffix == ".pkl":
-        loader = getattr(Tokenizer, "from_nanochat_pickle", None) or getattr(Tokenizer, "from_pickle", None)
+    if path.is_dir() or path.suffix == ".pkl":
+        if path.is_dir() and not (path / "tokenizer.pkl").is_file():
+            raise PrepError(f"--tokenizer {path}: a directory must hold nanochat's tokenizer.pkl")
+        loader = getattr(Tokenizer, "from_nanochat", None)
         if loader is None:
-            raise PrepError(f"--tokenizer {path}: this build cannot read nanochat pickles")
+            raise PrepError(f"--tokenizer {path}: this build has no Tokenizer.from_nanochat to read nanochat's tokenizer.pkl")
         return loader(path)
     if path.suffix == ".tiktoken":
         pat = PATTERNS.get(pattern or "nanochat", pattern)
