@@ -926,4 +926,63 @@ mod tests {
         let err = read_json_file(&a).unwrap_err().to_string();
         assert!(err.contains("a.json:2"), "{err}");
     }
+
+    fn byte_bpe(special_base: u32) -> Arc<CoreBPE> {
+        use crate::bpe::SPECIAL_TOKENS;
+        let ranks = (0u32..256).map(|b| (vec![b as u8], b)).collect();
+        let specials = SPECIAL_TOKENS.iter().enumerate().map(|(i, s)| (s.to_string(), special_base + i as u32)).collect();
+        Arc::new(CoreBPE::new(ranks, crate::pretokenize::NANOCHAT_PATTERN, specials).unwrap())
+    }
+
+    #[test]
+    fn chat_renderer_matches_chat_render_and_counts_truncation() {
+        let bpe = byte_bpe(256);
+        let line = br#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "x": 1}"#;
+        let value: Value = serde_json::from_slice(line).unwrap();
+        let conv = chat::parse_json_conversation(&value, "t").unwrap();
+        let (ids, mask) = chat::render(&bpe, &conv, 1 << 20).unwrap();
+        let n = ids.len(); // bos us h i ue as y o ae = 9
+        assert_eq!(n, 9);
+        let exact = ChatRenderer::new(bpe.clone(), n).unwrap().render_bytes(line, "t:1").unwrap();
+        assert_eq!((exact.ids, exact.mask, exact.truncated), (ids.clone(), mask.clone(), false));
+        let cut = ChatRenderer::new(bpe.clone(), n - 1).unwrap().render_bytes(line, "t:1").unwrap();
+        assert_eq!((&cut.ids[..], &cut.mask[..], cut.truncated), (&ids[..n - 1], &mask[..n - 1], true));
+        let err = ChatRenderer::new(bpe.clone(), 8).unwrap().render_bytes(b"{oops", "f.jsonl:3").unwrap_err();
+        assert!(err.to_string().starts_with("f.jsonl:3: message -: invalid JSON"), "{err}");
+        let err = ChatRenderer::new(bpe.clone(), 8)
+            .unwrap()
+            .render_bytes(br#"{"messages": [{"role": "user", "content": 5}]}"#, "f.jsonl:4")
+            .unwrap_err();
+        assert!(err.to_string().starts_with("f.jsonl:4: message 0:"), "{err}");
+        assert!(ChatRenderer::new(bpe, 0).is_err());
+    }
+
+    #[test]
+    fn renderer_probe_is_stable_and_sees_the_tokens() {
+        let a = renderer_probe(&byte_bpe(256)).unwrap();
+        assert_eq!(a, renderer_probe(&byte_bpe(256)).unwrap());
+        assert!(a.starts_with(RENDERER_VERSION.as_bytes()));
+        assert_ne!(a, renderer_probe(&byte_bpe(300)).unwrap());
+    }
+
+    #[test]
+    fn chat_pipeline_end_to_end() {
+        let d = tmp("chat");
+        let input = d.join("c.jsonl");
+        let good = r#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "python", "text": "1+1"}, {"type": "python_output", "text": "2"}]}]}"#;
+        fs::write(&input, format!("{good}\n[{{\"role\": \"assistant\", \"content\": \"x\"}}]\n{good}\n")).unwrap();
+        let out = d.join("shard");
+        let renderer = ChatRenderer::new(byte_bpe(256), 2048).unwrap();
+        let mut p = Preprocessor::new(&out, renderer, 2048, OnError::Skip, 2).unwrap();
+        p.process_jsonl(&input).unwrap();
+        p.finish(&Map::new()).unwrap();
+        let s = Shard::open(&out).unwrap();
+        assert_eq!(s.len(), 2);
+        let bpe = byte_bpe(256);
+        let conv = chat::parse_json_line(good, "x").unwrap();
+        let (ids, mask) = chat::render(&bpe, &conv, 2048).unwrap();
+        assert_eq!(s.get(1).unwrap(), (&ids[..], &mask[..]));
+        let report = fs::read_to_string(out.join(REPORT_FILE)).unwrap();
+        assert!(report.starts_with(&format!("{}:2: message 0:", input.display())), "{report}");
+    }
 }
