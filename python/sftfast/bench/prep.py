@@ -135,6 +135,20 @@ from sftfast import _core
 from sftfast.prep import load_tokenizer
 tok = load_tokenizer(sys.argv[1], sys.argv[2])
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm_kib():
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+# Loading the tokenizer (a Python dict of 100K ranks) sets the process peak; reset the
+# high-water mark (Linux: clear_refs 5) so the build's own peak is visible too.
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    reset = True
+except OSError:
+    reset = False
 t0 = time.perf_counter()
 b = _core.ShardBuilder(sys.argv[4], tok._core, int(sys.argv[5]), "fail", int(sys.argv[6]))
 b.begin_source(sys.argv[3])
@@ -144,7 +158,8 @@ while b.feed_jsonl(r) is not None:
 m = json.loads(b.finish("{}"))
 print(json.dumps({"seconds": time.perf_counter() - t0, "conversations": m["num_conversations"], "tokens": m["num_tokens"],
                   "peak_rss_mib_after_tokenizer_load": base / 1024,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "build_peak_rss_mib": hwm_kib() / 1024 if reset and hwm_kib() else None}))
 """
 
 
@@ -213,4 +228,6 @@ def run(args) -> dict:
             many = measure_rss(tok_path, args.pattern, big, tmp / "rN", args.max_tokens, ncpu)
             result["memory"] = {"1x": one, f"{args.scale}x": many,
                                 "peak_rss_growth_mib": many["peak_rss_mib"] - one["peak_rss_mib"]}
+            if one.get("build_peak_rss_mib") and many.get("build_peak_rss_mib"):
+                result["memory"]["build_peak_rss_growth_mib"] = many["build_peak_rss_mib"] - one["build_peak_rss_mib"]
     return result
