@@ -437,6 +437,11 @@ def test_mixture_input(tmp_path, enc, capsys):
     assert len(data) == len(mix)
     for i in range(0, len(mix), 97):
         assert data[i][0].tolist() == render_conversation(enc, mix[i], 2048)[0]
+    for name, count in mix.counts().items():  # the summary breaks the mixture down per task
+        assert f"    {name}" in out.out and f"{count:,}" in out.out
+    rows = prep.task_breakdown(data, data.manifest["sources"][0], prep.resolve_inputs([], "demo")[0].task_names())
+    assert sum(r[1] for r in rows) == len(data) and sum(r[2] for r in rows) == data.num_tokens
+    assert sum(r[3] for r in rows) == data.manifest["num_supervised_tokens"]
     rc, out = run_prep("--mixture", "demo", "--out", tmp_path / "s", capsys=capsys)
     assert out.out.startswith("reusing")
 

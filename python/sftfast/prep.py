@@ -212,6 +212,16 @@ class Source:
                 counts = builder.feed_json_strings(self.name, first, batch)
                 on_progress(counts[1] + counts[3], counts[2])
 
+    def task_names(self) -> list[str] | None:
+        """For a mixture: the task name of each record, in order (for the per-task summary)."""
+        if self.kind != "mixture":
+            return None
+        mix = self._mixture()
+        index_map = getattr(mix, "index_map", None)
+        if index_map is None:
+            return None
+        return [getattr(mix.tasks[t], "name", type(mix.tasks[t]).__name__) for t, _ in index_map]
+
     def describe(self) -> dict:
         return {"kind": self.kind, "name": self.name, "hash": self.content_hash()}
 
@@ -306,7 +316,37 @@ def length_histogram(lengths, max_tokens: int, width: int = 40) -> list[str]:
     return lines
 
 
-def summarize(data: ShardDataset, elapsed: float | None = None, out=None) -> None:
+def task_breakdown(data: ShardDataset, source: dict, task_of: list[str]) -> list[tuple[str, int, int, int]]:
+    """(task, conversations, tokens, supervised tokens) for a mixture source, in first-seen
+    order. Skipped records are found by their index in the bad-records report."""
+    import numpy as np
+
+    skipped = set()
+    report = data.path / REPORT_FILE
+    if source["skipped"] and report.is_file():
+        prefix = source["name"] + "["
+        with open(report, encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(prefix):
+                    skipped.add(int(line[len(prefix):line.index("]", len(prefix))]))
+    kept = [task_of[i] for i in range(len(task_of)) if i not in skipped]
+    first, n = source["first"], source["conversations"]
+    if len(kept) != n:
+        return []
+    off = data.offsets[first:first + n + 1].astype(np.int64)
+    csum = np.concatenate([[0], np.cumsum(data.mask[off[0]:off[-1]], dtype=np.int64)])
+    sup = csum[off[1:] - off[0]] - csum[off[:-1] - off[0]]
+    tokens = np.diff(off)
+    rows: dict[str, list[int]] = {}
+    for name, t, s in zip(kept, tokens.tolist(), sup.tolist()):
+        row = rows.setdefault(name, [0, 0, 0])
+        row[0] += 1
+        row[1] += t
+        row[2] += s
+    return [(name, *row) for name, row in rows.items()]
+
+
+def summarize(data: ShardDataset, elapsed: float | None = None, out=None, breakdowns=None) -> None:
     out = out or sys.stdout
     m = data.manifest
     n, t, sup = m["num_conversations"], m["num_tokens"], m["num_supervised_tokens"]
@@ -321,6 +361,8 @@ def summarize(data: ShardDataset, elapsed: float | None = None, out=None) -> Non
         frac = s["supervised_tokens"] / max(s["tokens"], 1)
         name = s["name"] if len(s["name"]) <= 48 else "..." + s["name"][-45:]
         p(f"  {name:<48} {s['conversations']:>9,} {s['tokens']:>12,} {frac:>8.1%} {s['truncated']:>7,} {s['skipped']:>8,}")
+        for task, convs, tokens, sup in (breakdowns or {}).get(s["name"], []):
+            p(f"    {task:<46} {convs:>9,} {tokens:>12,} {sup / max(tokens, 1):>8.1%}")
     p("  length histogram (tokens per conversation):")
     for line in length_histogram(data.lengths(), data.max_tokens):
         p(line)
@@ -497,7 +539,12 @@ def build(args) -> int:
     elapsed = time.perf_counter() - t0
     data = ShardDataset(out)
     if not args.quiet:
-        summarize(data, elapsed)
+        breakdowns = {}
+        for s, stats in zip(sources, data.manifest["sources"]):
+            task_of = s.task_names()
+            if task_of:
+                breakdowns[s.name] = task_breakdown(data, stats, task_of)
+        summarize(data, elapsed, breakdowns=breakdowns)
         if save_length_plot(data, out / "lengths.png"):
             say(f"  length histogram plot: {out / 'lengths.png'}")
     return EXIT_SKIPPED if manifest["num_skipped"] else EXIT_OK
