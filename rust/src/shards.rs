@@ -243,11 +243,20 @@ impl ShardWriter {
         // the name always points at a whole shard or at nothing.
         let mut old = None;
         if self.final_dir.exists() {
-            let aside = self.tmp_dir.with_extension("old");
+            let mut aside = self.tmp_dir.clone().into_os_string();
+            aside.push(".old");
+            let aside = PathBuf::from(aside);
             fs::rename(&self.final_dir, &aside).map_err(|e| io_err(&self.final_dir, e))?;
             old = Some(aside);
         }
-        fs::rename(&self.tmp_dir, &self.final_dir).map_err(|e| io_err(&self.final_dir, e))?;
+        if let Err(e) = fs::rename(&self.tmp_dir, &self.final_dir) {
+            // Someone else put a directory there meanwhile (two runs racing): put ours back
+            // where it was, if the name is free again, and report.
+            if let Some(old) = &old {
+                let _ = fs::rename(old, &self.final_dir);
+            }
+            return Err(io_err(&self.final_dir, e));
+        }
         if let Some(parent) = self.final_dir.parent() {
             if let Ok(d) = File::open(if parent.as_os_str().is_empty() { Path::new(".") } else { parent }) {
                 let _ = d.sync_all();

@@ -13,6 +13,7 @@ use pyo3::prelude::*;
 use std::path::PathBuf;
 
 type Counts = (u64, u64, u64, u64);
+type Arrays<'py> = (Bound<'py, PyArray1<u32>>, Bound<'py, PyArray1<u8>>);
 
 fn counts(b: BatchStats) -> Counts {
     (b.records, b.conversations, b.tokens, b.skipped)
@@ -208,7 +209,7 @@ impl PyShardReader {
     }
 
     /// Conversation i as (ids uint32, mask uint8) arrays (copies).
-    fn get<'py>(&self, py: Python<'py>, i: usize) -> PyResult<(Bound<'py, PyArray1<u32>>, Bound<'py, PyArray1<u8>>)> {
+    fn get<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Arrays<'py>> {
         let (ids, mask) = self.inner.get(i)?;
         Ok((ids.to_vec().into_pyarray(py), mask.to_vec().into_pyarray(py)))
     }
