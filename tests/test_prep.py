@@ -454,3 +454,24 @@ def test_mixture_unavailable_is_a_clear_error(tmp_path, capsys):
         rc, out = run_prep("--mixture", "seed", "--out", tmp_path / "s", capsys=capsys)
         assert rc == prep.EXIT_ERROR and "sftfast.tasks" in out.err
     assert not (tmp_path / "s").exists()
+
+
+def test_shard_dataset_pickles_as_its_path(tmp_path, capsys):
+    import pickle
+
+    src = tmp_path / "a.jsonl"
+    write_jsonl(src, conversations(4))
+    run_prep(src, "--out", tmp_path / "s", capsys=capsys)
+    data = ShardDataset(tmp_path / "s")
+    blob = pickle.dumps(data)
+    assert len(blob) < 500  # the path, not the arrays
+    again = pickle.loads(blob)
+    assert len(again) == 4 and np.array_equal(again[3][0], data[3][0])
+    assert type(data[0][0]) is np.ndarray and not data[0][0].flags.writeable
+
+
+def test_mixture_input_spec_form(tmp_path, capsys):
+    with pytest.raises(prep.PrepError, match="mixture:NAME"):
+        prep.resolve_inputs(["mixture:demo@test"])
+    [s] = prep.resolve_inputs(["mixture:demo@val"])
+    assert (s.kind, s.name, s.arg) == ("mixture", "mixture:demo@val", ("demo", "val", None))

@@ -10,9 +10,9 @@ INPUT is any of
     messages), a JSON file (an array of conversations, or one), a parquet file (rows with
     a `messages` column), or a directory of such files (recursively, sorted by path);
   - `hf:NAME[:CONFIG][@SPLIT]`, a Hugging Face dataset through `datasets` (split defaults
-    to train), e.g. `hf:HuggingFaceTB/smol-smoltalk@test`.
-`--mixture NAME` adds a named mixture of sftfast.tasks (`seed` is SPEC 7's default mixture;
-`--mixture-split val` its validation part).
+    to train and takes `datasets` slicing), e.g. `hf:HuggingFaceTB/smol-smoltalk@test[:1000]`;
+  - `mixture:NAME[@train|@val]`, a mixture of sftfast.tasks (`seed` is SPEC 7's default
+    mixture, `@val` its validation part); `--mixture NAME [--mixture-split val]` is the same.
 
 --tokenizer takes a saved sftfast tokenizer file, a nanochat tokenizer directory, or a
 `.tiktoken` rank file (with `--pattern nanochat|cl100k|o200k|REGEX`).
@@ -238,6 +238,13 @@ def parse_hf(spec: str) -> tuple[str, str | None, str]:
 def resolve_inputs(inputs, mixture=None, mixture_split="train", data_dir=None) -> list[Source]:
     sources = []
     for spec in inputs:
+        if spec.startswith("mixture:"):
+            name, _, split = spec[len("mixture:"):].partition("@")
+            if not name or split not in ("", "train", "val"):
+                raise PrepError(f"{spec!r}: expected mixture:NAME[@train|@val]")
+            split = split or "train"
+            sources.append(Source("mixture", f"mixture:{name}@{split}", (name, split, data_dir)))
+            continue
         if spec.startswith("hf:"):
             name, config, split = parse_hf(spec)
             sources.append(Source("hf", spec, (name, config, split)))

@@ -33,7 +33,9 @@ def _map(path: Path, dtype: str) -> np.ndarray:
     # np.memmap refuses empty files; an empty shard is still a valid shard.
     if os.path.getsize(path) == 0:
         return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r")
+    # A plain read-only ndarray over the map (the memmap stays alive as its base): slices are
+    # views, and nothing downstream mistakes them for writable memmaps.
+    return np.asarray(np.memmap(path, dtype=dtype, mode="r"))
 
 
 def is_shard(path) -> bool:
@@ -64,6 +66,14 @@ class ShardDataset:
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
+
+    # Pickled as its path: DataLoader workers (spawn) and torch.multiprocessing re-map the
+    # files instead of copying the arrays through a pipe.
+    def __getstate__(self) -> dict:
+        return {"path": str(self.path)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         n = len(self)
