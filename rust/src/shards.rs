@@ -347,10 +347,10 @@ impl JsonlReader {
     /// Returns false once the file is exhausted and nothing was read.
     pub fn read_chunk(&mut self, chunk: &mut Chunk, max_records: usize, max_bytes: usize) -> Result<bool> {
         chunk.clear();
-        let mut line = Vec::new();
         while !self.done && chunk.len() < max_records && chunk.buf.len() < max_bytes {
-            line.clear();
-            let n = self.reader.read_until(b'\n', &mut line).map_err(|e| {
+            // Lines are read straight into the chunk's buffer (no per-line allocation).
+            let start = chunk.buf.len();
+            let n = self.reader.read_until(b'\n', &mut chunk.buf).map_err(|e| {
                 Error::Io(std::io::Error::new(e.kind(), format!("{}:{}: {e}", self.path, self.next_line)))
             })?;
             if n == 0 {
@@ -361,10 +361,11 @@ impl JsonlReader {
             let pos = self.next_line;
             self.next_line += 1;
             // Blank lines are not records (a trailing newline, spacing between records).
-            if line.iter().all(|b| b.is_ascii_whitespace()) {
+            if chunk.buf[start..].iter().all(|b| b.is_ascii_whitespace()) {
+                chunk.buf.truncate(start);
                 continue;
             }
-            chunk.push(pos, &line);
+            chunk.records.push((pos, start, chunk.buf.len()));
         }
         Ok(!chunk.is_empty())
     }
