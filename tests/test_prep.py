@@ -250,6 +250,29 @@ def test_on_error_skip_reports_every_bad_record(tmp_path, enc, capsys):
     assert data.manifest["num_skipped"] == 4 and data.manifest["sources"][0]["skipped"] == 4
 
 
+def test_on_error_modes_share_the_cache(tmp_path, capsys):
+    src = tmp_path / "bad.jsonl"
+    write_jsonl(src, conversations(10, seed=12), BAD)
+    out = tmp_path / "shard"
+    assert run_prep(src, "--out", out, "--on-error", "skip", capsys=capsys)[0] == prep.EXIT_SKIPPED
+    rc, o = run_prep(src, "--out", out, "--on-error", "skip", capsys=capsys)
+    assert rc == prep.EXIT_SKIPPED and o.out.startswith("reusing")
+    # fail mode on inputs known to hold bad records: fails with the first one, shard kept
+    rc, o = run_prep(src, "--out", out, capsys=capsys)
+    assert rc == prep.EXIT_ERROR and f"{src}:2: message 0:" in o.err
+    assert len(ShardDataset(out)) == 10
+    # clean inputs: a shard built in skip mode is reused in fail mode
+    good = tmp_path / "good.jsonl"
+    write_jsonl(good, conversations(10, seed=12))
+    assert run_prep(good, "--out", out, "--on-error", "skip", capsys=capsys)[0] == 0
+    rc, o = run_prep(good, "--out", out, capsys=capsys)
+    assert rc == 0 and o.out.startswith("reusing")
+    # a damaged shard with the same key is rebuilt, not trusted
+    (out / "mask.u8").write_bytes(b"")
+    rc, o = run_prep(good, "--out", out, capsys=capsys)
+    assert rc == 0 and "damaged" in o.out and len(ShardDataset(out)) == 10
+
+
 def test_json_file_errors_name_the_index(tmp_path, capsys):
     src = tmp_path / "a.json"
     src.write_text(json.dumps([conversations(1)[0], {"messages": "nope"}]))

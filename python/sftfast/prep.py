@@ -268,19 +268,20 @@ def resolve_inputs(inputs, mixture=None, mixture_split="train", data_dir=None) -
     return sources
 
 
-def cache_key(tok_fp: str, rend_fp: str, max_tokens: int, on_error: str, sources: list[Source]) -> str:
+def cache_key(tok_fp: str, rend_fp: str, max_tokens: int, sources: list[Source]) -> str:
+    """What the shard's contents depend on. --on-error is not part of it: a shard without bad
+    records is the same under both modes (see build for the case with bad records)."""
     material = {
         "format_version": _core.SHARD_FORMAT_VERSION,
         "tokenizer": tok_fp,
         "renderer": rend_fp,
         "max_tokens": max_tokens,
-        "on_error": on_error,
         "inputs": [s.describe() for s in sources],
     }
     return "sha256:" + hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
-def _what_changed(old: dict, tok_fp, rend_fp, max_tokens, on_error, sources) -> str:
+def _what_changed(old: dict, tok_fp, rend_fp, max_tokens, sources) -> str:
     changes = []
     if (old.get("tokenizer") or {}).get("fingerprint") != tok_fp:
         changes.append("tokenizer")
@@ -288,8 +289,6 @@ def _what_changed(old: dict, tok_fp, rend_fp, max_tokens, on_error, sources) -> 
         changes.append("renderer")
     if old.get("max_tokens") != max_tokens:
         changes.append("max_tokens")
-    if old.get("on_error") != on_error:
-        changes.append("on_error")
     if old.get("inputs") != [s.describe() for s in sources]:
         changes.append("inputs")
     return ", ".join(changes) or "format"
@@ -493,18 +492,34 @@ def build(args) -> int:
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
 
     t0 = time.perf_counter()
-    key = cache_key(tok_fp, rend_fp, args.max_tokens, args.on_error, sources)
+    key = cache_key(tok_fp, rend_fp, args.max_tokens, sources)
     if out.exists():
         if is_shard(out):
             with open(out / MANIFEST_FILE, encoding="utf-8") as f:
                 old = json.load(f)
-            if old.get("key") == key and not args.force:
-                data = ShardDataset(out)  # validates the files too
+            why = None
+            if args.force:
+                why = "--force"
+            elif old.get("key") != key:
+                why = _what_changed(old, tok_fp, rend_fp, args.max_tokens, sources) + " changed"
+            else:
+                try:
+                    data = ShardDataset(out)  # validates the files too
+                except _core.ShardError as e:
+                    why = f"the existing shard is damaged: {e}"
+            if why is None:
+                skipped = data.manifest["num_skipped"]
+                if skipped and args.on_error == "fail":
+                    # Same inputs as a --on-error skip build that found bad records: a rebuild
+                    # would stop at the first of them, which the report already names.
+                    with open(out / REPORT_FILE, encoding="utf-8") as f:
+                        first = f.readline().rstrip("\n")
+                    raise PrepError(f"{first}\n(the shard at {out} was built from these inputs with --on-error skip: "
+                                    f"{skipped} bad records, listed in {out / REPORT_FILE})")
                 say(f"reusing {out}: same inputs, tokenizer, renderer and max_tokens (key {key[:19]}...)")
                 if not args.quiet:
                     summarize(data)
-                return EXIT_SKIPPED if data.manifest["num_skipped"] else EXIT_OK
-            why = "--force" if old.get("key") == key else _what_changed(old, tok_fp, rend_fp, args.max_tokens, args.on_error, sources) + " changed"
+                return EXIT_SKIPPED if skipped else EXIT_OK
             say(f"rebuilding {out} ({why})")
         elif out.is_dir() and any(out.iterdir()):
             raise PrepError(f"--out {out}: exists and is not an sftfast shard; refusing to replace it")
