@@ -298,9 +298,11 @@ def test_usage_errors(tmp_path, capsys):
     rc, out = run_prep(src, "--out", home, capsys=capsys)
     assert rc == prep.EXIT_ERROR and "not an sftfast shard" in out.err
     assert (home / "precious.txt").read_text() == "keep me"
-    with pytest.raises(SystemExit) as e:
-        prep.main(["--on-error", "ignore"])
-    assert e.value.code == prep.EXIT_USAGE
+    for argv in (["--on-error", "ignore"], [str(src), "--out", "x"], [str(src), "--tokenizer", "t"],
+                 ["--out", "x", "--tokenizer", "t"], [str(src), "--out", "x", "--tokenizer", "t", "--max-tokens", "0"]):
+        with pytest.raises(SystemExit) as e:
+            prep.main(argv)
+        assert e.value.code == prep.EXIT_USAGE, argv
 
 
 # --------------------------------------------------------------------------------------

@@ -478,12 +478,6 @@ def inspect(args) -> int:
 
 
 def build(args) -> int:
-    if not args.out:
-        raise PrepError("--out DIR is required")
-    if not args.tokenizer:
-        raise PrepError("--tokenizer PATH is required")
-    if args.max_tokens < 1:
-        raise PrepError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     out = Path(args.out)
     sources = resolve_inputs(args.inputs, args.mixture, args.mixture_split, args.data_dir)
     pattern_name = args.pattern or "nanochat"
@@ -620,10 +614,20 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    # Usage errors exit 2 through argparse, before anything is read.
     if args.num_threads < 0:
-        print("error: --num-threads must be >= 0", file=sys.stderr)
-        return EXIT_USAGE
+        parser.error("--num-threads must be >= 0")
+    if args.max_tokens < 1:
+        parser.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if not args.inspect:
+        if not args.out:
+            parser.error("--out DIR is required")
+        if not args.tokenizer:
+            parser.error("--tokenizer PATH is required")
+        if not args.inputs and not args.mixture:
+            parser.error("no inputs: give files, directories, hf:NAME, mixture:NAME or --mixture NAME")
     try:
         return inspect(args) if args.inspect else build(args)
     except (PrepError, _core.SftfastError, OSError) as e:
