@@ -126,6 +126,7 @@ def test_jsonl_round_trip_matches_reference(tmp_path, enc, num_threads, capsys):
     assert m["num_supervised_tokens"] == int(data.mask.sum())
     assert m["sources"] == [{"name": str(src), "first": 0, "conversations": 300, "tokens": m["num_tokens"],
                              "supervised_tokens": m["num_supervised_tokens"], "truncated": m["num_truncated"], "skipped": 0}]
+    assert data.bos_id == enc.encode_single_token("<|bos|>") == data[0][0][0]
     assert m["tokenizer"]["fingerprint"].startswith("sha256:") and m["renderer"]["version"] == _core.RENDERER_VERSION
     assert "conversations 300" in out.out and "length histogram" in out.out
     assert leftovers(tmp_path) == []

@@ -524,7 +524,7 @@ def build(args) -> int:
         "key": key,
         "tokenizer": {"fingerprint": tok_fp, "path": str(Path(args.tokenizer).resolve()),
                       "pattern": pattern_name if Path(args.tokenizer).suffix == ".tiktoken" else None,
-                      "n_vocab": tokenizer.n_vocab},
+                      "n_vocab": tokenizer.n_vocab, "bos_id": tokenizer.bos_id},
         "renderer": {"version": _core.RENDERER_VERSION, "fingerprint": rend_fp},
         "inputs": [s.describe() for s in sources],
         "created_unix": int(time.time()),

@@ -4,6 +4,7 @@
     data = ShardDataset("shards/seed")          # validated, then memory-mapped (no copies)
     ids, mask = data[0]                          # np.uint32 / np.uint8 views, same length
     for i in data.rank_indices(rank, world_size, seed=42, epoch=0): ...
+    loader = SFTLoader(data, None, batch_size=4, seq_len=2048, ...)   # pads with data.bos_id
 
 Layout of a shard directory (see rust/src/shards.rs): `ids.u32` (little-endian uint32 token
 ids, all conversations concatenated), `mask.u8` (one 0/1 byte per token), `offsets.u64`
@@ -97,6 +98,15 @@ class ShardDataset:
     @property
     def max_tokens(self) -> int:
         return int(self.manifest["max_tokens"])
+
+    @property
+    def bos_id(self) -> int:
+        """`<|bos|>` of the tokenizer the shard was rendered with: the padding id packers need
+        (sftfast.dataloader.SFTLoader(shard, None, ...) reads it)."""
+        bos = (self.manifest.get("tokenizer") or {}).get("bos_id")
+        if bos is None:
+            raise _core.ShardError(f"{self.path}: the manifest does not record the tokenizer's <|bos|> id")
+        return int(bos)
 
     @property
     def tokenizer_fingerprint(self) -> str | None:
