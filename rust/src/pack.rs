@@ -99,6 +99,9 @@ pub struct BatchOut<'a> {
     pub position_ids: &'a mut [i32],
 }
 
+/// A batch in owned vectors: (info, inputs, targets, position_ids), each `num_rows * t` long.
+pub type OwnedBatch = (BatchInfo, Vec<i32>, Vec<i64>, Vec<i32>);
+
 pub struct Packer {
     mode: Mode,
     batch_size: usize,
@@ -364,7 +367,7 @@ impl Packer {
     }
 
     /// Plans and commits into freshly allocated vectors (tests, pure-Rust users).
-    pub fn next_batch(&mut self, flush: bool) -> Result<Option<(BatchInfo, Vec<i32>, Vec<i64>, Vec<i32>)>> {
+    pub fn next_batch(&mut self, flush: bool) -> Result<Option<OwnedBatch>> {
         let plan = match self.plan(flush) {
             Some(p) => p,
             None => return Ok(None),
