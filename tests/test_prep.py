@@ -501,3 +501,23 @@ def test_mixture_input_spec_form(tmp_path, capsys):
         prep.resolve_inputs(["mixture:demo@test"])
     [s] = prep.resolve_inputs(["mixture:demo@val"])
     assert (s.kind, s.name, s.arg) == ("mixture", "mixture:demo@val", ("demo", "val", None))
+
+
+def test_sftloader_trains_from_a_shard(tmp_path, tok, capsys):
+    # The training loader reads a shard as its pre-rendered source: same batches as rendering
+    # the same conversations on the fly, for every rank.
+    dataloader = pytest.importorskip("sftfast.dataloader")
+    convs = conversations(50, seed=13)
+    src = tmp_path / "a.jsonl"
+    write_jsonl(src, convs)
+    assert run_prep(src, "--out", tmp_path / "s", "--max-tokens", 80, capsys=capsys)[0] == 0
+    data = ShardDataset(tmp_path / "s")
+    for rank in range(2):
+        kw = dict(batch_size=2, seq_len=64, rank=rank, world_size=2)
+        a = list(dataloader.SFTLoader(data, None, **kw))
+        b = list(dataloader.SFTLoader(convs, tok, max_tokens=80, **kw))
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b):
+            assert np.array_equal(x.inputs.numpy(), y.inputs.numpy())
+            assert np.array_equal(x.targets.numpy(), y.targets.numpy())
+            assert np.array_equal(x.position_ids.numpy(), y.position_ids.numpy())
