@@ -7,4 +7,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-${PY:-python}}
 export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
-"$PY" -m sftfast.bench prep --json --conversations 40000 --scale 10
+"$PY" -m sftfast.bench prep --json --conversations 40000 --scale 10 --threads 1,2,4,8,all

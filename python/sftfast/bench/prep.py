@@ -177,6 +177,7 @@ def add_arguments(p) -> None:
     p.add_argument("--conversations", type=int, default=20000, help="conversations in the 1x input")
     p.add_argument("--scale", type=int, default=10, help="the memory check's big input is this many times the 1x input")
     p.add_argument("--max-tokens", type=int, default=2048)
+    p.add_argument("--threads", default="1,all", help="comma-separated thread counts to time ('all' = every core)")
     p.add_argument("--tokenizer", default=None, help=".tiktoken rank file (default: cl100k from tiktoken_ext)")
     p.add_argument("--pattern", default="cl100k")
     p.add_argument("--no-python", action="store_true", help="skip the Python path")
@@ -205,10 +206,16 @@ def run(args) -> dict:
         result = {"input": {"conversations": args.conversations, "bytes": size, "max_tokens": args.max_tokens,
                             "tokenizer": Path(tok_path).name, "pattern": args.pattern}, "cpus": ncpu}
         run_sftfast(tok, src, tmp / "warm", args.max_tokens, 1)  # page cache and allocator warm-up
-        result["sftfast_1_thread"] = run_sftfast(tok, src, tmp / "s1", args.max_tokens, 1)
-        result[f"sftfast_{ncpu}_threads"] = run_sftfast(tok, src, tmp / "sN", args.max_tokens, ncpu)
+        counts = []
+        for t in args.threads.split(","):
+            n = ncpu if t.strip() == "all" else int(t)
+            if n not in counts:
+                counts.append(n)
+        for n in counts:
+            name = "sftfast_1_thread" if n == 1 else f"sftfast_{n}_threads"
+            result[name] = run_sftfast(tok, src, tmp / f"s{n}", args.max_tokens, n)
         # The shard must hold what the reference renders (checked on a sample, untimed).
-        shard = ShardDataset(tmp / "sN")
+        shard = ShardDataset(tmp / f"s{counts[-1]}")
         with open(src, encoding="utf-8") as f:
             for i, line in zip(range(200), f):
                 ids, mask = render_conversation(enc, json.loads(line), args.max_tokens)
@@ -216,8 +223,9 @@ def run(args) -> dict:
                     raise RuntimeError(f"sftfast and the reference disagree on conversation {i}")
         if not args.no_python:
             result["python_json_tiktoken_reference"] = py = run_python(enc, src, tmp / "py", args.max_tokens)
-            result["speedup_1_thread_vs_python"] = result["sftfast_1_thread"]["tokens_per_s"] / py["tokens_per_s"]
-            result[f"speedup_{ncpu}_threads_vs_python"] = result[f"sftfast_{ncpu}_threads"]["tokens_per_s"] / py["tokens_per_s"]
+            for n in counts:
+                name = "1_thread" if n == 1 else f"{n}_threads"
+                result[f"speedup_{name}_vs_python"] = result[f"sftfast_{name}"]["tokens_per_s"] / py["tokens_per_s"]
         if not args.no_rss:
             big = tmp / "input_big.jsonl"
             with open(big, "wb") as f:
