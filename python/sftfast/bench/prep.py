@@ -22,6 +22,7 @@ import importlib.util
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -92,9 +93,22 @@ def _cl100k_file() -> Path:
     return Path(spec.submodule_search_locations[0]) / "data" / "cl100k_base.tiktoken"
 
 
+def _cpu_seconds() -> float:
+    # user + system time of every thread of this process: on a shared machine the wall clock
+    # also counts time spent waiting for a core, CPU time does not.
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _rates(n: int, tokens: int, dt: float, cpu: float) -> dict:
+    return {"seconds": dt, "cpu_seconds": cpu, "conversations": n, "tokens": tokens,
+            "conversations_per_s": n / dt, "tokens_per_s": tokens / dt, "tokens_per_cpu_s": tokens / max(cpu, 1e-9)}
+
+
 def run_sftfast(tok, src: Path, out: Path, max_tokens: int, threads: int) -> dict:
     from sftfast import _core
 
+    c0 = _cpu_seconds()
     t0 = time.perf_counter()
     builder = _core.ShardBuilder(str(out), tok._core, max_tokens, "fail", threads)
     builder.begin_source(str(src))
@@ -103,14 +117,14 @@ def run_sftfast(tok, src: Path, out: Path, max_tokens: int, threads: int) -> dic
         pass
     manifest = json.loads(builder.finish("{}"))
     dt = time.perf_counter() - t0
-    return {"seconds": dt, "conversations": manifest["num_conversations"], "tokens": manifest["num_tokens"],
-            "conversations_per_s": manifest["num_conversations"] / dt, "tokens_per_s": manifest["num_tokens"] / dt}
+    return _rates(manifest["num_conversations"], manifest["num_tokens"], dt, _cpu_seconds() - c0)
 
 
 def run_python(enc, src: Path, out: Path, max_tokens: int) -> dict:
     from sftfast.reference import render_conversation
 
     out.mkdir(parents=True, exist_ok=True)
+    c0 = _cpu_seconds()
     t0 = time.perf_counter()
     n = tokens = 0
     offsets = [0]
@@ -126,7 +140,7 @@ def run_python(enc, src: Path, out: Path, max_tokens: int) -> dict:
             offsets.append(tokens)
     np.asarray(offsets, dtype="<u8").tofile(out / "offsets.u64")
     dt = time.perf_counter() - t0
-    return {"seconds": dt, "conversations": n, "tokens": tokens, "conversations_per_s": n / dt, "tokens_per_s": tokens / dt}
+    return _rates(n, tokens, dt, _cpu_seconds() - c0)
 
 
 _RSS_CHILD = r"""
@@ -226,6 +240,8 @@ def run(args) -> dict:
             for n in counts:
                 name = "1_thread" if n == 1 else f"{n}_threads"
                 result[f"speedup_{name}_vs_python"] = result[f"sftfast_{name}"]["tokens_per_s"] / py["tokens_per_s"]
+            result["speedup_per_cpu_second_1_thread_vs_python"] = (
+                result["sftfast_1_thread"]["tokens_per_cpu_s"] / py["tokens_per_cpu_s"] if 1 in counts else None)
         if not args.no_rss:
             big = tmp / "input_big.jsonl"
             with open(big, "wb") as f:
