@@ -327,7 +327,8 @@ def test_interrupted_build_leaves_no_shard(tmp_path, monkeypatch, capsys):
 
 def test_killed_process_leaves_no_whole_looking_shard(tmp_path):
     src = tmp_path / "big.jsonl"
-    write_jsonl(src, conversations(4000, seed=8) * 5)
+    write_jsonl(src, conversations(4000, seed=8))
+    src.write_bytes(src.read_bytes() * 30)  # ~6 M tokens: seconds of work even on a fast core
     out = tmp_path / "shard"
     env = dict(os.environ, PYTHONPATH=PYTHONPATH)
     proc = subprocess.Popen([PY, "-m", "sftfast.prep", str(src), "--tokenizer", str(CL100K_FILE), "--pattern", "cl100k",
@@ -336,7 +337,7 @@ def test_killed_process_leaves_no_whole_looking_shard(tmp_path):
     deadline = time.time() + 60
     while time.time() < deadline and not any(".tmp-" in p.name for p in tmp_path.iterdir()):
         time.sleep(0.005)
-    time.sleep(0.1)  # let it write part of the shard
+    time.sleep(0.05)  # let it write part of the shard
     finished = proc.poll() is not None
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -344,6 +345,11 @@ def test_killed_process_leaves_no_whole_looking_shard(tmp_path):
         pytest.fail("the build finished before it could be killed: make the input bigger")
     assert not out.exists() and not is_shard(out)
     assert leftovers(tmp_path)  # the crash left only a hidden temporary directory
+    # the next build removes what the dead one left
+    small = tmp_path / "small.jsonl"
+    write_jsonl(small, conversations(3))
+    rc, _ = run_prep(small, "--out", out, "--quiet")
+    assert rc == 0 and len(ShardDataset(out)) == 3 and leftovers(tmp_path) == []
 
 
 def test_reuse_and_invalidation(tmp_path, capsys, monkeypatch):

@@ -36,6 +36,7 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -487,6 +488,7 @@ def build(args) -> int:
 
     t0 = time.perf_counter()
     key = cache_key(tok_fp, rend_fp, args.max_tokens, sources)
+    remove_stale_temporaries(out, say)
     if out.exists():
         if is_shard(out):
             with open(out / MANIFEST_FILE, encoding="utf-8") as f:
@@ -564,6 +566,32 @@ def build(args) -> int:
         if save_length_plot(data, out / "lengths.png"):
             say(f"  length histogram plot: {out / 'lengths.png'}")
     return EXIT_SKIPPED if manifest["num_skipped"] else EXIT_OK
+
+
+def remove_stale_temporaries(out: Path, say) -> None:
+    """Deletes `.NAME.tmp-PID-*` directories left by builds of `out` that crashed (their PID
+    is gone); a build still running elsewhere keeps its own."""
+    import re
+    import shutil
+
+    pattern = re.compile(r"^\." + re.escape(out.name) + r"\.tmp-(\d+)-\d+(\.old)?$")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        return
+    for p in parent.iterdir():
+        m = pattern.match(p.name)
+        if not m or not p.is_dir():
+            continue
+        pid = int(m.group(1))
+        try:
+            os.kill(pid, 0)
+            continue  # that process is alive: not ours to remove
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        shutil.rmtree(p, ignore_errors=True)
+        say(f"removed {p} (left by an interrupted build, process {pid})")
 
 
 def _version() -> str:
