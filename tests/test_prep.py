@@ -369,7 +369,7 @@ def test_reuse_and_invalidation(tmp_path, capsys, monkeypatch):
     assert ShardDataset(out).max_tokens == 64
 
     rc, o = run_prep(src, "--out", out, "--max-tokens", 64, pattern="nanochat", capsys=capsys)
-    assert rc == 0 and "tokenizer changed" in o.out
+    assert rc == 0 and "(tokenizer changed)" in o.out
 
     with open(src, "a") as f:
         f.write(json.dumps(conversations(1, seed=10)[0]) + "\n")

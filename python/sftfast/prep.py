@@ -284,9 +284,14 @@ def cache_key(tok_fp: str, rend_fp: str, max_tokens: int, sources: list[Source])
 
 def _what_changed(old: dict, tok_fp, rend_fp, max_tokens, sources) -> str:
     changes = []
+    old_renderer = old.get("renderer") or {}
     if (old.get("tokenizer") or {}).get("fingerprint") != tok_fp:
         changes.append("tokenizer")
-    if (old.get("renderer") or {}).get("fingerprint") != rend_fp:
+        # The renderer probe renders with the tokenizer, so it moves with it: name the
+        # renderer too only when its version moved.
+        if old_renderer.get("version") != _core.RENDERER_VERSION:
+            changes.append("renderer")
+    elif old_renderer.get("fingerprint") != rend_fp:
         changes.append("renderer")
     if old.get("max_tokens") != max_tokens:
         changes.append("max_tokens")
