@@ -213,7 +213,7 @@ def kernel_config(device: torch.device, dtype: torch.dtype, D: int) -> dict:
     memory. The interpreter gets small tiles: it runs numpy per program.
     """
     if device.type != "cuda":
-        return dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=32, GROUP_M=16, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, GROUP_M=16, num_warps=8, num_stages=3)
