@@ -223,7 +223,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32:
         # follow torch's own fp32 matmul setting (tf32 only when the user enabled it)
         return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return "ieee"  # ignored for bf16/fp16 operands: they accumulate in fp32 either way
+    return "tf32"  # Triton's default; only fp32 operands look at it
 
 
 def _num_sms(device: torch.device) -> int:
