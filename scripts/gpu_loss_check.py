@@ -88,7 +88,7 @@ def table(bench_res):
             if r.get("available"):
                 lines.append(
                     f"  {r['impl']:<60} {r['time_s'] * 1e3:8.2f} ms  {r['peak_mem_above_inputs_mb']:9.1f} MB  "
-                    f"{r['effective_tflops']:6.1f} TFLOP/s  loss {r['loss']:.5f}"
+                    f"{r['effective_tflops']:6.1f} TFLOP/s  fwd {r['forward_only_s'] * 1e3:7.2f} ms  loss {r['loss']:.5f}"
                 )
             else:
                 lines.append(f"  {r['impl']:<60} unavailable: {r.get('reason', '')[:150]}")

@@ -221,7 +221,17 @@ def _gpu_measure(fn, h, w, t, warmup, repeats):
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    return float(loss), times, peak
+    # forward alone (no graph kept), to split the time between forward and backward
+    fwd = []
+    with torch.no_grad():
+        for _ in range(max(2, repeats // 2)):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(h, w, t)
+            end.record()
+            end.synchronize()
+            fwd.append(start.elapsed_time(end) / 1e3)
+    return float(loss), times, peak, statistics.median(fwd)
 
 
 def _run_gpu(args, shapes, impls, dtype_name):
@@ -249,9 +259,9 @@ def _run_gpu(args, shapes, impls, dtype_name):
                     base_cfg = orig(h.device, dtype, D)
                     fused_linear_ce.kernel_config = lambda *a, _c={**base_cfg, **cfg}: dict(_c)
                 fn = _loss_fn(impl, softcap, "cuda")
-                loss, times, peak = _gpu_measure(fn, h, w, t, warmup, repeats)
+                loss, times, peak, fwd_t = _gpu_measure(fn, h, w, t, warmup, repeats)
                 tm = statistics.median(times)
-                row.update(available=True, loss=loss, time_s=tm, times_s=times,
+                row.update(available=True, loss=loss, time_s=tm, times_s=times, forward_only_s=fwd_t,
                            peak_mem_above_inputs_mb=round(peak / 2**20, 1),
                            effective_tflops=round(flops / tm / 1e12, 1))
             except ImportError as e:

@@ -59,7 +59,7 @@ import triton.language as tl
 # Budget for the reusable dZ chunk in backward (rows x C x element size). 64 MiB keeps the
 # backward within ~1.2x Cut Cross-Entropy's memory at 8k-16k rows while the GEMMs it feeds
 # (K = rows for dW, K = C for dH) stay large enough to run at full cuBLAS speed.
-CHUNK_BYTES = 64 * 1024 * 1024
+CHUNK_BYTES = int(os.environ.get("SFTFAST_LCE_CHUNK_MB", "64")) * 1024 * 1024
 
 
 def _interpreting() -> bool:
