@@ -6,9 +6,9 @@ Meant for one short session on an H100/H200 with torch + triton and the reposito
 installed). Liger Kernel and Cut Cross-Entropy are optional: install their wheels first if you
 have them (pip install --no-deps liger_kernel-*.whl cut_cross_entropy-*.whl); missing peers are
 reported as unavailable. Never raises: every stage's failure is caught and reported in the JSON,
-and the exit status is 1 if the tests failed or the benchmark could not run. Budget: about
-1 min of tests + 1-2 min of benchmark (torch.compile of the eager loss dominates; --quick
-drops it).
+and the exit status is 1 if the tests failed or the benchmark could not run. Budget (H200):
+~1 min of tests, ~1.5 min of benchmark (torch.compile of the eager loss dominates; --quick
+drops it), ~0.5 min for a second pass with half the targets ignored (--masked-frac 0 drops it).
 """
 
 from __future__ import annotations
@@ -61,12 +61,12 @@ def run_tests(extra_args):
             "summary": text.strip().splitlines()[-1] if text.strip() else ""}
 
 
-def run_bench(quick, configs, shapes):
+def run_bench(quick, configs, shapes, ignore_frac=0.0):
     from sftfast.bench import loss as bench
 
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    argv = ["--device", "cuda"]
+    argv = ["--device", "cuda", "--ignore-frac", str(ignore_frac)]
     if quick:
         argv += ["--impls", "eager", "torch_lce", "liger", "cce", "triton"]
     if shapes:
@@ -83,7 +83,8 @@ def run_bench(quick, configs, shapes):
 def table(bench_res):
     lines = []
     for s in bench_res.get("shapes", []):
-        lines.append(f"N={s['N']} D={s['D']} V={s['V']} softcap={s['softcap']} {s['dtype']} on {s.get('gpu')}")
+        lines.append(f"N={s['N']} D={s['D']} V={s['V']} softcap={s['softcap']} {s['dtype']} "
+                     f"ignored={s['ignore_frac']} on {s.get('gpu')}")
         for r in s["results"]:
             if r.get("available"):
                 lines.append(
@@ -103,6 +104,8 @@ def main():
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--shapes", nargs="*", default=None, help="override benchmark shapes N,D,V[,softcap]")
     ap.add_argument("--triton-config", action="append", default=[], help="extra Triton configs to time")
+    ap.add_argument("--masked-frac", type=float, default=0.5,
+                    help="second benchmark pass with this fraction of targets ignored (0 skips it)")
     ap.add_argument("--pytest-arg", action="append", default=[], help="extra pytest argument")
     args = ap.parse_args()
 
@@ -141,6 +144,15 @@ def main():
         except Exception:
             report["bench"] = {"error": traceback.format_exc()}
             print(report["bench"]["error"], flush=True)
+            ok = False
+    if not args.skip_bench and args.masked_frac > 0:
+        # SFT masks prompts: half the targets ignored is typical. Peers without torch.compile.
+        try:
+            report["bench_masked"] = run_bench(True, [], args.shapes, args.masked_frac)
+            print(table(report["bench_masked"]), flush=True)
+        except Exception:
+            report["bench_masked"] = {"error": traceback.format_exc()}
+            print(report["bench_masked"]["error"], flush=True)
             ok = False
 
     out = args.out or (os.path.join(os.environ["OUT"], "gpu_loss_check.json") if os.environ.get("OUT") else None)

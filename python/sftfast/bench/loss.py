@@ -50,7 +50,7 @@ def add_arguments(parser):
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--triton-config", action="append", default=[],
                         help="extra Triton launch config to time, e.g. BLOCK_M=128,BLOCK_V=256,BLOCK_K=64,"
-                             "GROUP_M=16,num_warps=8,num_stages=3 (repeatable)")
+                             "GROUP_M=16,num_warps=8,num_stages=3,CHUNK_MB=64 (repeatable)")
 
 
 def _parse_shape(s):
@@ -254,8 +254,12 @@ def _run_gpu(args, shapes, impls, dtype_name):
             name = impl if cfg is None else "triton[" + ",".join(f"{k}={v}" for k, v in cfg.items()) + "]"
             row = {"impl": name}
             orig = fused_linear_ce.kernel_config
+            orig_chunk = fused_linear_ce.CHUNK_BYTES
             try:
                 if cfg is not None:
+                    cfg = dict(cfg)
+                    if "CHUNK_MB" in cfg:  # backward dZ chunk budget, not a launch parameter
+                        fused_linear_ce.CHUNK_BYTES = cfg.pop("CHUNK_MB") * 2**20
                     base_cfg = orig(h.device, dtype, D)
                     fused_linear_ce.kernel_config = lambda *a, _c={**base_cfg, **cfg}: dict(_c)
                 fn = _loss_fn(impl, softcap, "cuda")
@@ -270,6 +274,7 @@ def _run_gpu(args, shapes, impls, dtype_name):
                 row.update(available=False, reason=f"{type(e).__name__}: {str(e)[:500]}")
             finally:
                 fused_linear_ce.kernel_config = orig
+                fused_linear_ce.CHUNK_BYTES = orig_chunk
                 h.grad = None
                 w.grad = None
                 torch.cuda.empty_cache()
