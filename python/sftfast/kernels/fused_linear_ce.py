@@ -331,16 +331,29 @@ def lce_backward(h, weight, targets, lse, scale, softcap=None, need_dh=True, nee
     return dh, dw
 
 
+_FP32_ADDMM_OK = None  # whether this torch has CUDA addmm with out_dtype=float32 (checked once)
+
+
 def _accumulate_fp32(acc32, a, b):
     """acc32 += a @ b, with acc32 fp32 and a, b possibly in a half dtype.
 
-    The product is materialised in a's dtype and then added, an extra rows x D round trip per
-    chunk. Tried: cuBLAS with the fp32 accumulator as C (torch.addmm(..., out_dtype=float32),
-    torch >= 2.8): ~2.5% faster end to end on H200 (59.9 vs 61.3 ms at N=8192, D=4096,
-    V=128256). Not kept: it went in together with a tile change and its precision was never
-    checked on its own before the device time ran out (the fp16 error seen then turned out to
-    come from dZ underflow, see tests/test_loss.py, not from it). Worth re-trying.
+    cuBLAS takes the fp32 accumulator as its C operand (torch >= 2.8: addmm(out_dtype=)), so
+    no rows x D temporary exists. Without it the product is materialised in a's dtype and
+    added: an extra rows x D x 2 bytes at the memory peak and a round trip through memory per
+    chunk. H200 runs (docs/BENCHMARKS.md): 59.9 ms with addmm vs 60.6 ms without at N=8192,
+    D=4096, V=128256 (two separate machines, so within noise: the point is the memory), and
+    the CUDA tests gave the same errors either way (fp16 dH 1.022e-2 vs 1.0245e-2 without).
     """
+    global _FP32_ADDMM_OK
+    if a.dtype != torch.float32 and a.is_cuda and _FP32_ADDMM_OK is not False:
+        try:
+            torch.addmm(acc32, a, b, out_dtype=torch.float32, out=acc32)
+            _FP32_ADDMM_OK = True
+            return
+        except (RuntimeError, TypeError):
+            if _FP32_ADDMM_OK:
+                raise
+            _FP32_ADDMM_OK = False  # older torch: no fp32-output addmm for half inputs
     acc32.add_(a @ b)
 
 
