@@ -295,6 +295,22 @@ def test_interp_case_errors_and_all_ignored():
     assert float(loss) == 0.0 and not dh.any() and not dw.any()
 
 
+@needs_interp
+def test_interp_case_partial_grads_and_no_grad():
+    hidden, weight, targets = make_case(40, 16, 100, torch.float32, 0.3, seed=9)
+    _, rdh, rdw = reference(hidden, weight, targets)
+    h = hidden.clone().requires_grad_()
+    fused_linear_cross_entropy(h, weight, targets, impl="triton").backward()
+    assert rel_err(h.grad, rdh) <= 1e-5
+    w = weight.clone().requires_grad_()
+    fused_linear_cross_entropy(hidden, w, targets, impl="triton").backward()
+    assert rel_err(w.grad, rdw) <= 1e-5
+    with torch.no_grad():
+        a = fused_linear_cross_entropy(hidden, weight, targets, impl="triton", softcap=4.0)
+    b = eager_linear_cross_entropy(hidden, weight, targets, softcap=4.0)
+    assert abs(float(a) - float(b)) <= 1e-5 * max(1.0, abs(float(b)))
+
+
 @pytest.mark.skipif(INTERP_CHILD, reason="this is the parent")
 def test_triton_kernels_in_subprocess():
     pytest.importorskip("triton")
