@@ -29,6 +29,7 @@ cache is worth.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -229,3 +230,42 @@ class Engine:
             if all(done):
                 break
         return results, masks
+
+
+def load_tokenizer(path: str):
+    """A tokenizer from a saved sftfast tokenizer (Tokenizer.load) or a .tiktoken rank file."""
+    from sftfast.tokenizer import NANOCHAT_SPLIT_PATTERN, Tokenizer
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer {path} does not exist")
+    if path.endswith(".tiktoken"):
+        return Tokenizer.from_tiktoken_file(path, NANOCHAT_SPLIT_PATTERN)
+    if not hasattr(Tokenizer, "load"):
+        raise RuntimeError(f"cannot read {path}: this build's Tokenizer has no load(); pass a .tiktoken file")
+    return Tokenizer.load(path)
+
+
+def find_tokenizer(base_dir: str, meta: dict, explicit: str | None = None) -> str:
+    """Where the checkpoint's tokenizer is: --tokenizer, else the meta's record, else {base_dir}/tokenizer."""
+    candidates = [explicit] if explicit else []
+    for key in ("tokenizer", "tokenizer_path"):
+        value = meta.get(key)
+        if isinstance(value, str):
+            candidates += [value, os.path.join(base_dir, value)]
+    candidates.append(os.path.join(base_dir, "tokenizer"))
+    for c in candidates:
+        if c and os.path.exists(c):
+            return c
+    raise FileNotFoundError(f"no tokenizer found (tried {candidates}); pass --tokenizer PATH")
+
+
+def load_for_inference(base_dir: str, source: str = "sft", model_tag: str | None = None, step: int | None = None,
+                       device: str = "cpu", tokenizer_path: str | None = None):
+    """(model in eval mode, tokenizer, meta) of a checkpoint in nanochat's layout."""
+    from sftfast.checkpoint import load_model
+
+    model, meta = load_model(base_dir, source, model_tag, step, device=device)
+    tokenizer = load_tokenizer(find_tokenizer(base_dir, meta, tokenizer_path))
+    if tokenizer.n_vocab > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.n_vocab} tokens but the model only {model.config.vocab_size}")
+    return model.eval(), tokenizer, meta
