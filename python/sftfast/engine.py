@@ -233,28 +233,39 @@ class Engine:
 
 
 def load_tokenizer(path: str):
-    """A tokenizer from a saved sftfast tokenizer (Tokenizer.load) or a .tiktoken rank file."""
+    """A tokenizer from a saved sftfast tokenizer file (Tokenizer.load), a .tiktoken rank file,
+    nanochat's tokenizer.pkl (read without running pickle code), or a directory holding one."""
     from sftfast.tokenizer import NANOCHAT_SPLIT_PATTERN, Tokenizer
 
-    if not os.path.exists(path):
+    if os.path.isdir(path):
+        for name in ("tokenizer.sftfast", "tokenizer.pkl", "tokenizer.tiktoken"):
+            if os.path.isfile(os.path.join(path, name)):
+                return load_tokenizer(os.path.join(path, name))
+        raise FileNotFoundError(f"tokenizer directory {path} holds no tokenizer.sftfast, tokenizer.pkl or tokenizer.tiktoken")
+    if not os.path.isfile(path):
         raise FileNotFoundError(f"tokenizer {path} does not exist")
     if path.endswith(".tiktoken"):
         return Tokenizer.from_tiktoken_file(path, NANOCHAT_SPLIT_PATTERN)
-    if not hasattr(Tokenizer, "load"):
-        raise RuntimeError(f"cannot read {path}: this build's Tokenizer has no load(); pass a .tiktoken file")
-    return Tokenizer.load(path)
+    loader = getattr(Tokenizer, "from_nanochat" if path.endswith(".pkl") else "load", None)
+    if loader is None:
+        raise RuntimeError(f"cannot read {path}: this build's Tokenizer cannot load that format; pass a .tiktoken file")
+    return loader(path)
 
 
 def find_tokenizer(base_dir: str, meta: dict, explicit: str | None = None) -> str:
-    """Where the checkpoint's tokenizer is: --tokenizer, else the meta's record, else {base_dir}/tokenizer."""
-    candidates = [explicit] if explicit else []
+    """Where the checkpoint's tokenizer is: --tokenizer, else the path recorded in the checkpoint's
+    meta ("tokenizer" or "tokenizer_path", absolute or relative to base_dir), else
+    {base_dir}/tokenizer.sftfast, else {base_dir}/tokenizer/ (nanochat's place)."""
+    if explicit:
+        return explicit
+    candidates = []
     for key in ("tokenizer", "tokenizer_path"):
         value = meta.get(key)
         if isinstance(value, str):
-            candidates += [value, os.path.join(base_dir, value)]
-    candidates.append(os.path.join(base_dir, "tokenizer"))
+            candidates += [os.path.join(base_dir, value), value]
+    candidates += [os.path.join(base_dir, "tokenizer.sftfast"), os.path.join(base_dir, "tokenizer")]
     for c in candidates:
-        if c and os.path.exists(c):
+        if os.path.exists(c):
             return c
     raise FileNotFoundError(f"no tokenizer found (tried {candidates}); pass --tokenizer PATH")
 
