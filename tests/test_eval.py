@@ -235,3 +235,36 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
     with pytest.raises(CheckpointError):
         load_for_inference(str(tmp_path), "sft")
+
+
+@pytest.mark.slow
+def test_eval_cli_under_torchrun_matches_one_process(saved_run, tmp_path, capsys):
+    """Two gloo ranks split the problems (r, r+W, ...) and all_reduce the counts: same result as one process."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "python"),
+                                                       os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    args = ["-m", "sftfast.eval", "--base-dir", saved_run, "-a", "SpellingBee,ARC-Easy", "-x", "3", "-m", "4", "--json",
+            "--device", "cpu"]
+    # ARC-Easy needs data: a one-row local mirror in the hub layout
+    import datasets
+
+    arc = tmp_path / "allenai/ai2_arc/ARC-Easy"
+    arc.mkdir(parents=True)
+    rows = [{"id": str(i), "question": f"q{i}?", "choices": {"text": ["a", "b", "c", "d"], "label": list("ABCD")},
+             "answerKey": "ABCD"[i % 4]} for i in range(5)]
+    datasets.Dataset.from_list(rows).to_parquet(str(arc / "test-00000-of-00001.parquet"))
+    args += ["--data-dir", str(tmp_path)]
+    from sftfast import eval as eval_cli
+
+    assert eval_cli.main(args[2:]) == 0
+    one = json.loads(capsys.readouterr().out)
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert multi.returncode == 0, multi.stderr
+    two = json.loads(multi.stdout[multi.stdout.index("{"):])
+    for name in ("SpellingBee", "ARC-Easy"):
+        assert two["results"][name]["total"] == one["results"][name]["total"] == 3
+        assert two["results"][name]["correct"] == one["results"][name]["correct"]
