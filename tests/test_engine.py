@@ -173,3 +173,12 @@ def test_bad_arguments(model, tok):
         list(engine.generate([], max_tokens=3))
     with pytest.raises(ValueError):
         list(engine.generate([1, 2], num_samples=0, max_tokens=3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_cached_equals_recomputed(tok):
+    model = tiny_model(tok.n_vocab).cuda()
+    engine = Engine(model, tok)
+    prompt = [tok.bos_id, *tok.encode("GPU check")]
+    kwargs = dict(num_samples=4, max_tokens=32, temperature=0.0)
+    assert engine.generate_batch(prompt, use_kv_cache=True, **kwargs) == engine.generate_batch(prompt, use_kv_cache=False, **kwargs)
