@@ -110,6 +110,27 @@ def render_for_completion(tokenizer, conversation, max_tokens=2048):
     return ids[:-1]  # drop the empty reply's <|assistant_end|>, keep <|assistant_start|>
 
 
+def read_jsonl_conversations(path) -> list:
+    """One conversation per line: {"messages": [...]} or a bare list of messages."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg}") from e
+            if isinstance(obj, list):
+                obj = {"messages": obj}
+            if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
+                raise ValueError(f"{path}:{lineno}: expected an object with a 'messages' list or a list of messages")
+            out.append(obj)
+    if not out:
+        raise ValueError(f"{path}: no conversations")
+    return out
+
+
 @dataclass
 class Batch:
     inputs: torch.Tensor  # (B, T) int64
@@ -396,6 +417,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-every", type=int, default=-1, help="also checkpoint every N steps (-1: only at the end)")
     g = p.add_argument_group("data")
     g.add_argument("--mixture", default="seed", help="sftfast.tasks.build_mixture name")
+    g.add_argument("--train-data", default=None, help="JSONL of conversations to train on instead of --mixture")
+    g.add_argument("--val-data", default=None, help="JSONL of validation conversations (with --train-data)")
     g.add_argument("--max-seq-len", type=int, default=2048)
     g.add_argument("--packing", default="bestfit", choices=["bestfit", "padded"])
     g.add_argument("--loader", default="auto", choices=["auto", "rust", "python"])
@@ -526,6 +549,9 @@ def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> 
     fwd = torch.compile(model, dynamic=False) if args.compile else model
 
     # --- data
+    if train_ds is None and args.train_data:
+        train_ds = read_jsonl_conversations(args.train_data)
+        val_ds = read_jsonl_conversations(args.val_data) if args.val_data else None
     if train_ds is None:
         from sftfast import tasks
 
