@@ -267,8 +267,19 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer(n_vocab={self.n_vocab}, specials={len(self._core.specials())})"
 
-    # --- rendering (issue 3) --------------------------------------------------------------
+    # --- rendering (issue 3; Rust: rust/src/chat.rs) -------------------------------------
+    def render_conversation(self, conversation: dict, max_tokens: int = 2048) -> tuple[list[int], list[int]]:
+        """(ids, mask) per SPEC 2; raises ConversationError naming the message and reason."""
+        return self._core.render_conversation(conversation, max_tokens)
 
+    def render_batch(self, conversations, max_tokens: int = 2048, num_threads=None, on_error: str = "fail", indices=None):
+        """render_conversation over many, in parallel with the GIL released. on_error="skip"
+        returns (rendered, [(index, message), ...]); indices name the conversations in errors."""
+        return self._core.render_batch(conversations, max_tokens, num_threads, on_error, indices)
+
+    def render_for_completion(self, conversation: dict, max_tokens: int = 2048) -> list[int]:
+        """Prompt ids: the conversation minus its final assistant message, then <|assistant_start|>."""
+        return self._core.render_for_completion(conversation, max_tokens)
 
 def _from_bytes(data: bytes) -> Tokenizer:
     return Tokenizer(_core.CoreTokenizer.from_bytes(data))

@@ -1,1 +1,498 @@
 //! Conversation rendering: special tokens, the assistant-only loss mask (SPEC 2).
+//!
+//! Public API (names are stable; the `prep` branch reads JSONL through it):
+//!
+//! - [`Conversation`], [`Message`], [`Role`], [`Content`], [`Part`], [`PartKind`]: a plain-Rust,
+//!   *validated* conversation. Build one with [`Conversation::new`] (checks role order,
+//!   system-then-user, non-empty), [`parse_json_conversation`] (a `serde_json::Value`: an object
+//!   with `"messages"`, or a bare array of messages as CustomJSON lines allow) or
+//!   [`parse_json_line`] (one JSONL line). Python objects are walked in `py/data.rs`.
+//! - [`ChatTokens::from_bpe`]: the nine special ids, looked up once.
+//! - [`render`]`(&CoreBPE, &Conversation, max_tokens) -> Result<(Vec<u32>, Vec<u8>)>` and
+//!   [`render_into`] (appends into caller vectors, no per-call lookups) give ids and mask.
+//! - [`render_for_completion`]: drops the final assistant message, appends `<|assistant_start|>`.
+//!
+//! Every error is `Error::Conversation { location, message, reason }`: `location` is what the
+//! caller passed ("conversation 12", "file.jsonl:34"), `message` the index of the offending
+//! message in the original list (system message included) or "-" when the whole record is wrong.
+//!
+//! Mask (SPEC 2 table, nanochat's `render_conversation`): bos 0; user_start, user text,
+//! user_end 0; assistant_start 0; assistant text 1; python_start, code, python_end 1;
+//! output_start, output, output_end 0; assistant_end 1. Text is encoded with ordinary encoding
+//! (typing `<|bos|>` gives its bytes). A leading system message is merged into the first user
+//! message as `system + "\n\n" + user` (encoded as one string, exactly as nanochat does).
+//! The result is truncated to `max_tokens`.
+//!
+//! Performance notes:
+//! - Rendering stops encoding as soon as `max_tokens` ids exist: the tail would be cut anyway,
+//!   so long conversations cost only what is kept (same output as render-then-truncate).
+//! - Text goes straight into the output vector through `CoreBPE::encode_ordinary_into`; the mask
+//!   is extended by the number of ids appended, so there are no per-message temporaries.
+
+use crate::bpe::{CoreBPE, Rank};
+use crate::error::{Error, Result};
+use serde_json::Value;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "system" => Some(Role::System),
+            "user" => Some(Role::User),
+            "assistant" => Some(Role::Assistant),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartKind {
+    Text,
+    Python,
+    PythonOutput,
+}
+
+impl PartKind {
+    pub fn parse(s: &str) -> Option<PartKind> {
+        match s {
+            "text" => Some(PartKind::Text),
+            "python" => Some(PartKind::Python),
+            "python_output" => Some(PartKind::PythonOutput),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    pub kind: PartKind,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    Text(String),
+    /// Only assistant messages may have parts.
+    Parts(Vec<Part>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub role: Role,
+    pub content: Content,
+}
+
+/// A validated conversation: optional leading system message, then user, assistant, user, ...
+/// (it may end on either role). Fields are private so every value has passed validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conversation {
+    messages: Vec<Message>,
+}
+
+fn conv_err(location: &str, message: impl ToString, reason: impl Into<String>) -> Error {
+    Error::Conversation { location: location.to_string(), message: message.to_string(), reason: reason.into() }
+}
+
+impl Conversation {
+    /// Validates role order and content kinds; `location` names the record in errors.
+    pub fn new(messages: Vec<Message>, location: &str) -> Result<Self> {
+        if messages.is_empty() {
+            return Err(conv_err(location, "-", "conversation has no messages"));
+        }
+        let offset = usize::from(messages[0].role == Role::System);
+        if offset == 1 {
+            match messages.get(1) {
+                None => return Err(conv_err(location, 0, "system message is not followed by a user message (conversation ends)")),
+                Some(m) if m.role != Role::User => {
+                    return Err(conv_err(location, 1, format!("system message must be followed by a user message, got {}", m.role.name())))
+                }
+                _ => {}
+            }
+        }
+        for (i, m) in messages.iter().enumerate().skip(offset) {
+            let expected = if (i - offset) % 2 == 0 { Role::User } else { Role::Assistant };
+            if m.role != expected {
+                return Err(conv_err(
+                    location,
+                    i,
+                    format!("expected role {} (messages alternate user, assistant, ...), got {}", expected.name(), m.role.name()),
+                ));
+            }
+        }
+        for (i, m) in messages.iter().enumerate() {
+            if m.role != Role::Assistant {
+                if let Content::Parts(_) = m.content {
+                    return Err(conv_err(location, i, format!("{} content must be a string, got a list of parts", m.role.name())));
+                }
+            }
+        }
+        Ok(Self { messages })
+    }
+
+    pub fn messages(&self) -> &[Message] {
+        &self.messages
+    }
+
+    pub fn into_messages(self) -> Vec<Message> {
+        self.messages
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "bool",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "list",
+        Value::Object(_) => "object",
+    }
+}
+
+/// A conversation from JSON: `{"messages": [...], ...}` (extra fields ignored) or a bare array
+/// of messages (CustomJSON's other line shape).
+pub fn parse_json_conversation(value: &Value, location: &str) -> Result<Conversation> {
+    let messages = match value {
+        Value::Object(obj) => match obj.get("messages") {
+            Some(Value::Array(a)) => a,
+            Some(other) => return Err(conv_err(location, "-", format!("\"messages\" must be a list, got {}", type_name(other)))),
+            None => return Err(conv_err(location, "-", "missing field \"messages\"")),
+        },
+        Value::Array(a) => a,
+        other => return Err(conv_err(location, "-", format!("a conversation must be an object with \"messages\" or a list of messages, got {}", type_name(other)))),
+    };
+    let mut out = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        let obj = match m {
+            Value::Object(o) => o,
+            other => return Err(conv_err(location, i, format!("a message must be an object, got {}", type_name(other)))),
+        };
+        let role = match obj.get("role") {
+            Some(Value::String(s)) => Role::parse(s).ok_or_else(|| conv_err(location, i, format!("unknown role {s:?}")))?,
+            Some(other) => return Err(conv_err(location, i, format!("\"role\" must be a string, got {}", type_name(other)))),
+            None => return Err(conv_err(location, i, "missing field \"role\"")),
+        };
+        let content = match obj.get("content") {
+            Some(Value::String(s)) => Content::Text(s.clone()),
+            Some(Value::Array(parts)) if role == Role::Assistant => {
+                let mut ps = Vec::with_capacity(parts.len());
+                for (j, p) in parts.iter().enumerate() {
+                    let po = match p {
+                        Value::Object(o) => o,
+                        other => return Err(conv_err(location, i, format!("part {j} must be an object, got {}", type_name(other)))),
+                    };
+                    let kind = match po.get("type") {
+                        Some(Value::String(s)) => PartKind::parse(s).ok_or_else(|| {
+                            conv_err(location, i, format!("part {j}: unknown part type {s:?} (expected text, python or python_output)"))
+                        })?,
+                        Some(other) => return Err(conv_err(location, i, format!("part {j}: \"type\" must be a string, got {}", type_name(other)))),
+                        None => return Err(conv_err(location, i, format!("part {j}: missing field \"type\""))),
+                    };
+                    let text = match po.get("text") {
+                        Some(Value::String(s)) => s.clone(),
+                        Some(other) => return Err(conv_err(location, i, format!("part {j}: \"text\" must be a string, got {}", type_name(other)))),
+                        None => return Err(conv_err(location, i, format!("part {j}: missing field \"text\""))),
+                    };
+                    ps.push(Part { kind, text });
+                }
+                Content::Parts(ps)
+            }
+            Some(other) => {
+                let want = if role == Role::Assistant { "a string or a list of parts" } else { "a string" };
+                return Err(conv_err(location, i, format!("{} content must be {want}, got {}", role.name(), type_name(other))));
+            }
+            None => return Err(conv_err(location, i, "missing field \"content\"")),
+        };
+        out.push(Message { role, content });
+    }
+    Conversation::new(out, location)
+}
+
+/// One JSONL line -> conversation; a JSON syntax error is reported at `location` too.
+pub fn parse_json_line(line: &str, location: &str) -> Result<Conversation> {
+    let value: Value = serde_json::from_str(line).map_err(|e| conv_err(location, "-", format!("invalid JSON: {e}")))?;
+    parse_json_conversation(&value, location)
+}
+
+/// The special ids rendering needs, looked up once per tokenizer.
+#[derive(Debug, Clone, Copy)]
+pub struct ChatTokens {
+    pub bos: Rank,
+    pub user_start: Rank,
+    pub user_end: Rank,
+    pub assistant_start: Rank,
+    pub assistant_end: Rank,
+    pub python_start: Rank,
+    pub python_end: Rank,
+    pub output_start: Rank,
+    pub output_end: Rank,
+}
+
+impl ChatTokens {
+    pub fn from_bpe(bpe: &CoreBPE) -> Result<Self> {
+        let id = |name: &str| bpe.special_token_id(name).ok_or_else(|| Error::UnknownSpecial(name.to_string()));
+        Ok(Self {
+            bos: id("<|bos|>")?,
+            user_start: id("<|user_start|>")?,
+            user_end: id("<|user_end|>")?,
+            assistant_start: id("<|assistant_start|>")?,
+            assistant_end: id("<|assistant_end|>")?,
+            python_start: id("<|python_start|>")?,
+            python_end: id("<|python_end|>")?,
+            output_start: id("<|output_start|>")?,
+            output_end: id("<|output_end|>")?,
+        })
+    }
+}
+
+/// Renders `conv` and appends its ids and mask to `ids`/`mask` (which need not be empty:
+/// `max_tokens` limits only what this call appends).
+pub fn render_into(
+    bpe: &CoreBPE,
+    tokens: &ChatTokens,
+    conv: &Conversation,
+    max_tokens: usize,
+    ids: &mut Vec<Rank>,
+    mask: &mut Vec<u8>,
+) {
+    let start = ids.len();
+    let limit = start + max_tokens;
+    let push = |ids: &mut Vec<Rank>, mask: &mut Vec<u8>, id: Rank, m: u8| {
+        ids.push(id);
+        mask.push(m);
+    };
+    let text = |ids: &mut Vec<Rank>, mask: &mut Vec<u8>, s: &str, m: u8| {
+        bpe.encode_ordinary_into(s, ids);
+        mask.resize(ids.len(), m);
+    };
+    push(ids, mask, tokens.bos, 0);
+    let messages = conv.messages();
+    let (system, rest) = match messages[0].role {
+        Role::System => (Some(&messages[0]), &messages[1..]),
+        _ => (None, messages),
+    };
+    for (i, m) in rest.iter().enumerate() {
+        if ids.len() >= limit {
+            break;
+        }
+        match (m.role, &m.content) {
+            (Role::User, Content::Text(s)) => {
+                push(ids, mask, tokens.user_start, 0);
+                match (i, system) {
+                    (0, Some(Message { content: Content::Text(sys), .. })) => {
+                        let mut merged = String::with_capacity(sys.len() + 2 + s.len());
+                        merged.push_str(sys);
+                        merged.push_str("\n\n");
+                        merged.push_str(s);
+                        text(ids, mask, &merged, 0);
+                    }
+                    _ => text(ids, mask, s, 0),
+                }
+                push(ids, mask, tokens.user_end, 0);
+            }
+            (Role::Assistant, content) => {
+                push(ids, mask, tokens.assistant_start, 0);
+                match content {
+                    Content::Text(s) => text(ids, mask, s, 1),
+                    Content::Parts(parts) => {
+                        for p in parts {
+                            if ids.len() >= limit {
+                                break;
+                            }
+                            match p.kind {
+                                PartKind::Text => text(ids, mask, &p.text, 1),
+                                PartKind::Python => {
+                                    push(ids, mask, tokens.python_start, 1);
+                                    text(ids, mask, &p.text, 1);
+                                    push(ids, mask, tokens.python_end, 1);
+                                }
+                                PartKind::PythonOutput => {
+                                    push(ids, mask, tokens.output_start, 0);
+                                    text(ids, mask, &p.text, 0);
+                                    push(ids, mask, tokens.output_end, 0);
+                                }
+                            }
+                        }
+                    }
+                }
+                push(ids, mask, tokens.assistant_end, 1);
+            }
+            // Conversation::new guarantees users and systems hold text and only the first may be system.
+            _ => unreachable!("validated conversation"),
+        }
+    }
+    ids.truncate(limit);
+    mask.truncate(limit);
+}
+
+/// Renders one conversation: (ids, mask), truncated to `max_tokens`.
+pub fn render(bpe: &CoreBPE, conv: &Conversation, max_tokens: usize) -> Result<(Vec<Rank>, Vec<u8>)> {
+    let tokens = ChatTokens::from_bpe(bpe)?;
+    let mut ids = Vec::new();
+    let mut mask = Vec::new();
+    render_into(bpe, &tokens, conv, max_tokens, &mut ids, &mut mask);
+    Ok((ids, mask))
+}
+
+/// Prompt for generation: the conversation without its final assistant message, rendered
+/// (truncated to `max_tokens`, as nanochat does), then `<|assistant_start|>`.
+pub fn render_for_completion(bpe: &CoreBPE, conv: &Conversation, max_tokens: usize, location: &str) -> Result<Vec<Rank>> {
+    let tokens = ChatTokens::from_bpe(bpe)?;
+    let messages = conv.messages();
+    let last = messages.len() - 1;
+    if messages[last].role != Role::Assistant {
+        return Err(conv_err(location, last, "render_for_completion needs a conversation that ends with an assistant message"));
+    }
+    let prompt = Conversation::new(messages[..last].to_vec(), location)?;
+    let mut ids = Vec::new();
+    let mut mask = Vec::new();
+    render_into(bpe, &tokens, &prompt, max_tokens, &mut ids, &mut mask);
+    ids.push(tokens.assistant_start);
+    Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bpe::SPECIAL_TOKENS;
+    use crate::pretokenize::NANOCHAT_PATTERN;
+    use rustc_hash::FxHashMap;
+
+    /// Byte-level vocabulary (ids 0..256 = bytes) plus the nine specials at 256..265.
+    fn bpe() -> CoreBPE {
+        let ranks: FxHashMap<Vec<u8>, Rank> = (0u32..256).map(|b| (vec![b as u8], b)).collect();
+        let specials = SPECIAL_TOKENS.iter().enumerate().map(|(i, s)| (s.to_string(), 256 + i as Rank)).collect();
+        CoreBPE::new(ranks, NANOCHAT_PATTERN, specials).unwrap()
+    }
+
+    const BOS: Rank = 256;
+    const US: Rank = 257;
+    const UE: Rank = 258;
+    const AS: Rank = 259;
+    const AE: Rank = 260;
+    const PS: Rank = 261;
+    const PE: Rank = 262;
+    const OS: Rank = 263;
+    const OE: Rank = 264;
+
+    fn bytes(s: &str) -> Vec<Rank> {
+        s.bytes().map(|b| b as Rank).collect()
+    }
+
+    fn parse(s: &str) -> Result<Conversation> {
+        parse_json_line(s, "test.jsonl:1")
+    }
+
+    #[test]
+    fn seed_example_tool_use() {
+        let conv = parse(
+            r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [
+            {"type": "python", "text": "1/5"}, {"type": "python_output", "text": "0.2"}, {"type": "text", "text": "ok"}]}]}"#,
+        )
+        .unwrap();
+        let (ids, mask) = render(&bpe(), &conv, 2048).unwrap();
+        let mut want_ids = vec![BOS, US];
+        let mut want_mask = vec![0, 0];
+        want_ids.extend(bytes("hi"));
+        want_mask.extend([0, 0]);
+        want_ids.extend([UE, AS, PS]);
+        want_mask.extend([0, 0, 1]);
+        want_ids.extend(bytes("1/5"));
+        want_mask.extend([1, 1, 1]);
+        want_ids.extend([PE, OS]);
+        want_mask.extend([1, 0]);
+        want_ids.extend(bytes("0.2"));
+        want_mask.extend([0, 0, 0]);
+        want_ids.push(OE);
+        want_mask.push(0);
+        want_ids.extend(bytes("ok"));
+        want_mask.extend([1, 1]);
+        want_ids.push(AE);
+        want_mask.push(1);
+        assert_eq!(ids, want_ids);
+        assert_eq!(mask, want_mask);
+    }
+
+    #[test]
+    fn system_merged_and_special_text_is_ordinary() {
+        let conv = parse(
+            r#"[{"role": "system", "content": "S"}, {"role": "user", "content": "<|bos|>"}, {"role": "assistant", "content": "A"}]"#,
+        )
+        .unwrap();
+        let (ids, mask) = render(&bpe(), &conv, 2048).unwrap();
+        let mut want = vec![BOS, US];
+        want.extend(bytes("S\n\n<|bos|>"));
+        want.extend([UE, AS, b'A' as Rank, AE]);
+        assert_eq!(ids, want);
+        assert_eq!(mask.iter().filter(|&&m| m == 1).count(), 2);
+        assert!(!ids[2..ids.len() - 4].contains(&BOS));
+    }
+
+    #[test]
+    fn truncation_matches_render_then_cut() {
+        let conv = parse(r#"{"messages": [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "general kenobi"}, {"role": "user", "content": "x"}]}"#).unwrap();
+        let (full_ids, full_mask) = render(&bpe(), &conv, usize::MAX).unwrap();
+        for n in 0..full_ids.len() + 3 {
+            let (ids, mask) = render(&bpe(), &conv, n).unwrap();
+            let k = n.min(full_ids.len());
+            assert_eq!(ids, full_ids[..k]);
+            assert_eq!(mask, full_mask[..k]);
+        }
+    }
+
+    #[test]
+    fn completion_prompt() {
+        let conv = parse(r#"[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]"#).unwrap();
+        assert_eq!(render_for_completion(&bpe(), &conv, 2048, "c").unwrap(), vec![BOS, US, b'q' as Rank, UE, AS]);
+        let conv = parse(r#"[{"role": "user", "content": "q"}]"#).unwrap();
+        assert!(render_for_completion(&bpe(), &conv, 2048, "c").is_err());
+    }
+
+    #[test]
+    fn errors_name_location_message_and_reason() {
+        let cases: &[(&str, &str)] = &[
+            (r#"{"messages": []}"#, "message -: conversation has no messages"),
+            (r#"{"msgs": []}"#, "missing field \"messages\""),
+            (r#"[{"role": "assistant", "content": "a"}]"#, "message 0: expected role user"),
+            (r#"[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]"#, "message 1: expected role assistant"),
+            (r#"[{"role": "system", "content": "s"}]"#, "message 0: system message is not followed"),
+            (r#"[{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]"#, "message 1: system message must be followed by a user"),
+            (r#"[{"role": "user", "content": ["x"]}]"#, "message 0: user content must be a string, got list"),
+            (r#"[{"role": "user", "content": 3}]"#, "message 0: user content must be a string, got number"),
+            (r#"[{"role": "user"}]"#, "message 0: missing field \"content\""),
+            (r#"[{"content": "x"}]"#, "message 0: missing field \"role\""),
+            (r#"[{"role": "bot", "content": "x"}]"#, "message 0: unknown role \"bot\""),
+            (r#"[{"role": "user", "content": "q"}, {"role": "assistant", "content": [{"type": "image", "text": ""}]}]"#, "message 1: part 0: unknown part type \"image\""),
+            (r#"[{"role": "user", "content": "q"}, {"role": "assistant", "content": [{"type": "text"}]}]"#, "message 1: part 0: missing field \"text\""),
+            (r#"[{"role": "user", "content": "q"}, {"role": "user", "content": "q"}, {"role": "system", "content": "s"}]"#, "message 1"),
+            (r#"{"messages": [1]}"#, "message 0: a message must be an object"),
+            ("{not json", "invalid JSON"),
+        ];
+        for (line, want) in cases {
+            let err = parse(line).unwrap_err().to_string();
+            assert!(err.starts_with("test.jsonl:1: "), "{err}");
+            assert!(err.contains(want), "{line}: {err} lacks {want}");
+        }
+    }
+
+    #[test]
+    fn missing_specials_is_an_error() {
+        let ranks: FxHashMap<Vec<u8>, Rank> = (0u32..256).map(|b| (vec![b as u8], b)).collect();
+        let bare = CoreBPE::new(ranks, NANOCHAT_PATTERN, vec![]).unwrap();
+        let conv = parse(r#"[{"role": "user", "content": "q"}]"#).unwrap();
+        assert!(render(&bare, &conv, 10).is_err());
+    }
+}

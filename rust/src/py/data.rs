@@ -1,7 +1,607 @@
 //! Python bindings of rendering and packing (issue 3).
+//!
+//! Conversations are walked straight from Python dicts/lists into `chat::Conversation` (no JSON
+//! round-trip) with the GIL held; rendering and packing then run with the GIL released
+//! (`py.detach`), `render_batch` in parallel on rayon.
 
+use crate::bpe::Rank;
+use crate::chat::{self, ChatTokens, Content, Conversation, Message, Part, PartKind, Role};
+use crate::error::Error;
+use crate::pack::{BatchInfo, BatchOut, Mode, Packer};
+use numpy::{PyArray1, PyArrayMethods, PyUntypedArrayMethods};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use rayon::prelude::*;
 
-pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+use super::tokenizer::PyCoreTokenizer;
+
+fn conv_err(location: &str, message: impl ToString, reason: impl Into<String>) -> Error {
+    Error::Conversation { location: location.to_string(), message: message.to_string(), reason: reason.into() }
+}
+
+fn py_type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
+}
+
+/// `obj[key]` for a dict (fast path) or any mapping; None when the key is absent.
+fn get<'py>(obj: &Bound<'py, PyAny>, key: &str) -> PyResult<Option<Bound<'py, PyAny>>> {
+    if let Ok(d) = obj.cast::<PyDict>() {
+        return d.get_item(key);
+    }
+    match obj.get_item(key) {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.is_instance_of::<pyo3::exceptions::PyKeyError>(obj.py()) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn is_mapping(obj: &Bound<'_, PyAny>) -> bool {
+    obj.is_instance_of::<PyDict>() || obj.cast::<pyo3::types::PyMapping>().is_ok()
+}
+
+fn string(obj: &Bound<'_, PyAny>) -> Option<String> {
+    obj.cast::<PyString>().ok().and_then(|s| s.to_str().ok().map(str::to_owned))
+}
+
+/// A Python conversation (`{"messages": [...]}`) -> validated Conversation. Errors name
+/// `location` and the message index, as `chat::parse_json_conversation` does.
+pub fn conversation_from_py(obj: &Bound<'_, PyAny>, location: &str) -> PyResult<Conversation> {
+    if !is_mapping(obj) {
+        return Err(conv_err(location, "-", format!("a conversation must be a dict with \"messages\", got {}", py_type_name(obj))).into());
+    }
+    let messages = match get(obj, "messages")? {
+        Some(m) => m,
+        None => return Err(conv_err(location, "-", "missing field \"messages\"").into()),
+    };
+    if messages.is_instance_of::<PyString>() || messages.is_instance_of::<PyDict>() {
+        return Err(conv_err(location, "-", format!("\"messages\" must be a list, got {}", py_type_name(&messages))).into());
+    }
+    let n = messages
+        .len()
+        .map_err(|_| conv_err(location, "-", format!("\"messages\" must be a list, got {}", py_type_name(&messages))))?;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let m = messages.get_item(i)?;
+        if !is_mapping(&m) {
+            return Err(conv_err(location, i, format!("a message must be a dict, got {}", py_type_name(&m))).into());
+        }
+        let role = match get(&m, "role")? {
+            None => return Err(conv_err(location, i, "missing field \"role\"").into()),
+            Some(r) => match string(&r) {
+                Some(s) => Role::parse(&s).ok_or_else(|| conv_err(location, i, format!("unknown role {s:?}")))?,
+                None => return Err(conv_err(location, i, format!("\"role\" must be a string, got {}", py_type_name(&r))).into()),
+            },
+        };
+        let content = match get(&m, "content")? {
+            None => return Err(conv_err(location, i, "missing field \"content\"").into()),
+            Some(c) => {
+                if let Some(s) = string(&c) {
+                    Content::Text(s)
+                } else if role == Role::Assistant && (c.is_instance_of::<PyList>() || c.is_instance_of::<PyTuple>()) {
+                    let np = c.len()?;
+                    let mut parts = Vec::with_capacity(np);
+                    for j in 0..np {
+                        let p = c.get_item(j)?;
+                        if !is_mapping(&p) {
+                            return Err(conv_err(location, i, format!("part {j} must be a dict, got {}", py_type_name(&p))).into());
+                        }
+                        let kind = match get(&p, "type")? {
+                            None => return Err(conv_err(location, i, format!("part {j}: missing field \"type\"")).into()),
+                            Some(t) => match string(&t) {
+                                Some(s) => PartKind::parse(&s).ok_or_else(|| {
+                                    conv_err(location, i, format!("part {j}: unknown part type {s:?} (expected text, python or python_output)"))
+                                })?,
+                                None => {
+                                    return Err(conv_err(location, i, format!("part {j}: \"type\" must be a string, got {}", py_type_name(&t))).into())
+                                }
+                            },
+                        };
+                        let text = match get(&p, "text")? {
+                            None => return Err(conv_err(location, i, format!("part {j}: missing field \"text\"")).into()),
+                            Some(t) => string(&t).ok_or_else(|| {
+                                conv_err(location, i, format!("part {j}: \"text\" must be a string, got {}", py_type_name(&t)))
+                            })?,
+                        };
+                        parts.push(Part { kind, text });
+                    }
+                    Content::Parts(parts)
+                } else {
+                    let want = if role == Role::Assistant { "a string or a list of parts" } else { "a string" };
+                    return Err(conv_err(location, i, format!("{} content must be {want}, got {}", role.name(), py_type_name(&c))).into());
+                }
+            }
+        };
+        out.push(Message { role, content });
+    }
+    Ok(Conversation::new(out, location)?)
+}
+
+fn ids_mask_to_py<'py>(py: Python<'py>, ids: &[Rank], mask: &[u8]) -> PyResult<Bound<'py, PyTuple>> {
+    let ids = PyList::new(py, ids)?;
+    let mask = PyList::new(py, mask.iter().map(|&m| m as u32))?;
+    PyTuple::new(py, [ids.into_any(), mask.into_any()])
+}
+
+fn location_of(indices: &Option<Vec<i64>>, i: usize) -> String {
+    match indices {
+        Some(ix) => format!("conversation {}", ix[i]),
+        None => format!("conversation {i}"),
+    }
+}
+
+/// Walks `conversations` (GIL held): Ok ones, plus (index, error) of the bad ones.
+fn parse_many(
+    conversations: &Bound<'_, PyAny>,
+    indices: &Option<Vec<i64>>,
+    skip: bool,
+) -> PyResult<(Vec<(usize, Conversation)>, Vec<(usize, PyErr)>)> {
+    let n = conversations.len()?;
+    if let Some(ix) = indices {
+        if ix.len() != n {
+            return Err(PyValueError::new_err(format!("indices has {} entries for {n} conversations", ix.len())));
+        }
+    }
+    let mut ok = Vec::with_capacity(n);
+    let mut bad = Vec::new();
+    for i in 0..n {
+        let obj = conversations.get_item(i)?;
+        match conversation_from_py(&obj, &location_of(indices, i)) {
+            Ok(c) => ok.push((i, c)),
+            Err(e) if skip && e.is_instance_of::<super::errors::ConversationError>(conversations.py()) => bad.push((i, e)),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((ok, bad))
+}
+
+fn parse_on_error(on_error: &str) -> PyResult<bool> {
+    match on_error {
+        "fail" => Ok(false),
+        "skip" => Ok(true),
+        _ => Err(PyValueError::new_err(format!("on_error must be \"fail\" or \"skip\", got {on_error:?}"))),
+    }
+}
+
+/// Runs `f` on `num_threads` rayon threads (None: the global pool; 1: this thread).
+fn with_threads<T: Send>(num_threads: Option<usize>, f: impl FnOnce() -> T + Send) -> PyResult<T> {
+    match num_threads {
+        None => Ok(f()),
+        Some(0) => Err(PyValueError::new_err("num_threads must be at least 1")),
+        Some(n) => {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .map_err(|e| PyValueError::new_err(format!("cannot start {n} threads: {e}")))?;
+            Ok(pool.install(f))
+        }
+    }
+}
+
+fn render_all(
+    tok: &PyCoreTokenizer,
+    convs: &[(usize, Conversation)],
+    max_tokens: usize,
+    num_threads: Option<usize>,
+) -> PyResult<Vec<(Vec<Rank>, Vec<u8>)>> {
+    let bpe = &*tok.inner;
+    let tokens = ChatTokens::from_bpe(bpe)?;
+    let one = |c: &Conversation| {
+        let mut ids = Vec::new();
+        let mut mask = Vec::new();
+        chat::render_into(bpe, &tokens, c, max_tokens, &mut ids, &mut mask);
+        (ids, mask)
+    };
+    if num_threads == Some(1) || convs.len() <= 1 {
+        return Ok(convs.iter().map(|(_, c)| one(c)).collect());
+    }
+    with_threads(num_threads, || convs.par_iter().map(|(_, c)| one(c)).collect())
+}
+
+#[pymethods]
+impl PyCoreTokenizer {
+    /// (ids, mask) of one conversation, truncated to max_tokens.
+    #[pyo3(signature = (conversation, max_tokens=2048))]
+    fn render_conversation<'py>(
+        &self,
+        py: Python<'py>,
+        conversation: &Bound<'py, PyAny>,
+        max_tokens: usize,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let conv = conversation_from_py(conversation, "conversation")?;
+        let bpe = &*self.inner;
+        let (ids, mask) = py.detach(|| chat::render(bpe, &conv, max_tokens))?;
+        ids_mask_to_py(py, &ids, &mask)
+    }
+
+    /// Many conversations in parallel (GIL released). on_error="skip" returns
+    /// (rendered, [(index, message), ...]) instead of raising at the first bad one.
+    #[pyo3(signature = (conversations, max_tokens=2048, num_threads=None, on_error="fail", indices=None))]
+    fn render_batch<'py>(
+        &self,
+        py: Python<'py>,
+        conversations: &Bound<'py, PyAny>,
+        max_tokens: usize,
+        num_threads: Option<usize>,
+        on_error: &str,
+        indices: Option<Vec<i64>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let skip = parse_on_error(on_error)?;
+        let (ok, bad) = parse_many(conversations, &indices, skip)?;
+        let rendered = py.detach(|| render_all(self, &ok, max_tokens, num_threads))?;
+        let out = PyList::empty(py);
+        for (ids, mask) in &rendered {
+            out.append(ids_mask_to_py(py, ids, mask)?)?;
+        }
+        if !skip {
+            return Ok(out.into_any());
+        }
+        let errors = PyList::empty(py);
+        for (i, e) in bad {
+            let idx: i64 = match &indices {
+                Some(ix) => ix[i],
+                None => i as i64,
+            };
+            errors.append((idx, e.value(py).str()?.to_string()))?;
+        }
+        Ok(PyTuple::new(py, [out.into_any(), errors.into_any()])?.into_any())
+    }
+
+    /// The prompt for generation: without the final assistant message, plus <|assistant_start|>.
+    #[pyo3(signature = (conversation, max_tokens=2048))]
+    fn render_for_completion(&self, py: Python<'_>, conversation: &Bound<'_, PyAny>, max_tokens: usize) -> PyResult<Vec<Rank>> {
+        let conv = conversation_from_py(conversation, "conversation")?;
+        let bpe = &*self.inner;
+        Ok(py.detach(|| chat::render_for_completion(bpe, &conv, max_tokens, "conversation"))?)
+    }
+}
+
+/// ids or mask from a list of ints or a 1-D integer NumPy array. Lists come first and the
+/// array dtypes are probed with `cast` (no Python exception per failed probe: those cost ~1 us
+/// each and dominated packing before).
+fn extract_u32s(obj: &Bound<'_, PyAny>, what: &str, tag: u64) -> PyResult<Vec<u32>> {
+    let bad = |k: usize, x: &dyn std::fmt::Display| {
+        PyValueError::new_err(format!("conversation tag {tag}: {what}[{k}] = {x} is not a non-negative 32-bit int"))
+    };
+    if let Ok(list) = obj.cast::<PyList>() {
+        let n = list.len();
+        let mut v = Vec::with_capacity(n);
+        let ptr = list.as_ptr();
+        for k in 0..n {
+            // SAFETY: GIL held, k < len, and the list is not mutated during this loop (no Python
+            // code runs); PyList_GET_ITEM returns a borrowed reference. This skips PyO3's
+            // per-item incref/decref and error objects: lists of ints convert ~3x faster.
+            let x = unsafe {
+                let item = pyo3::ffi::PyList_GET_ITEM(ptr, k as pyo3::ffi::Py_ssize_t);
+                let x = pyo3::ffi::PyLong_AsLongLong(item);
+                if x == -1 && !pyo3::ffi::PyErr_Occurred().is_null() {
+                    pyo3::ffi::PyErr_Clear();
+                    return Err(bad(k, &list.get_item(k)?));
+                }
+                x
+            };
+            if !(0..=u32::MAX as i64).contains(&x) {
+                return Err(bad(k, &x));
+            }
+            v.push(x as u32);
+        }
+        return Ok(v);
+    }
+    if let Ok(a) = obj.cast::<PyArray1<u32>>() {
+        let r = a.readonly();
+        return Ok(r.as_array().to_vec());
+    }
+    macro_rules! try_np {
+        ($t:ty) => {
+            if let Ok(a) = obj.cast::<PyArray1<$t>>() {
+                let r = a.readonly();
+                let mut v = Vec::with_capacity(r.len());
+                for (k, &x) in r.as_array().iter().enumerate() {
+                    let x = x as i128;
+                    if x < 0 || x > u32::MAX as i128 {
+                        return Err(bad(k, &x));
+                    }
+                    v.push(x as u32);
+                }
+                return Ok(v);
+            }
+        };
+    }
+    try_np!(i32);
+    try_np!(i64);
+    try_np!(u16);
+    try_np!(u8);
+    try_np!(i8);
+    try_np!(i16);
+    try_np!(u64);
+    if let Ok(a) = obj.cast::<PyArray1<bool>>() {
+        return Ok(a.readonly().as_array().iter().map(|&b| b as u32).collect());
+    }
+    obj.extract::<Vec<u32>>().map_err(|_| {
+        PyValueError::new_err(format!("conversation tag {tag}: {what} must be a list of non-negative ints or a 1-D integer array"))
+    })
+}
+
+fn extract_mask(obj: &Bound<'_, PyAny>, tag: u64) -> PyResult<Vec<u8>> {
+    let v = extract_u32s(obj, "mask", tag)?;
+    v.iter()
+        .enumerate()
+        .map(|(k, &m)| {
+            if m <= 1 {
+                Ok(m as u8)
+            } else {
+                Err(PyValueError::new_err(format!("conversation tag {tag}: mask[{k}] = {m} (must be 0 or 1)")))
+            }
+        })
+        .collect()
+}
+
+/// One packed batch. Arrays are (num_rows, T): inputs int32, targets int64 (-1 = ignore),
+/// position_ids int32 (restart at each conversation).
+#[pyclass(name = "Batch", module = "sftfast._core", frozen)]
+pub struct PyBatch {
+    #[pyo3(get)]
+    inputs: Py<PyAny>,
+    #[pyo3(get)]
+    targets: Py<PyAny>,
+    #[pyo3(get)]
+    position_ids: Py<PyAny>,
+    info: BatchInfo,
+}
+
+#[pymethods]
+impl PyBatch {
+    /// Per row, segment lengths over the T input positions (conversations, then the padding
+    /// tail if any); each row's segments sum to T.
+    #[getter]
+    fn doc_lens(&self) -> Vec<Vec<u32>> {
+        self.info.doc_lens.clone()
+    }
+    /// Per row, the number of conversations in it.
+    #[getter]
+    fn row_docs(&self) -> Vec<u32> {
+        self.info.row_docs.clone()
+    }
+    /// Cumulative segment offsets over the flattened (num_rows * T) inputs, int32, starting
+    /// with 0 (flash-attention varlen's `cu_seqlens`).
+    #[getter]
+    fn cu_seqlens<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i32>> {
+        let mut v = vec![0i32];
+        let mut acc = 0i32;
+        for row in &self.info.doc_lens {
+            for &l in row {
+                acc += l as i32;
+                v.push(acc);
+            }
+        }
+        PyArray1::from_vec(py, v)
+    }
+    #[getter]
+    fn num_rows(&self) -> usize {
+        self.info.num_rows
+    }
+    #[getter]
+    fn seq_len(&self) -> usize {
+        self.info.t
+    }
+    #[getter]
+    fn num_supervised(&self) -> usize {
+        self.info.num_supervised
+    }
+    #[getter]
+    fn num_pad(&self) -> usize {
+        self.info.num_pad
+    }
+    #[getter]
+    fn num_truncated(&self) -> usize {
+        self.info.num_truncated
+    }
+    #[getter]
+    fn truncated_tokens(&self) -> usize {
+        self.info.truncated_tokens
+    }
+    #[getter]
+    fn empty_rows(&self) -> usize {
+        self.info.empty_rows
+    }
+    /// Tags (source indices) of the conversations in this batch, in placement order.
+    #[getter]
+    fn tags(&self) -> Vec<u64> {
+        self.info.tags.clone()
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "Batch(rows={}, T={}, supervised={}, pad={}, truncated={}, empty_rows={})",
+            self.info.num_rows, self.info.t, self.info.num_supervised, self.info.num_pad, self.info.num_truncated, self.info.empty_rows
+        )
+    }
+}
+
+#[pyclass(name = "Packer", module = "sftfast._core")]
+pub struct PyPacker {
+    inner: Packer,
+    mode: &'static str,
+}
+
+/// First `n` elements of a contiguous array, viewed as (rows, t) (Python-level view ops).
+fn view2<'py>(buf: &Bound<'py, PyAny>, rows: usize, t: usize) -> PyResult<Bound<'py, PyAny>> {
+    let flat = buf.call_method1("reshape", (-1,))?;
+    let head = flat.get_item(pyo3::types::PySlice::new(buf.py(), 0, (rows * t) as isize, 1))?;
+    head.call_method1("reshape", ((rows, t),))
+}
+
+fn slice_mut<'a, T: numpy::Element>(a: &'a mut numpy::PyReadwriteArrayDyn<'_, T>, what: &str) -> PyResult<&'a mut [T]> {
+    a.as_slice_mut().map_err(|_| PyValueError::new_err(format!("out buffer {what} must be C-contiguous")))
+}
+
+#[pymethods]
+impl PyPacker {
+    #[new]
+    #[pyo3(signature = (mode, batch_size, seq_len, bos_id, buffer_size=100))]
+    fn new(mode: &str, batch_size: usize, seq_len: usize, bos_id: u32, buffer_size: usize) -> PyResult<Self> {
+        let m = Mode::parse(mode)?;
+        let inner = Packer::new(m, batch_size, seq_len, bos_id, buffer_size)?;
+        Ok(Self { inner, mode: if m == Mode::BestFit { "bestfit" } else { "padded" } })
+    }
+
+    #[getter]
+    fn mode(&self) -> &'static str {
+        self.mode
+    }
+    #[getter]
+    fn batch_size(&self) -> usize {
+        self.inner.batch_size()
+    }
+    #[getter]
+    fn seq_len(&self) -> usize {
+        self.inner.seq_len()
+    }
+    /// Conversations held (not yet in a batch).
+    #[getter]
+    fn num_held(&self) -> usize {
+        self.inner.num_held()
+    }
+    /// Tags of the held conversations, in the order a fresh packer must be fed to continue.
+    fn held_tags(&self) -> Vec<u64> {
+        self.inner.held_tags()
+    }
+    fn clear(&mut self) {
+        self.inner.clear()
+    }
+
+    /// Appends rendered conversations: (ids, mask) pairs of lists or 1-D integer arrays.
+    /// tags default to 0, 1, 2, ... within this call.
+    #[pyo3(signature = (rendered, tags=None))]
+    fn feed(&mut self, rendered: &Bound<'_, PyAny>, tags: Option<Vec<u64>>) -> PyResult<()> {
+        let n = rendered.len()?;
+        if let Some(t) = &tags {
+            if t.len() != n {
+                return Err(PyValueError::new_err(format!("tags has {} entries for {n} conversations", t.len())));
+            }
+        }
+        for i in 0..n {
+            let tag = tags.as_ref().map_or(i as u64, |t| t[i]);
+            let pair = rendered.get_item(i)?;
+            let (ids, mask) = match (pair.get_item(0), pair.get_item(1), pair.len()) {
+                (Ok(a), Ok(b), Ok(2)) => (a, b),
+                _ => return Err(PyValueError::new_err(format!("rendered[{i}] must be an (ids, mask) pair"))),
+            };
+            let ids = extract_u32s(&ids, "ids", tag)?;
+            let mask = extract_mask(&mask, tag)?;
+            self.inner.feed(ids, mask, tag)?;
+        }
+        Ok(())
+    }
+
+    /// Walks, renders (in parallel, GIL released) and feeds conversation dicts: the loader's
+    /// path, with no Python lists of tokens in between. Returns [(tag, message)] of the bad
+    /// ones when on_error="skip" (empty otherwise; "fail" raises at the first).
+    /// `indices` (default: the tags) name the conversations in error messages.
+    #[pyo3(signature = (tokenizer, conversations, tags, max_tokens=2048, num_threads=None, on_error="fail", indices=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn feed_conversations(
+        &mut self,
+        py: Python<'_>,
+        tokenizer: &Bound<'_, PyAny>,
+        conversations: &Bound<'_, PyAny>,
+        tags: Vec<u64>,
+        max_tokens: usize,
+        num_threads: Option<usize>,
+        on_error: &str,
+        indices: Option<Vec<i64>>,
+    ) -> PyResult<Vec<(u64, String)>> {
+        let skip = parse_on_error(on_error)?;
+        // Accept the Python Tokenizer wrapper too.
+        let core = match tokenizer.cast::<PyCoreTokenizer>() {
+            Ok(c) => c.clone(),
+            Err(_) => tokenizer.getattr("_core")?.cast_into::<PyCoreTokenizer>()?,
+        };
+        if tags.len() != conversations.len()? {
+            return Err(PyValueError::new_err(format!("tags has {} entries for {} conversations", tags.len(), conversations.len()?)));
+        }
+        let indices: Option<Vec<i64>> = Some(indices.unwrap_or_else(|| tags.iter().map(|&t| t as i64).collect()));
+        let (ok, bad) = parse_many(conversations, &indices, skip)?;
+        let tok = core.get();
+        let rendered = py.detach(|| render_all(tok, &ok, max_tokens, num_threads))?;
+        for ((i, _), (ids, mask)) in ok.iter().zip(rendered) {
+            self.inner.feed(ids, mask, tags[*i])?;
+        }
+        let mut errors = Vec::with_capacity(bad.len());
+        for (i, e) in bad {
+            errors.push((tags[i], e.value(py).str()?.to_string()));
+        }
+        Ok(errors)
+    }
+
+    /// The next batch, or None (flush=False: not enough conversations fed yet; flush=True:
+    /// nothing left; the last flushed batch may have fewer rows). `out`: optional
+    /// (inputs int32, targets int64, position_ids int32) C-contiguous arrays with at least
+    /// batch_size * seq_len elements each (e.g. pinned torch tensors' .numpy()); the batch's
+    /// arrays are then views of their first rows * T elements.
+    #[pyo3(signature = (flush=false, out=None))]
+    fn next_batch(&mut self, py: Python<'_>, flush: bool, out: Option<(Bound<'_, PyAny>, Bound<'_, PyAny>, Bound<'_, PyAny>)>) -> PyResult<Option<PyBatch>> {
+        let plan = match self.inner.plan(flush) {
+            Some(p) => p,
+            None => return Ok(None),
+        };
+        let (rows, t) = (plan.num_rows, plan.t);
+        let inner = &mut self.inner;
+        match out {
+            None => {
+                let n = rows * t;
+                let (info, a, b, c) = py.detach(|| -> crate::error::Result<_> {
+                    let (mut a, mut b, mut c) = (vec![0i32; n], vec![0i64; n], vec![0i32; n]);
+                    let info = inner.commit(&plan, BatchOut { inputs: &mut a, targets: &mut b, position_ids: &mut c })?;
+                    Ok((info, a, b, c))
+                })?;
+                let a = PyArray1::from_vec(py, a).reshape([rows, t])?;
+                let b = PyArray1::from_vec(py, b).reshape([rows, t])?;
+                let c = PyArray1::from_vec(py, c).reshape([rows, t])?;
+                Ok(Some(PyBatch { inputs: a.into_any().unbind(), targets: b.into_any().unbind(), position_ids: c.into_any().unbind(), info }))
+            }
+            Some((oa, ob, oc)) => {
+                let mut ra = oa
+                    .cast::<numpy::PyArrayDyn<i32>>()
+                    .map_err(|_| PyValueError::new_err("out[0] (inputs) must be an int32 numpy array"))?
+                    .readwrite();
+                let mut rb = ob
+                    .cast::<numpy::PyArrayDyn<i64>>()
+                    .map_err(|_| PyValueError::new_err("out[1] (targets) must be an int64 numpy array"))?
+                    .readwrite();
+                let mut rc = oc
+                    .cast::<numpy::PyArrayDyn<i32>>()
+                    .map_err(|_| PyValueError::new_err("out[2] (position_ids) must be an int32 numpy array"))?
+                    .readwrite();
+                let (sa, sb, sc) = (slice_mut(&mut ra, "inputs")?, slice_mut(&mut rb, "targets")?, slice_mut(&mut rc, "position_ids")?);
+                let info = py.detach(|| inner.commit(&plan, BatchOut { inputs: sa, targets: sb, position_ids: sc }))?;
+                drop((ra, rb, rc));
+                Ok(Some(PyBatch {
+                    inputs: view2(&oa, rows, t)?.unbind(),
+                    targets: view2(&ob, rows, t)?.unbind(),
+                    position_ids: view2(&oc, rows, t)?.unbind(),
+                    info,
+                }))
+            }
+        }
+    }
+
+    /// One shot: feeds `rendered` (tags 0..n) and returns every batch (flushing at the end).
+    fn pack(&mut self, py: Python<'_>, rendered: &Bound<'_, PyAny>) -> PyResult<Vec<PyBatch>> {
+        self.feed(rendered, None)?;
+        let mut out = Vec::new();
+        while let Some(b) = self.next_batch(py, true, None)? {
+            out.push(b);
+        }
+        Ok(out)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Packer(mode={:?}, batch_size={}, seq_len={}, held={})", self.mode, self.inner.batch_size(), self.inner.seq_len(), self.inner.num_held())
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyPacker>()?;
+    m.add_class::<PyBatch>()?;
     Ok(())
 }

