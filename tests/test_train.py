@@ -29,16 +29,9 @@ def byte_tokenizer():
 
 
 def write_tokenizer(base_dir):
-    """The plain format load_tokenizer reads: a tiktoken rank file plus the split pattern."""
-    import base64
-
-    d = os.path.join(base_dir, "tokenizer")
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, "tokenizer.tiktoken"), "w") as f:
-        for i in range(256):
-            f.write(f"{base64.b64encode(bytes([i])).decode()} {i}\n")
-    with open(os.path.join(d, "pattern.txt"), "w") as f:
-        f.write(NANOCHAT_SPLIT_PATTERN)
+    """Where sftfast.engine.find_tokenizer looks: {base_dir}/tokenizer/tokenizer.sftfast."""
+    os.makedirs(os.path.join(base_dir, "tokenizer"), exist_ok=True)
+    byte_tokenizer().save(os.path.join(base_dir, "tokenizer", "tokenizer.sftfast"))
 
 
 def conversations(n, seed=0, long_user=False):

@@ -51,64 +51,9 @@ class TrainingDivergedError(RuntimeError):
 
 
 # -----------------------------------------------------------------------------
-# The Python data path: rendering and best-fit packing in plain Python. It is the reference the
-# Rust loader (sftfast.dataloader) is measured against in `python -m sftfast.bench train`, and the
-# path used when the compiled loader is unavailable.
-
-def render_conversation(tokenizer, conversation, max_tokens=2048):
-    """(ids, mask) by SPEC 2, via the tokenizer's own renderer when it has one."""
-    if hasattr(tokenizer, "render_conversation"):
-        return tokenizer.render_conversation(conversation, max_tokens=max_tokens)
-    sp = tokenizer.special_token_id
-    ids, mask = [sp("<|bos|>")], [0]
-
-    def add(tokens, m):
-        ids.extend(tokens)
-        mask.extend([m] * len(tokens))
-
-    messages = conversation["messages"]
-    if messages and messages[0]["role"] == "system":
-        if len(messages) < 2 or messages[1]["role"] != "user":
-            raise ValueError("a system message must be followed by a user message (message 0)")
-        messages = [dict(role="user", content=messages[0]["content"] + "\n\n" + messages[1]["content"])] + messages[2:]
-    if not messages:
-        raise ValueError("empty conversation")
-    for i, msg in enumerate(messages):
-        want = "user" if i % 2 == 0 else "assistant"
-        if msg["role"] != want:
-            raise ValueError(f"message {i}: expected role {want!r}, got {msg['role']!r}")
-        content = msg["content"]
-        if want == "user":
-            if not isinstance(content, str):
-                raise ValueError(f"message {i}: user content must be a string")
-            add([sp("<|user_start|>")] + tokenizer.encode(content) + [sp("<|user_end|>")], 0)
-            continue
-        add([sp("<|assistant_start|>")], 0)
-        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-        for j, part in enumerate(parts):
-            kind, text = part.get("type"), part.get("text", "")
-            if kind == "text":
-                add(tokenizer.encode(text), 1)
-            elif kind == "python":
-                add([sp("<|python_start|>")] + tokenizer.encode(text) + [sp("<|python_end|>")], 1)
-            elif kind == "python_output":
-                add([sp("<|output_start|>")] + tokenizer.encode(text) + [sp("<|output_end|>")], 0)
-            else:
-                raise ValueError(f"message {i} part {j}: unknown part type {kind!r}")
-        add([sp("<|assistant_end|>")], 1)
-    return ids[:max_tokens], mask[:max_tokens]
-
-
-def render_for_completion(tokenizer, conversation, max_tokens=2048):
-    """Prompt ids: the conversation without its last (assistant) message, then <|assistant_start|>."""
-    if hasattr(tokenizer, "render_for_completion"):
-        return tokenizer.render_for_completion(conversation)
-    messages = conversation["messages"]
-    if not messages or messages[-1]["role"] != "assistant":
-        raise ValueError("render_for_completion needs a conversation ending with an assistant message")
-    ids, _ = render_conversation(tokenizer, dict(conversation, messages=messages[:-1] + [dict(role="assistant", content="")]), max_tokens)
-    return ids[:-1]  # drop the empty reply's <|assistant_end|>, keep <|assistant_start|>
-
+# The Python data path: tiktoken encoding, sftfast.reference rendering and best-fit packing in
+# plain Python (nanochat's data path). `python -m sftfast.bench train` measures it against the
+# Rust loader (sftfast.dataloader.SFTLoader, the default), and `--loader python` selects it.
 
 def read_jsonl_conversations(path) -> list:
     """One conversation per line: {"messages": [...]} or a bare list of messages."""
@@ -161,15 +106,15 @@ class PyPackedLoader:
         if self.shard_len == 0:
             raise ValueError(f"dataset of {len(dataset)} conversations leaves rank {rank} of {world_size} nothing")
         self.bos = tokenizer.special_token_id("<|bos|>")
+        from sftfast import reference
+
+        self._render, self._enc = reference.render_conversation, tokenizer.to_tiktoken()
         self.cursor, self.consumed, self.n_truncated = 0, 0, 0  # cursor: position within this rank's shard
         self.buffer: list[tuple[int, list[int], list[int]]] = []  # (shard position, ids, mask)
 
     def _fetch(self):
         index = self.rank + (self.cursor % self.shard_len) * self.world
-        try:
-            ids, mask = render_conversation(self.tokenizer, self.dataset[index], max_tokens=1 << 30)
-        except ValueError as e:
-            raise ValueError(f"conversation {index} of the mixture: {e}") from e
+        ids, mask = self._render(self._enc, self.dataset[index], max_tokens=self.T + 2, location=f"conversation {index}")
         self.buffer.append((self.cursor, ids, mask))
         self.cursor += 1
 
@@ -241,21 +186,49 @@ class PyPackedLoader:
         self.cursor = int(state["cursor"])
 
 
-def make_loader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packing="bestfit", impl="auto"):
-    """The Rust loader (sftfast.dataloader.SFTLoader) when present and impl != "python", else the Python one."""
-    if impl in ("auto", "rust"):
-        try:
-            from sftfast.dataloader import SFTLoader  # noqa: F401  (the data branch; adapter below)
-        except ImportError:
-            if impl == "rust":
-                raise
-        else:
-            return _RustLoaderAdapter(dataset, tokenizer, batch_size, seq_len, rank, world_size, packing)
-    return PyPackedLoader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packing)
+def make_loader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packing="bestfit", impl="rust", device="cpu"):
+    """The Rust loader (sftfast.dataloader.SFTLoader) or, with impl="python", the Python one."""
+    if impl == "python":
+        return PyPackedLoader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packing)
+    if impl != "rust":
+        raise ValueError(f"unknown loader {impl!r}")
+    return RustLoader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packing, device)
 
 
-class _RustLoaderAdapter(PyPackedLoader):
-    """Placeholder until the `data` branch's SFTLoader is merged: same behaviour as the Python loader."""
+class RustLoader:
+    """SFTLoader (Rust rendering + packing on a background thread, pinned buffers on CUDA) behind
+    the trainer's interface: next() -> Batch, consumed, shard_len, state_dict/load_state_dict.
+    It runs with num_epochs=None; the trainer decides when the epochs are consumed."""
+
+    def __init__(self, dataset, tokenizer, batch_size, seq_len, rank, world_size, packing, device):
+        from sftfast.dataloader import SFTLoader
+
+        self.loader = SFTLoader(dataset, tokenizer, batch_size=batch_size, seq_len=seq_len, mode=packing, rank=rank,
+                                world_size=world_size, num_epochs=None, device=device)
+        self.shard_len = self.loader.per_epoch
+
+    @property
+    def consumed(self) -> int:
+        return self.loader._consumed
+
+    @property
+    def n_truncated(self) -> int:
+        return self.loader.stats()["truncated"]
+
+    def next(self) -> Batch:
+        b = next(self.loader)
+        # position ids restart at 0 at each conversation (and at a row's padding tail): one label each
+        doc_ids = (b.position_ids == 0).cumsum(dim=1, dtype=torch.int32)
+        return Batch(b.inputs.long(), b.targets, doc_ids, b.epoch)
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+    def close(self) -> None:
+        self.loader.close()
 
 
 # -----------------------------------------------------------------------------
@@ -311,16 +284,7 @@ def sync_gradients(model, info: DistInfo, average: bool) -> None:
 
 def token_bytes_tensor(tokenizer, device) -> torch.Tensor:
     """(V,) byte length of each token's text; 0 for special tokens (excluded from bits per byte)."""
-    if hasattr(tokenizer, "token_bytes"):
-        tb = torch.as_tensor(np.asarray(tokenizer.token_bytes()), dtype=torch.int64)
-    else:
-        specials = set()
-        for name in ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-                     "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"):
-            with contextlib.suppress(Exception):
-                specials.add(tokenizer.special_token_id(name))
-        tb = torch.tensor([0 if i in specials else len(tokenizer.decode_bytes([i])) for i in range(tokenizer.n_vocab)])
-    return tb.to(device)
+    return torch.as_tensor(np.asarray(tokenizer.token_bytes()), dtype=torch.int64).to(device)
 
 
 @torch.no_grad()
@@ -353,42 +317,16 @@ def evaluate_loss(model, loader, steps, token_bytes, info: DistInfo, autocast, d
                 val_tokens=int(sums[1].item()))
 
 
-@torch.no_grad()
-def categorical_accuracy(model, tokenizer, task, info: DistInfo, autocast, max_problems=1024, batch_size=8) -> float:
-    """Restricted choice: the letter with the highest logit among conversation["letters"] at the
-    first assistant position. Rank r scores problems r, r+W, ...; counts are all-reduced."""
+def categorical_accuracy(model, tokenizer, task, max_problems=1024, batch_size=8) -> float:
+    """Restricted choice (the allowed letter with the highest logit), sftfast.evaluate's scorer;
+    problems are split over ranks and the counts all-reduced there."""
+    from sftfast.evaluate import run_categorical_eval
+
     model.eval()
-    n = min(len(task), max_problems)
-    correct = torch.zeros(2, dtype=torch.float64, device=info.device)
-    idx = list(range(info.rank, n, info.world_size))
-    bos = tokenizer.special_token_id("<|bos|>")
-    for start in range(0, len(idx), batch_size):
-        convs = [task[i] for i in idx[start : start + batch_size]]
-        prompts = [render_for_completion(tokenizer, c) for c in convs]
-        width = max(len(p) for p in prompts)
-        x = torch.full((len(prompts), width), bos, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            x[i, : len(p)] = torch.tensor(p)
-        with autocast:
-            logits = model(x.to(info.device))  # (B, T, V); right padding does not affect earlier positions
-        for i, (c, p) in enumerate(zip(convs, prompts)):
-            letters = c["letters"]
-            letter_ids = []
-            for letter in letters:
-                enc = tokenizer.encode(letter)
-                if len(enc) != 1:
-                    raise ValueError(f"answer letter {letter!r} is {len(enc)} tokens; restricted choice needs one")
-                letter_ids.append(enc[0])
-            choice = letters[int(logits[i, len(p) - 1, letter_ids].argmax())]
-            if hasattr(task, "evaluate"):
-                ok = bool(task.evaluate(c, choice))
-            else:
-                ok = choice == c["messages"][-1]["content"]
-            correct[0] += ok
-            correct[1] += 1
-    all_reduce(correct, info)
-    model.train()
-    return (correct[0] / correct[1].clamp(min=1)).item()
+    try:
+        return run_categorical_eval(model, tokenizer, task, batch_size=batch_size, max_problems=max_problems)["accuracy"]
+    finally:
+        model.train()
 
 
 # -----------------------------------------------------------------------------
@@ -413,6 +351,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--source", default="mid", choices=["base", "mid"])
     g.add_argument("--model-tag", default=None, help="default: the deepest d<N> tag (nanochat's guess)")
     g.add_argument("--step", type=int, default=None, help="source step; default: the last one")
+    g.add_argument("--tokenizer", default=None, help="tokenizer file; default: the checkpoint's (sftfast.engine.find_tokenizer)")
     g.add_argument("--resume", action="store_true", help="continue from the last chatsft checkpoint of the tag")
     g.add_argument("--save-every", type=int, default=-1, help="also checkpoint every N steps (-1: only at the end)")
     g = p.add_argument_group("data")
@@ -421,7 +360,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-data", default=None, help="JSONL of validation conversations (with --train-data)")
     g.add_argument("--max-seq-len", type=int, default=2048)
     g.add_argument("--packing", default="bestfit", choices=["bestfit", "padded"])
-    g.add_argument("--loader", default="auto", choices=["auto", "rust", "python"])
+    g.add_argument("--loader", default="rust", choices=["rust", "python"], help="data path: Rust SFTLoader or the Python reference")
     g.add_argument("--cross-doc-attention", action="store_true", help="let attention cross conversations in a packed row")
     g = p.add_argument_group("optimisation (seed defaults)")
     g.add_argument("--device-batch-size", type=int, default=4)
@@ -443,6 +382,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-steps", type=int, default=100)
     g.add_argument("--eval-metrics-every", type=int, default=200)
     g.add_argument("--eval-metrics-max-problems", type=int, default=1024)
+    g.add_argument("--eval-tasks", default="MMLU,ARC-Easy", help="categorical tasks scored every eval_metrics_every steps ('' = none)")
     g.add_argument("--log-jsonl", default=None)
     g.add_argument("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
     g = p.add_argument_group("runtime")
@@ -498,19 +438,6 @@ class Logger:
             self.wandb.finish()
 
 
-def load_tokenizer(base_dir):
-    """The tokenizer saved next to the checkpoints ({base_dir}/tokenizer)."""
-    from sftfast.tokenizer import Tokenizer
-
-    path = os.path.join(base_dir, "tokenizer")
-    if hasattr(Tokenizer, "load"):
-        return Tokenizer.load(path)
-    # the plain format the demo writes: a tiktoken rank file plus the split pattern
-    with open(os.path.join(path, "pattern.txt"), encoding="utf-8") as f:
-        pattern = f.read()
-    return Tokenizer.from_tiktoken_file(os.path.join(path, "tokenizer.tiktoken"), pattern)
-
-
 def default_base_dir() -> str:
     return os.environ.get("SFTFAST_BASE_DIR", os.path.expanduser("~/.cache/nanochat"))
 
@@ -542,8 +469,11 @@ def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> 
         out_dir = os.path.join(out_root, tag)
         log.print(f"loaded {meta['checkpoint_dir']} step {meta['step']}: {model.num_params():,} parameters")
     config = model.config
-    tokenizer = tokenizer or load_tokenizer(args.base_dir)
-    if tokenizer.n_vocab != config.vocab_size:
+    if tokenizer is None:
+        from sftfast.engine import find_tokenizer, load_tokenizer
+
+        tokenizer = load_tokenizer(find_tokenizer(args.base_dir, meta, args.tokenizer))
+    if tokenizer.n_vocab > config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.n_vocab} tokens, the model {config.vocab_size}")
     model.train()
     fwd = torch.compile(model, dynamic=False) if args.compile else model
@@ -556,7 +486,8 @@ def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> 
         from sftfast import tasks
 
         train_ds, val_ds = tasks.build_mixture(args.mixture, split="train"), tasks.build_mixture(args.mixture, split="val")
-        metric_tasks = metric_tasks if metric_tasks is not None else tasks.build_eval_tasks(args.mixture)
+        if metric_tasks is None and args.eval_tasks:
+            metric_tasks = {name.lower().replace("-", "_"): tasks.get_task(name, role="eval") for name in args.eval_tasks.split(",")}
     metric_tasks = metric_tasks or {}
     rows_per_micro = args.device_batch_size * info.world_size
     if args.target_examples_per_step % rows_per_micro != 0:
@@ -569,7 +500,7 @@ def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> 
     if num_iterations <= 0:
         raise ValueError(f"{len(train_ds)} training conversations give no step of {args.target_examples_per_step} examples")
     T = args.max_seq_len
-    train_loader = make_loader(train_ds, tokenizer, args.device_batch_size, T, info.rank, info.world_size, args.packing, args.loader)
+    train_loader = make_loader(train_ds, tokenizer, args.device_batch_size, T, info.rank, info.world_size, args.packing, args.loader, device)
     token_bytes = token_bytes_tensor(tokenizer, device)
     doc_mask = not args.cross_doc_attention
     log.print(f"world {info.world_size} | grad_accum {grad_accum} | num_iterations {num_iterations} | loss_norm {args.loss_norm}")
@@ -611,13 +542,16 @@ def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> 
         last_step = step >= num_iterations or bool(exhausted.item())
 
         if val_ds is not None and (last_step or (args.eval_every > 0 and step % args.eval_every == 0)):
-            val_loader = make_loader(val_ds, tokenizer, args.device_batch_size, T, info.rank, info.world_size, args.packing, args.loader)
-            metrics.update(evaluate_loss(fwd, val_loader, args.eval_steps, token_bytes, info, autocast, doc_mask))
+            val_loader = make_loader(val_ds, tokenizer, args.device_batch_size, T, info.rank, info.world_size, args.packing, args.loader, device)
+            metrics.update(evaluate_loss(model, val_loader, args.eval_steps, token_bytes, info, autocast, doc_mask))
+            if hasattr(val_loader, "close"):
+                val_loader.close()
             log.print(f"step {step:05d} | val loss {metrics['val_loss']:.6f} | val bpb {metrics['val_bpb']:.4f}")
             log.record("eval", dict(step=step, val_loss=metrics["val_loss"], val_bpb=metrics["val_bpb"]))
         if metric_tasks and (last_step or (args.eval_metrics_every > 0 and step > 0 and step % args.eval_metrics_every == 0)):
-            accs = {f"{name}_acc": categorical_accuracy(model, tokenizer, task, info, autocast, args.eval_metrics_max_problems)
-                    for name, task in metric_tasks.items()}
+            with autocast:
+                accs = {f"{name}_acc": categorical_accuracy(model, tokenizer, task, args.eval_metrics_max_problems)
+                        for name, task in metric_tasks.items()}
             metrics.update(accs)
             log.print(f"step {step:05d} | " + ", ".join(f"{k}: {v:.4f}" for k, v in accs.items()))
             log.record("eval", dict(step=step, **accs))
@@ -687,6 +621,8 @@ def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> 
 
     metrics["train_loss"] = train_loss
     save(step, metrics)
+    if hasattr(train_loader, "close"):
+        train_loader.close()
     log.close()
     return dict(step=step, num_iterations=num_iterations, losses=history, metrics=metrics, checkpoint_dir=out_dir,
                 train_time_s=t_total, model=model, tokenizer=tokenizer, grad_accum_steps=grad_accum)
