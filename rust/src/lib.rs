@@ -4,6 +4,8 @@
 //! - `pretokenize`: the regex pre-split (hand-written fast paths for known patterns, fancy-regex otherwise)
 //! - `bpe`: byte-level BPE encode/decode, identical to tiktoken
 //! - `train`: BPE training from text (incremental pair counts)
+//! - `vocab_io`: tiktoken rank files and sftfast's tokenizer file
+//! - `parallel`: rayon pools by size, safe across fork
 //! - `chat`: conversation rendering with special tokens and the assistant-only loss mask
 //! - `pack`: padded and best-fit packing into batch buffers
 //! - `shards`: memory-mapped preprocessed shards
@@ -13,9 +15,11 @@ pub mod bpe;
 pub mod chat;
 pub mod error;
 pub mod pack;
+pub mod parallel;
 pub mod pretokenize;
 pub mod shards;
 pub mod train;
+pub mod vocab_io;
 
 #[cfg(feature = "python")]
 mod py;

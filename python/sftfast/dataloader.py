@@ -1,0 +1,352 @@
+"""The SFT training loader: conversations -> packed, masked batches on the device, prepared ahead.
+
+    from sftfast.dataloader import SFTLoader
+    loader = SFTLoader(train_mixture, tokenizer, batch_size=4, seq_len=2048, mode="bestfit",
+                       rank=ddp_rank, world_size=ddp_world_size, num_epochs=1, device="cuda")
+    for batch in loader:                  # a LoaderBatch
+        loss = model(batch.inputs, batch.targets)     # (B, T) int32 / int64 (-1 = ignore)
+        last = batch.last                 # all-reduce it (MAX) across ranks: no rank hangs
+        print(loader.progress, loader.stats())
+    state = loader.state_dict()           # save with the checkpoint ...
+    loader.load_state_dict(state)         # ... and a fresh loader continues with exactly the
+                                          #     batches the uninterrupted one would have yielded
+
+Benchmark: `python -m sftfast.bench data --json` (the `loader` section).
+
+Interface (for the trainer):
+- `source`: a sequence (`len`, `__getitem__`) of conversation dicts (a TaskMixture, a list)
+  when `tokenizer` is given; or, with `tokenizer=None`, a sequence whose items are already
+  rendered `(ids, mask)` pairs (lists or 1-D integer arrays): the hook for preprocessed shards.
+- Rank `r` of `W` takes source items r, r+W, r+2W, ... in source order (the mixture's shuffle),
+  epoch after epoch in the same order; `num_epochs=None` never ends.
+- Each `LoaderBatch`: `inputs` (B, T) int32, `targets` (B, T) int64, `position_ids` (B, T)
+  int32 restarting at each conversation, `cu_seqlens` (S+1,) int32 over the flattened batch
+  (segments: conversations, and each row's padding tail), `doc_lens` (per row), counts
+  (`num_supervised`, `num_pad`, `num_truncated`, `empty_rows`), `epoch` (progress by
+  consumption, e.g. 0.37 = 37% of the first epoch) and `last` (True on the final batch).
+  bestfit batches have T = seq_len; padded batches T = longest conversation - 1. With
+  `num_epochs` set, the final batch may have fewer rows.
+- Progress counts a conversation when a batch containing its tokens has been *yielded*
+  (consumption, not fetching), so the loader can run ahead without skewing it.
+- On CUDA, batches are written by Rust straight into page-locked host buffers (a ring of
+  `prefetch + 3`) and copied with `non_blocking=True`; a slot is reused only after the copy
+  out of it has finished (CUDA event). On CPU the tensors are fresh copies.
+- Bad conversations: `on_error="fail"` raises ConversationError (naming the source index and
+  message) from `next()`; `"skip"` drops them, counts them in `stats()["skipped"]` and keeps
+  them in `loader.errors` as (source index, message). Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sftfast._core import Packer
+
+
+@dataclass
+class LoaderBatch:
+    inputs: torch.Tensor  # (B, T) int32
+    targets: torch.Tensor  # (B, T) int64, -1 = ignore
+    position_ids: torch.Tensor  # (B, T) int32
+    cu_seqlens: torch.Tensor  # (S + 1,) int32
+    doc_lens: list  # per row: segment lengths (sum to T)
+    num_supervised: int
+    num_pad: int
+    num_truncated: int
+    empty_rows: int
+    num_conversations: int
+    epoch: float  # epochs consumed after this batch (progress by consumption)
+    last: bool
+
+
+class _Slot:
+    """Host buffers for one batch (pinned on CUDA) and the event of the last copy out of them."""
+
+    def __init__(self, n, pin):
+        self.inputs = torch.empty(n, dtype=torch.int32, pin_memory=pin)
+        self.targets = torch.empty(n, dtype=torch.int64, pin_memory=pin)
+        self.position_ids = torch.empty(n, dtype=torch.int32, pin_memory=pin)
+        self.numpy = (self.inputs.numpy(), self.targets.numpy(), self.position_ids.numpy())
+        self.copied = None  # torch.cuda.Event
+
+
+class SFTLoader:
+    def __init__(
+        self,
+        source,
+        tokenizer=None,
+        *,
+        batch_size: int,
+        seq_len: int,
+        mode: str = "bestfit",
+        buffer_size: int = 100,
+        rank: int = 0,
+        world_size: int = 1,
+        num_epochs: int | None = 1,
+        max_tokens: int | None = None,
+        device="cpu",
+        num_threads: int | None = None,
+        chunk_size: int = 256,
+        prefetch: int = 4,
+        on_error: str = "fail",
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if num_epochs is not None and num_epochs < 1:
+            raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
+        if on_error not in ("fail", "skip"):
+            raise ValueError(f'on_error must be "fail" or "skip", got {on_error!r}')
+        self.source, self.tokenizer = source, tokenizer
+        self.batch_size, self.seq_len, self.mode, self.buffer_size = batch_size, seq_len, mode, buffer_size
+        self.rank, self.world_size, self.num_epochs = rank, world_size, num_epochs
+        # Render one token past the row so the packer sees (and counts) conversations that do not fit.
+        self.max_tokens = max_tokens if max_tokens is not None else seq_len + 2
+        self.device = torch.device(device)
+        self.num_threads, self.chunk_size, self.prefetch, self.on_error = num_threads, chunk_size, prefetch, on_error
+        # conversations this rank sees per epoch: r, r+W, ... < len(source)
+        self.per_epoch = len(range(rank, len(source), world_size))
+        if self.per_epoch == 0:
+            raise ValueError(f"rank {rank} of {world_size} gets no conversations from a source of {len(source)}")
+        self.errors: list[tuple[int, str]] = []
+        self._pin = self.device.type == "cuda" and torch.cuda.is_available()
+        Packer(mode, batch_size, seq_len, 0, buffer_size)  # validate the settings now, not in the thread
+        # Position in the stream of tags (tag t = epoch t // per_epoch, item t % per_epoch) and
+        # what the packer held after the last *yielded* batch: together, the exact resume point.
+        self._cursor = 0
+        self._held: list[int] = []
+        self._consumed = 0
+        self._totals = dict(batches=0, rows=0, positions=0, pad=0, supervised=0, truncated=0, empty_rows=0, empty_batches=0, skipped=0)
+        self._thread = None
+        self._queue = None
+        self._stop = threading.Event()
+        self._done = False
+
+    # --- source order ---
+    def _source_index(self, tag: int) -> int:
+        return self.rank + self.world_size * (tag % self.per_epoch)
+
+    def _total_tags(self):
+        return None if self.num_epochs is None else self.num_epochs * self.per_epoch
+
+    # --- the background producer ---
+    def _feed(self, packer, tags):
+        items = [self.source[self._source_index(t)] for t in tags]
+        if self.tokenizer is None:
+            packer.feed(items, tags=tags)
+            return []
+        # errors name the source index, not the stream tag
+        indices = [self._source_index(t) for t in tags]
+        return packer.feed_conversations(self.tokenizer, items, tags, self.max_tokens, self.num_threads, self.on_error, indices)
+
+    def _produce(self, held, cursor):
+        q, stop = self._queue, self._stop
+        try:
+            packer = Packer(self.mode, self.batch_size, self.seq_len, self._bos_id(), self.buffer_size)
+            ring = [_Slot(self.batch_size * self.seq_len, self._pin) for _ in range(self.prefetch + 3)]
+            if held:
+                if self._feed(packer, held):
+                    raise RuntimeError("a conversation that rendered before the checkpoint fails now: the source changed")
+            total = self._total_tags()
+            pending = None  # held back one batch, so the final one can be flagged `last`
+            skipped = []
+            k = 0
+            while not stop.is_set():
+                slot = ring[k % len(ring)]
+                if slot.copied is not None:
+                    slot.copied.synchronize()  # the H2D copy out of this slot has finished
+                exhausted = total is not None and cursor >= total
+                b = packer.next_batch(flush=exhausted, out=slot.numpy)
+                if b is None:
+                    if exhausted:
+                        break
+                    n = self.chunk_size if total is None else min(self.chunk_size, total - cursor)
+                    tags = list(range(cursor, cursor + n))
+                    cursor += n
+                    skipped += self._feed(packer, tags)
+                    continue
+                k += 1
+                item = (b, slot, packer.held_tags(), cursor, skipped)
+                skipped = []
+                if pending is not None:
+                    q.put(("batch", pending, False))
+                pending = item
+            if pending is not None and not stop.is_set():
+                q.put(("batch", pending, True))
+            q.put(("end", skipped, None))
+        except BaseException as e:  # surfaced to the consumer by __next__
+            q.put(("error", e, None))
+
+    def _bos_id(self):
+        if self.tokenizer is not None:
+            return self.tokenizer.special_token_id("<|bos|>") if hasattr(self.tokenizer, "special_token_id") else self.tokenizer.bos_id
+        if getattr(self.source, "bos_id", None) is None:
+            raise ValueError("with tokenizer=None the source must have a bos_id attribute (the padding id)")
+        return self.source.bos_id
+
+    def _start(self):
+        self._queue = queue.Queue(maxsize=self.prefetch)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._produce, args=(list(self._held), self._cursor), daemon=True, name="sftfast-loader")
+        self._thread.start()
+
+    # --- iteration ---
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> LoaderBatch:
+        if self._done:
+            raise StopIteration
+        if self._thread is None:
+            self._start()
+        kind, payload, last = self._queue.get()
+        if kind == "error":
+            self._done = True
+            raise payload
+        if kind == "end":
+            self._note_skipped(payload)
+            self._done = True
+            raise StopIteration
+        b, slot, held, cursor, skipped = payload
+        self._note_skipped(skipped)
+        rows, t = b.num_rows, b.seq_len
+        n = rows * t
+        if self._pin:
+            nb = dict(device=self.device, non_blocking=True)
+            inputs = slot.inputs[:n].view(rows, t).to(**nb)
+            targets = slot.targets[:n].view(rows, t).to(**nb)
+            position_ids = slot.position_ids[:n].view(rows, t).to(**nb)
+            ev = torch.cuda.Event()
+            ev.record()
+            slot.copied = ev
+        else:
+            inputs = slot.inputs[:n].view(rows, t).to(self.device, copy=True)
+            targets = slot.targets[:n].view(rows, t).to(self.device, copy=True)
+            position_ids = slot.position_ids[:n].view(rows, t).to(self.device, copy=True)
+        cu = torch.from_numpy(b.cu_seqlens).to(self.device, non_blocking=self._pin)
+        # consumption: these conversations' tokens are now yielded
+        self._consumed += len(b.tags)
+        self._held, self._cursor = held, cursor
+        tot = self._totals
+        tot["batches"] += 1
+        tot["rows"] += rows
+        tot["positions"] += n
+        tot["pad"] += b.num_pad
+        tot["supervised"] += b.num_supervised
+        tot["truncated"] += b.num_truncated
+        tot["empty_rows"] += b.empty_rows
+        tot["empty_batches"] += int(b.num_supervised == 0)
+        if last:
+            self._done = True
+        return LoaderBatch(
+            inputs, targets, position_ids, cu, b.doc_lens, b.num_supervised, b.num_pad, b.num_truncated, b.empty_rows,
+            len(b.tags), self.epoch, last,
+        )
+
+    def _note_skipped(self, skipped):
+        for tag, msg in skipped:
+            if len(self.errors) < 10:
+                warnings.warn(f"skipping bad conversation: {msg}", stacklevel=3)
+            self.errors.append((self._source_index(tag), msg))
+            self._consumed += 1
+            self._totals["skipped"] += 1
+
+    # --- progress and statistics ---
+    @property
+    def epoch(self) -> float:
+        """Epochs consumed so far (fractional), counting only yielded conversations."""
+        return self._consumed / self.per_epoch
+
+    @property
+    def progress(self) -> float:
+        """Fraction of all num_epochs consumed (0 when num_epochs is None)."""
+        return 0.0 if self.num_epochs is None else self._consumed / (self.num_epochs * self.per_epoch)
+
+    def stats(self) -> dict:
+        tot = self._totals
+        consumed = max(self._consumed, 1)
+        return dict(
+            epoch=self.epoch,
+            conversations=self._consumed,
+            batches=tot["batches"],
+            supervised_tokens=tot["supervised"],
+            padding_pct=100.0 * tot["pad"] / max(tot["positions"], 1),
+            truncated_pct=100.0 * tot["truncated"] / consumed,
+            truncated=tot["truncated"],
+            empty_rows=tot["empty_rows"],
+            empty_batches=tot["empty_batches"],
+            skipped=tot["skipped"],
+        )
+
+    # --- checkpointing ---
+    def state_dict(self) -> dict:
+        """The resume point after the last yielded batch (plain ints and lists: JSON-safe)."""
+        return dict(
+            version=1, cursor=self._cursor, held=list(self._held), consumed=self._consumed, totals=dict(self._totals),
+            settings=self._settings(),
+        )
+
+    def _settings(self):
+        return dict(
+            batch_size=self.batch_size, seq_len=self.seq_len, mode=self.mode, buffer_size=self.buffer_size, rank=self.rank,
+            world_size=self.world_size, source_len=len(self.source), max_tokens=self.max_tokens,
+        )
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != 1:
+            raise ValueError(f"unknown loader state version {state.get('version')!r}")
+        if state["settings"] != self._settings():
+            diff = {k: (v, self._settings().get(k)) for k, v in state["settings"].items() if self._settings().get(k) != v}
+            raise ValueError(f"loader state was saved with other settings (saved, now): {diff}")
+        self.close()
+        self._cursor, self._held, self._consumed = state["cursor"], list(state["held"]), state["consumed"]
+        self._totals = dict(state["totals"])
+        self._done = False
+
+    def close(self) -> None:
+        """Stops the background thread (a later next() starts it again from the saved point)."""
+        if self._thread is not None:
+            self._stop.set()
+            while self._thread.is_alive():
+                try:  # unblock a producer waiting on a full queue
+                    self._queue.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            self._thread = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _demo():
+    """python -m sftfast.dataloader: packs synthetic conversations and prints the stats."""
+    import argparse
+    import time
+
+    from sftfast.bench.data import build_tokenizer, synthetic_conversations
+
+    parser = argparse.ArgumentParser(description=_demo.__doc__)
+    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--mode", default="bestfit", choices=["bestfit", "padded"])
+    args = parser.parse_args()
+    tok = build_tokenizer()
+    convs = synthetic_conversations(args.n, seed=0)
+    loader = SFTLoader(convs, tok, batch_size=args.batch_size, seq_len=args.seq_len, mode=args.mode)
+    t0 = time.perf_counter()
+    tokens = sum(int(np.prod(b.inputs.shape)) for b in loader)
+    dt = time.perf_counter() - t0
+    print(dict(loader.stats(), tokens_per_s=tokens / dt))
+
+
+if __name__ == "__main__":
+    _demo()

@@ -1,0 +1,184 @@
+"""SFTLoader: same batches as packing the rank's stream directly, rank sharding, progress by
+consumption, exact resume from state_dict, statistics, bad conversations, shards hook."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sftfast import ConversationError, Packer, Tokenizer
+from sftfast.dataloader import SFTLoader
+
+# A byte-level tokenizer (256 ranks + the specials) keeps these tests fast and vocab-free.
+RANKS = {bytes([b]): b for b in range(256)}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from sftfast.tokenizer import NANOCHAT_SPLIT_PATTERN
+
+    return Tokenizer.from_ranks(RANKS, NANOCHAT_SPLIT_PATTERN)
+
+
+def make_convs(n, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        q = "q" * int(rng.integers(1, 30))
+        a = f"answer {i} " + "a" * int(rng.integers(0, 60))
+        if i % 5 == 0:
+            out.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": [{"type": "python", "text": "1+1"}, {"type": "python_output", "text": "2"}, {"type": "text", "text": a}]}]})
+        else:
+            out.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+    return out
+
+
+def collect(loader, limit=None):
+    out = []
+    for b in loader:
+        out.append((b.inputs.numpy().copy(), b.targets.numpy().copy(), b.position_ids.numpy().copy(), b.last))
+        if limit is not None and len(out) == limit:
+            break
+    return out
+
+
+def expected(tok, convs, rank, world, epochs, mode, B, T, max_tokens):
+    idx = [i for _ in range(epochs) for i in range(rank, len(convs), world)]
+    rendered = tok.render_batch([convs[i] for i in idx], max_tokens=max_tokens)
+    return Packer(mode, B, T, tok.bos_id).pack(rendered)
+
+
+@pytest.mark.parametrize("mode", ["bestfit", "padded"])
+@pytest.mark.parametrize("rank,world", [(0, 1), (1, 3)])
+def test_loader_equals_packing_the_rank_stream(tok, mode, rank, world):
+    convs = make_convs(200)
+    loader = SFTLoader(convs, tok, batch_size=3, seq_len=64, mode=mode, rank=rank, world_size=world, num_epochs=2, chunk_size=7)
+    got = collect(loader)
+    want = expected(tok, convs, rank, world, 2, mode, 3, 64, 66)
+    assert len(got) == len(want)
+    for (i, t, p, last), w in zip(got, want):
+        np.testing.assert_array_equal(i, w.inputs)
+        np.testing.assert_array_equal(t, w.targets)
+        np.testing.assert_array_equal(p, w.position_ids)
+    assert [g[3] for g in got] == [False] * (len(got) - 1) + [True]
+    assert loader.epoch == pytest.approx(2.0) and loader.progress == pytest.approx(1.0)
+    assert next(iter(loader), None) is None
+
+
+def test_progress_counts_consumption_not_fetching(tok):
+    convs = make_convs(300)
+    loader = SFTLoader(convs, tok, batch_size=2, seq_len=64, num_epochs=1, chunk_size=64, prefetch=4)
+    b = next(loader)
+    # the producer has fetched and rendered far ahead; progress counts only yielded conversations
+    assert 0 < b.num_conversations < 64
+    assert loader.stats()["conversations"] == b.num_conversations
+    assert loader.epoch == pytest.approx(b.num_conversations / 300)
+    assert b.epoch == loader.epoch
+    b2 = next(loader)
+    assert loader.epoch == pytest.approx((b.num_conversations + b2.num_conversations) / 300)
+    loader.close()
+
+
+def test_resume_yields_exactly_the_same_batches(tok):
+    convs = make_convs(250, seed=1)
+    kw = dict(batch_size=2, seq_len=48, num_epochs=2, chunk_size=11, buffer_size=16)
+    full = collect(SFTLoader(convs, tok, **kw))
+    first = SFTLoader(convs, tok, **kw)
+    head = collect(first, limit=37)
+    state = json.loads(json.dumps(first.state_dict()))  # checkpoint-safe
+    first.close()
+    resumed = SFTLoader(convs, tok, **dict(kw, chunk_size=5))  # chunking does not change batches
+    resumed.load_state_dict(state)
+    tail = collect(resumed)
+    assert len(head) + len(tail) == len(full)
+    for (a, b) in zip(head + tail, full):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+    assert resumed.epoch == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="other settings"):
+        SFTLoader(convs, tok, **dict(kw, seq_len=32)).load_state_dict(state)
+
+
+def test_stats_padding_truncation_empty(tok):
+    convs = make_convs(60)
+    convs[3] = {"messages": [{"role": "user", "content": "x" * 500}, {"role": "assistant", "content": "y"}]}  # longer than a row
+    convs[4] = {"messages": [{"role": "user", "content": "no answer"}]}  # no supervised token
+    loader = SFTLoader(convs, tok, batch_size=1, seq_len=256, mode="padded", num_epochs=1)
+    batches = list(loader)
+    s = loader.stats()
+    assert s["truncated"] == 1 and s["truncated_pct"] == pytest.approx(100 / 60)
+    assert s["empty_rows"] >= 2 and s["empty_batches"] >= 2  # conv 3 (truncated before the answer) and conv 4
+    assert s["padding_pct"] == 0.0  # batch_size 1: padded rows have no padding
+    assert sum(b.num_supervised for b in batches) == s["supervised_tokens"]
+
+
+def test_bad_conversation_fail_and_skip(tok):
+    convs = make_convs(40)
+    convs[21] = {"messages": [{"role": "assistant", "content": "first"}]}
+    with pytest.raises(ConversationError, match=r"conversation 21: message 0: expected role user"):
+        list(SFTLoader(convs, tok, batch_size=2, seq_len=64))
+    # rank 1 of 2 sees 21 as its 11th item: the error names the source index, not the stream tag
+    with pytest.raises(ConversationError, match=r"conversation 21: "):
+        list(SFTLoader(convs, tok, batch_size=2, seq_len=64, rank=1, world_size=2))
+    loader = SFTLoader(convs, tok, batch_size=2, seq_len=64, on_error="skip")
+    with pytest.warns(UserWarning, match="conversation 21"):
+        batches = list(loader)
+    assert loader.stats()["skipped"] == 1 and loader.errors[0][0] == 21
+    assert sum(b.num_conversations for b in batches) == 39
+    assert loader.epoch == pytest.approx(1.0)
+
+
+class RenderedSource:
+    """What a preprocessed-shards reader provides: (ids, mask) by index, and the pad id."""
+
+    def __init__(self, pairs, bos_id):
+        self.pairs, self.bos_id = pairs, bos_id
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        return self.pairs[i]
+
+
+def test_prerendered_source_hook(tok):
+    convs = make_convs(120)
+    rendered = tok.render_batch(convs, max_tokens=66)
+    src = RenderedSource([(np.array(i, np.uint32), np.array(m, np.uint8)) for i, m in rendered], tok.bos_id)
+    a = collect(SFTLoader(src, None, batch_size=2, seq_len=64))
+    b = collect(SFTLoader(convs, tok, batch_size=2, seq_len=64))
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x[0], y[0])
+        np.testing.assert_array_equal(x[1], y[1])
+
+
+def test_infinite_and_bad_settings(tok):
+    convs = make_convs(10)
+    loader = SFTLoader(convs, tok, batch_size=4, seq_len=32, num_epochs=None)
+    n = len(collect(loader, limit=50))
+    assert n == 50 and loader.epoch > 3
+    loader.close()
+    with pytest.raises(ValueError, match="rank"):
+        SFTLoader(convs, tok, batch_size=1, seq_len=8, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="no conversations"):
+        SFTLoader(convs[:1], tok, batch_size=1, seq_len=8, rank=1, world_size=2)
+    with pytest.raises(ValueError, match="packing mode"):
+        SFTLoader(convs, tok, batch_size=1, seq_len=8, mode="greedy")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_pinned_non_blocking(tok):
+    convs = make_convs(200)
+    cpu = collect(SFTLoader(convs, tok, batch_size=3, seq_len=64, num_epochs=2))
+    loader = SFTLoader(convs, tok, batch_size=3, seq_len=64, num_epochs=2, device="cuda", prefetch=2)
+    got = []
+    for b in loader:
+        assert b.inputs.is_cuda and b.targets.dtype == torch.int64
+        torch.cuda._sleep(1_000_000)  # a slow "training step": the ring must not be overwritten early
+        got.append((b.inputs.cpu().numpy(), b.targets.cpu().numpy()))
+    assert len(got) == len(cpu)
+    for (i, t), c in zip(got, cpu):
+        np.testing.assert_array_equal(i, c[0])
+        np.testing.assert_array_equal(t, c[1])

@@ -1,0 +1,343 @@
+"""Tests for sftfast.loss: chunked, Triton (interpreted on CPU, native on CUDA) vs the eager fp32 reference.
+
+    PYTHONPATH=python python -m pytest -q tests/test_loss.py
+
+The Triton kernels run on CPU under TRITON_INTERPRET=1, which must be set before triton is
+imported; `test_triton_kernels_in_subprocess` therefore re-runs this file's `interp_case` tests in
+a child process with that variable set, so no other test module sees an interpreted triton.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sftfast import loss as loss_mod
+from sftfast.loss import eager_linear_cross_entropy, fused_linear_cross_entropy
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is a test dependency
+    given = None
+
+INTERP_CHILD = os.environ.get("SFTFAST_LOSS_INTERP_CHILD") == "1"
+HAS_CUDA = torch.cuda.is_available()
+
+# Relative error ||got - ref|| / ||ref|| allowed per input dtype (ref: fp32 maths on the same,
+# already-rounded inputs). fp32 differs only by summation order; half types round dZ and the
+# gradients to their 8 (bf16) or 11 (fp16) mantissa bits. fp16 also loses the smallest dZ
+# entries: (softmax - onehot) / n_valid falls below fp16's normal range (6e-5) at realistic V
+# and N, exactly as eager fp16 does without a GradScaler (seen on H200: 4.1e-3 at N=2048,
+# V=50304).
+REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2.5e-2}
+LOSS_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 5e-3}
+
+
+def make_case(N, D, V, dtype, ignore_frac, seed=0, device="cpu", ignore_index=-1, target_dtype=torch.int64):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, D, generator=g).to(dtype)
+    weight = (torch.randn(V, D, generator=g) / D**0.5 * 2.0).to(dtype)
+    targets = torch.randint(0, V, (N,), generator=g)
+    drop = torch.rand(N, generator=g) < ignore_frac
+    if ignore_frac >= 1.0:
+        drop[:] = True
+    targets[drop] = ignore_index
+    return hidden.to(device), weight.to(device), targets.to(target_dtype).to(device)
+
+
+def rel_err(got, ref):
+    got, ref = got.double(), ref.double()
+    return float((got - ref).norm() / ref.norm().clamp(min=1e-30))
+
+
+def run(impl, hidden, weight, targets, **kw):
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    loss = fused_linear_cross_entropy(h, w, targets, impl=impl, **kw)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad
+
+
+def reference(hidden, weight, targets, **kw):
+    h = hidden.detach().float().requires_grad_()
+    w = weight.detach().float().requires_grad_()
+    loss = eager_linear_cross_entropy(h, w, targets, **kw)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad
+
+
+def check_against_reference(impl, hidden, weight, targets, dtype, **kw):
+    loss, dh, dw = run(impl, hidden, weight, targets, **kw)
+    rloss, rdh, rdw = reference(hidden, weight, targets, **kw)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert dh.dtype == hidden.dtype and dw.dtype == weight.dtype
+    assert dh.shape == hidden.shape and dw.shape == weight.shape
+    for t in (loss, dh, dw):
+        assert torch.isfinite(t.float()).all()
+    assert abs(float(loss) - float(rloss)) <= LOSS_TOL[dtype] * max(1.0, abs(float(rloss)))
+    n_valid = int((targets != kw.get("ignore_index", -1)).sum())
+    if n_valid == 0:
+        assert float(loss) == 0.0
+        assert not dh.any() and not dw.any()
+    else:
+        assert rel_err(dh.float(), rdh) <= REL_TOL[dtype], rel_err(dh.float(), rdh)
+        assert rel_err(dw.float(), rdw) <= REL_TOL[dtype], rel_err(dw.float(), rdw)
+        # rows whose target is ignored get exactly zero gradient
+        ignored = targets == kw.get("ignore_index", -1)
+        assert not dh[ignored].any()
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(4 * 47, 31, 123), (64, 16, 1000), (1, 8, 5)]
+
+
+# ----------------------------------------------------------------------------------------------
+# chunked path (CPU, the default there)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ignore_frac", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_chunked_matches_eager(shape, dtype, ignore_frac, softcap, reduction):
+    hidden, weight, targets = make_case(*shape, dtype, ignore_frac, seed=hash((shape, ignore_frac)) % 1000)
+    check_against_reference("chunked", hidden, weight, targets, dtype, softcap=softcap, reduction=reduction)
+
+
+def test_chunked_many_chunks(monkeypatch):
+    # 4 rows per chunk: exercises the chunk loop and the dW accumulation across chunks
+    monkeypatch.setattr(loss_mod, "CHUNK_BYTES", 4 * 123 * 4)
+    hidden, weight, targets = make_case(4 * 47, 31, 123, torch.float32, 0.5, seed=3)
+    check_against_reference("chunked", hidden, weight, targets, torch.float32, softcap=10.0)
+
+
+def test_auto_on_cpu_is_chunked_and_matches():
+    hidden, weight, targets = make_case(50, 12, 77, torch.float32, 0.3, seed=5)
+    a = run("auto", hidden, weight, targets)
+    b = run("chunked", hidden, weight, targets)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_sum_is_mean_times_count():
+    hidden, weight, targets = make_case(40, 12, 50, torch.float32, 0.5, seed=7)
+    n = int((targets != -1).sum())
+    m = fused_linear_cross_entropy(hidden, weight, targets, reduction="mean", impl="chunked")
+    s = fused_linear_cross_entropy(hidden, weight, targets, reduction="sum", impl="chunked")
+    torch.testing.assert_close(s, m * n)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "eager"])
+def test_all_ignored_is_zero_not_nan(impl):
+    hidden, weight, targets = make_case(9, 8, 20, torch.bfloat16, 1.0)
+    loss, dh, dw = run(impl, hidden, weight, targets)
+    assert float(loss) == 0.0
+    assert dh is not None and dw is not None
+    assert not dh.any() and not dw.any()
+    assert torch.isfinite(dh.float()).all() and torch.isfinite(dw.float()).all()
+
+
+@pytest.mark.parametrize("impl", ["chunked", "eager"])
+@pytest.mark.parametrize("bad", [123, 1000, -2])
+def test_out_of_range_target_raises(impl, bad):
+    hidden, weight, targets = make_case(10, 8, 123, torch.float32, 0.0)
+    targets[6] = bad
+    with pytest.raises(ValueError, match=r"targets\[6\] = " + str(bad)):
+        fused_linear_cross_entropy(hidden, weight, targets, impl=impl)
+
+
+def test_custom_ignore_index():
+    hidden, weight, targets = make_case(30, 8, 40, torch.float32, 0.5, ignore_index=-100)
+    check_against_reference("chunked", hidden, weight, targets, torch.float32, ignore_index=-100)
+    # -1 is now an ordinary (invalid) target
+    targets[0] = -1
+    with pytest.raises(ValueError, match="ignore_index=-100"):
+        fused_linear_cross_entropy(hidden, weight, targets, ignore_index=-100)
+
+
+def test_non_contiguous_inputs_and_int32_targets():
+    hidden, weight, targets = make_case(33, 24, 70, torch.float32, 0.4, target_dtype=torch.int32)
+    h_nc = hidden.t().contiguous().t()  # column-major view
+    w_big = torch.zeros(70, 48)
+    w_big[:, ::2] = weight
+    w_nc = w_big[:, ::2]  # strided columns
+    t_big = torch.zeros(66, dtype=torch.int32)
+    t_big[::2] = targets
+    t_nc = t_big[::2]
+    assert not h_nc.is_contiguous() and not w_nc.is_contiguous() and not t_nc.is_contiguous()
+    check_against_reference("chunked", h_nc, w_nc, t_nc, torch.float32)
+
+
+def test_batched_hidden():
+    hidden, weight, targets = make_case(24, 16, 30, torch.float32, 0.3)
+    a = fused_linear_cross_entropy(hidden.view(4, 6, 16), weight, targets.view(4, 6), impl="chunked")
+    b = fused_linear_cross_entropy(hidden, weight, targets, impl="chunked")
+    torch.testing.assert_close(a, b)
+
+
+def test_no_grad_gives_same_loss():
+    hidden, weight, targets = make_case(30, 16, 64, torch.float32, 0.2, seed=11)
+    with torch.no_grad():
+        a = fused_linear_cross_entropy(hidden, weight, targets, softcap=5.0)
+    b = eager_linear_cross_entropy(hidden, weight, targets, softcap=5.0)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_only_weight_requires_grad():
+    hidden, weight, targets = make_case(30, 16, 64, torch.float32, 0.2, seed=12)
+    w = weight.clone().requires_grad_()
+    fused_linear_cross_entropy(hidden, w, targets).backward()
+    w2 = weight.clone().requires_grad_()
+    eager_linear_cross_entropy(hidden, w2, targets).backward()
+    assert rel_err(w.grad, w2.grad) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(reduction="none"), ValueError, "reduction"),
+        (dict(impl="cuda"), ValueError, "impl"),
+        (dict(softcap=0.0), ValueError, "softcap"),
+        (dict(softcap=-1.0), ValueError, "softcap"),
+    ],
+)
+def test_bad_arguments(kwargs, exc, match):
+    hidden, weight, targets = make_case(4, 8, 10, torch.float32, 0.0)
+    with pytest.raises(exc, match=match):
+        fused_linear_cross_entropy(hidden, weight, targets, **kwargs)
+
+
+def test_bad_shapes_and_dtypes():
+    hidden, weight, targets = make_case(4, 8, 10, torch.float32, 0.0)
+    with pytest.raises(ValueError, match="last dimension"):
+        fused_linear_cross_entropy(hidden[:, :7], weight, targets)
+    with pytest.raises(ValueError, match="targets shape"):
+        fused_linear_cross_entropy(hidden, weight, targets[:3])
+    with pytest.raises(TypeError, match="int32 or int64"):
+        fused_linear_cross_entropy(hidden, weight, targets.float())
+    with pytest.raises(TypeError, match="same dtype"):
+        fused_linear_cross_entropy(hidden, weight.double(), targets)
+    if not loss_mod._triton_available(hidden.device):
+        with pytest.raises(RuntimeError, match="impl='triton'"):
+            fused_linear_cross_entropy(hidden, weight, targets, impl="triton")
+
+
+if given is not None:
+
+    @settings(max_examples=25, deadline=None)
+    @given(
+        n=st.integers(1, 40),
+        d=st.integers(1, 20),
+        v=st.integers(2, 60),
+        frac=st.sampled_from([0.0, 0.3, 0.9, 1.0]),
+        softcap=st.sampled_from([None, 2.0, 30.0]),
+        reduction=st.sampled_from(["mean", "sum"]),
+        seed=st.integers(0, 2**16),
+    )
+    def test_property_chunked_equals_eager(n, d, v, frac, softcap, reduction, seed):
+        hidden, weight, targets = make_case(n, d, v, torch.float32, frac, seed=seed)
+        check_against_reference("chunked", hidden, weight, targets, torch.float32, softcap=softcap, reduction=reduction)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels under the interpreter (run in a child process, see module docstring)
+
+needs_interp = pytest.mark.skipif(not INTERP_CHILD, reason="runs in the TRITON_INTERPRET=1 subprocess")
+
+INTERP_CASES = [
+    # (shape, dtype, ignore_frac, softcap, reduction)
+    ((4 * 47, 31, 123), torch.float32, 0.5, None, "mean"),
+    ((4 * 47, 31, 123), torch.float32, 0.5, 5.0, "mean"),
+    ((4 * 47, 31, 123), torch.float16, 0.5, None, "mean"),
+    ((4 * 47, 31, 123), torch.float16, 0.5, 5.0, "sum"),
+    ((4 * 47, 31, 123), torch.bfloat16, 0.5, None, "sum"),
+    ((4 * 47, 31, 123), torch.bfloat16, 0.5, 5.0, "mean"),
+    ((4 * 47, 31, 123), torch.float32, 0.0, None, "sum"),
+    ((4 * 47, 31, 123), torch.bfloat16, 1.0, 5.0, "mean"),
+    ((70, 64, 300), torch.float32, 0.0, 30.0, "mean"),  # several vocabulary splits, even K
+    ((70, 64, 300), torch.bfloat16, 0.3, None, "mean"),
+]
+
+
+@needs_interp
+@pytest.mark.parametrize("shape, dtype, ignore_frac, softcap, reduction", INTERP_CASES)
+def test_interp_case_triton_matches_eager(shape, dtype, ignore_frac, softcap, reduction):
+    hidden, weight, targets = make_case(*shape, dtype, ignore_frac, seed=shape[0] + int(ignore_frac * 10))
+    check_against_reference("triton", hidden, weight, targets, dtype, softcap=softcap, reduction=reduction)
+
+
+@needs_interp
+def test_interp_case_backward_chunks_and_strides(monkeypatch):
+    from sftfast.kernels import fused_linear_ce
+
+    # 2 KB chunks: 64-column vocabulary chunks, so the backward loops over 5 chunks
+    monkeypatch.setattr(fused_linear_ce, "CHUNK_BYTES", 2048)
+    hidden, weight, targets = make_case(30, 40, 300, torch.float32, 0.2, seed=4, target_dtype=torch.int32)
+    w_nc = torch.zeros(300, 80)
+    w_nc[:, 1::2] = weight
+    w_nc = w_nc[:, 1::2]
+    check_against_reference("triton", hidden.t().contiguous().t(), w_nc, targets, torch.float32, softcap=3.0)
+
+
+@needs_interp
+def test_interp_case_errors_and_all_ignored():
+    hidden, weight, targets = make_case(12, 8, 20, torch.float32, 0.0)
+    targets[3] = 20
+    with pytest.raises(ValueError, match=r"targets\[3\] = 20"):
+        fused_linear_cross_entropy(hidden, weight, targets, impl="triton")
+    targets[:] = -1
+    loss, dh, dw = run("triton", hidden, weight, targets)
+    assert float(loss) == 0.0 and not dh.any() and not dw.any()
+
+
+@pytest.mark.skipif(INTERP_CHILD, reason="this is the parent")
+def test_triton_kernels_in_subprocess():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", SFTFAST_LOSS_INTERP_CHILD="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp_case"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    summary = out.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary and "failed" not in summary, out[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+
+needs_cuda = pytest.mark.skipif(not HAS_CUDA or INTERP_CHILD, reason="needs CUDA")
+GPU_SHAPES = [(4 * 47, 31, 123), (1000, 256, 5000), (513, 128, 32000), (2048, 512, 50304)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ignore_frac", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_cuda_triton_matches_eager(shape, dtype, ignore_frac, softcap):
+    hidden, weight, targets = make_case(*shape, dtype, ignore_frac, seed=1, device="cuda")
+    check_against_reference("triton", hidden, weight, targets, dtype, softcap=softcap)
+
+
+@needs_cuda
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cuda_auto_is_triton_and_chunked_agrees(reduction):
+    hidden, weight, targets = make_case(700, 128, 3000, torch.bfloat16, 0.3, device="cuda")
+    a = run("auto", hidden, weight, targets, reduction=reduction, softcap=15.0)
+    b = run("chunked", hidden, weight, targets, reduction=reduction, softcap=15.0)
+    assert abs(float(a[0]) - float(b[0])) < 5e-3 * max(1.0, abs(float(b[0])))
+    assert rel_err(a[1].float(), b[1].float()) < 2.5e-2
+    assert rel_err(a[2].float(), b[2].float()) < 2.5e-2
+
+
+@needs_cuda
+def test_cuda_non_contiguous_and_errors():
+    hidden, weight, targets = make_case(300, 64, 1000, torch.bfloat16, 0.5, device="cuda", target_dtype=torch.int32)
+    check_against_reference("triton", hidden.t().contiguous().t(), weight.t().contiguous().t(), targets, torch.bfloat16)
+    targets[5] = 1000
+    with pytest.raises(ValueError, match=r"targets\[5\]"):
+        fused_linear_cross_entropy(hidden, weight, targets, impl="triton")

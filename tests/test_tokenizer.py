@@ -1,0 +1,327 @@
+"""Tokenizer tests: sftfast's ids against tiktoken's, built from the same ranks, pattern and
+special tokens; plus loading, saving, training, errors and threading.
+
+    PYTHONPATH=python python -m pytest -q tests/test_tokenizer.py
+"""
+
+import multiprocessing as mp
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiktoken
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import cl100k_ranks
+from sftfast import NANOCHAT_SPLIT_PATTERN, SPECIAL_TOKENS, Tokenizer, _core
+from sftfast.tokenizer import CL100K_SPLIT_PATTERN, O200K_SPLIT_PATTERN, bundled_text_path
+
+ASSETS = Path(bundled_text_path()).parent
+# A user pattern with none of the known shapes: words, single non-space chars, whitespace.
+USER_PATTERN = r"\w+|[^\w\s]|\s+"
+PATTERNS = {"nanochat": NANOCHAT_SPLIT_PATTERN, "cl100k": CL100K_SPLIT_PATTERN, "o200k": O200K_SPLIT_PATTERN, "user": USER_PATTERN}
+
+
+def _specials(n_ranks):
+    return {name: n_ranks + i for i, name in enumerate(SPECIAL_TOKENS)}
+
+
+@pytest.fixture(scope="module", params=list(PATTERNS))
+def pair(request, cl100k_file):
+    """(sftfast Tokenizer, tiktoken Encoding) from cl100k's ranks and one pattern."""
+    pattern = PATTERNS[request.param]
+    tok = Tokenizer.from_tiktoken_file(cl100k_file, pattern)
+    ranks = cl100k_ranks()
+    enc = tiktoken.Encoding(name=f"t-{request.param}", pat_str=pattern, mergeable_ranks=ranks, special_tokens=_specials(len(ranks)))
+    return tok, enc
+
+
+@pytest.fixture(scope="module")
+def cl100k_tok(cl100k_file):
+    return Tokenizer.from_tiktoken_file(cl100k_file, CL100K_SPLIT_PATTERN)
+
+
+# Fragments that exercise every branch of the patterns: contractions, letters after
+# punctuation, digit runs, CRLF, trailing whitespace, marks, CJK, emoji, surrogates.
+FRAGMENTS = [
+    "'s", "'LL", "'ve", "'re", "'d", "don't", "Hello", " world", "ÉCOLE", "naïve", "straße", "ǅemal",
+    "123", "4567890", " 42", "3.14", "\r\n", "\n\n\n", "\r", "   ", "\t", " \n ", "\u00a0", "\u3000",
+    "!!!", " ?!", "...", "—", "…", "//", "#include", "<|bos|>", "<|endoftext|>", "中文字符", "日本語の文",
+    "한국어", "Привет", "مرحبا", "नमस्ते", "ไทย", "🙂", "👩‍💻", "e\u0301", "\u0300", "a\u20ddb", "x" * 40,
+]
+fragment_text = st.lists(st.sampled_from(FRAGMENTS), max_size=30).map("".join)
+any_text = st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=200)
+hyp = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _tiktoken_ids(enc, text):
+    return enc.encode_ordinary(text)
+
+
+@hyp
+@given(text=st.one_of(any_text, fragment_text))
+def test_identical_to_tiktoken_on_arbitrary_text(pair, text):
+    tok, enc = pair
+    assert tok.encode(text) == _tiktoken_ids(enc, text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        " ",
+        "\ud800",  # a lone surrogate: tiktoken encodes U+FFFD instead
+        "a\udfffb \ud83d",
+        "The quick brown fox jumps over the lazy dog. It's 12:45pm, isn't it?\r\n",
+        "def f(x):\n    return x ** 2  # square\n\n\n",
+        "我们今天去北京。東京は雨です。서울은 맑아요.",
+        "Σὲ γνωρίζω ἀπὸ τὴν κόψη — Ελλάδα! Ünïcödé façade; «quoted» “curly” ‘single’",
+        "<|bos|><|user_start|>hi<|user_end|>",
+    ],
+)
+def test_identical_to_tiktoken_on_fixed_cases(pair, text):
+    tok, enc = pair
+    assert tok.encode(text) == _tiktoken_ids(enc, text)
+
+
+def test_identical_on_bundled_prose_and_code(pair):
+    tok, enc = pair
+    for name in ("english.txt", "code.txt"):
+        text = (ASSETS / name).read_text()
+        assert tok.encode(text) == _tiktoken_ids(enc, text), name
+    texts = (ASSETS / "english.txt").read_text().split("\n\n")
+    assert tok.encode_batch(texts, num_threads=2) == [_tiktoken_ids(enc, t) for t in texts]
+
+
+PATHOLOGICAL = {
+    "one_letter": lambda n: "a" * n,
+    "caret": lambda n: "^" * n,
+    "digits": lambda n: "1234567890" * (n // 10),
+    "spaces": lambda n: " " * n,
+    "spaces_then_word": lambda n: " " * n + "word",
+    "crlf": lambda n: "\r\n" * (n // 2),
+    "dashes_after_word": lambda n: "word" + "-" * n,
+    "tabs_newlines": lambda n: "\t\n " * (n // 3),
+}
+
+
+@pytest.mark.parametrize("name", list(PATHOLOGICAL))
+def test_pathological_inputs_match_tiktoken(pair, name):
+    # tiktoken's merge loop is quadratic in the piece length, so compare at a size it finishes
+    # quickly; the large sizes are checked below for round trip (and, in the benchmark, time).
+    tok, enc = pair
+    text = PATHOLOGICAL[name](3000)
+    assert tok.encode(text) == _tiktoken_ids(enc, text)
+
+
+@pytest.mark.parametrize("name,n", [("one_letter", 100_000), ("caret", 1_000_000), ("digits", 200_000),
+                                    ("spaces", 200_000), ("crlf", 200_000), ("dashes_after_word", 32_000)])
+def test_pathological_inputs_at_scale_round_trip(cl100k_tok, name, n):
+    text = PATHOLOGICAL[name](n)
+    ids = cl100k_tok.encode(text)
+    assert cl100k_tok.decode(ids) == text
+    # Same ids as encoding the piece with the simple loop on a prefix, repeated: the merges of
+    # one repeated character are periodic, so a long run is a repetition of a short run's ids.
+    if name in ("one_letter", "caret"):
+        unit = cl100k_tok.encode(text[:4096])
+        assert ids[: len(unit) - 1] == unit[:-1]
+
+
+def test_specials_come_after_ranks_in_spec_order(cl100k_tok):
+    n_ranks = len(cl100k_ranks())
+    assert cl100k_tok.n_vocab == n_ranks + len(SPECIAL_TOKENS)
+    assert cl100k_tok.bos_id == n_ranks
+    for i, name in enumerate(SPECIAL_TOKENS):
+        assert cl100k_tok.special_token_id(name) == n_ranks + i
+        assert cl100k_tok.decode([n_ranks + i]) == name
+    # Ordinary encoding: a user typing a special token's text gets its bytes, not the id.
+    assert cl100k_tok.bos_id not in cl100k_tok.encode("<|bos|>")
+
+
+def test_token_bytes(cl100k_tok):
+    lens = cl100k_tok.token_bytes()
+    assert isinstance(lens, np.ndarray) and lens.shape == (cl100k_tok.n_vocab,)
+    assert np.issubdtype(lens.dtype, np.integer)
+    assert (lens[cl100k_tok.bos_id :] == 0).all()
+    ids = np.random.default_rng(0).integers(0, len(cl100k_ranks()), 500)
+    assert all(lens[i] == len(cl100k_tok.decode_bytes([int(i)])) for i in ids)
+
+
+def test_to_tiktoken_and_from_ranks_round_trip(cl100k_tok):
+    enc = cl100k_tok.to_tiktoken()
+    assert enc.n_vocab == cl100k_tok.n_vocab
+    text = (ASSETS / "english.txt").read_text()[:20000]
+    assert enc.encode_ordinary(text) == cl100k_tok.encode(text)
+    assert enc.encode("<|bos|>", allowed_special="all") == [cl100k_tok.bos_id]
+    again = Tokenizer.from_ranks(enc._mergeable_ranks, enc._pat_str, enc._special_tokens)
+    assert again.encode(text) == cl100k_tok.encode(text)
+    assert again.special_tokens == cl100k_tok.special_tokens
+
+
+def test_save_load_and_pickle(cl100k_tok, tmp_path):
+    path = tmp_path / "tok.sftfast"
+    cl100k_tok.save(path)
+    back = Tokenizer.load(path)
+    text = "Saving and loading keeps every id: 12345 \r\n ünïcode 中文"
+    assert back.encode(text) == cl100k_tok.encode(text)
+    assert back.special_tokens == cl100k_tok.special_tokens and back.pattern == cl100k_tok.pattern
+    # Lines 2+ are a valid tiktoken rank file.
+    lines = path.read_bytes().split(b"\n", 1)[1]
+    (tmp_path / "ranks.tiktoken").write_bytes(lines)
+    from tiktoken.load import load_tiktoken_bpe
+
+    assert load_tiktoken_bpe(str(tmp_path / "ranks.tiktoken")) == cl100k_ranks()
+    clone = pickle.loads(pickle.dumps(cl100k_tok))
+    assert clone.encode(text) == cl100k_tok.encode(text)
+
+
+def test_malformed_files_name_the_line(tmp_path):
+    good = [f"{__import__('base64').b64encode(bytes([b])).decode()} {b}" for b in range(256)]
+    cases = {
+        "missing rank": (good[:3] + ["YWI="] + good[3:], 4),
+        "bad base64": (good[:10] + ["@@@@ 300"], 11),
+        "not an int": (good + ["YWI= twelve"], 257),
+        "duplicate rank": (good + ["YWI= 5"], 257),
+        "duplicate token": (good + [good[0].split()[0] + " 999"], 257),
+    }
+    for reason, (lines, line_no) in cases.items():
+        path = tmp_path / "bad.tiktoken"
+        path.write_text("\n".join(lines) + "\n")
+        with pytest.raises(_core.RankFileError, match=rf"bad\.tiktoken:{line_no}:"):
+            Tokenizer.from_tiktoken_file(path, NANOCHAT_SPLIT_PATTERN)
+    (tmp_path / "bad.sftfast").write_text('{"format": "nope"}\n')
+    with pytest.raises(_core.RankFileError, match=r":1:"):
+        Tokenizer.load(tmp_path / "bad.sftfast")
+    with pytest.raises(OSError):
+        Tokenizer.from_tiktoken_file(tmp_path / "missing.tiktoken", NANOCHAT_SPLIT_PATTERN)
+
+
+def test_bad_input_raises_specific_errors(cl100k_tok):
+    ranks = {bytes([b]): b for b in range(256)}
+    with pytest.raises(_core.PatternError):
+        Tokenizer.from_ranks(ranks, r"(unclosed")
+    with pytest.raises(_core.UnknownSpecialTokenError, match="nope"):
+        cl100k_tok.special_token_id("<|nope|>")
+    with pytest.raises(_core.TokenOutOfRangeError, match=r"index 2"):
+        cl100k_tok.decode([1, 2, cl100k_tok.n_vocab])
+    with pytest.raises(_core.TokenOutOfRangeError, match=r"-1 at index 0"):
+        cl100k_tok.decode([-1])
+    with pytest.raises(_core.VocabError, match="0x41"):
+        Tokenizer.from_ranks({k: v for k, v in ranks.items() if k != b"A"}, NANOCHAT_SPLIT_PATTERN)
+    with pytest.raises(_core.VocabError):
+        Tokenizer.from_ranks({**ranks, b"ab": 3}, NANOCHAT_SPLIT_PATTERN)
+    with pytest.raises(TypeError):
+        cl100k_tok.encode_batch(["ok", 3])
+    with pytest.raises(_core.SftfastError):
+        cl100k_tok.encode_batch(["ok"], num_threads=0)
+    # Every specific error is still a ValueError for callers that catch that.
+    assert issubclass(_core.TokenOutOfRangeError, ValueError)
+
+
+def test_encode_batch_threads_and_surrogates(cl100k_tok):
+    texts = [f"document {i}: " + "some words and numbers 12345 " * (i % 7) for i in range(200)]
+    texts.append("bad \ud800 surrogate")
+    expected = [cl100k_tok.encode(t) for t in texts]
+    assert cl100k_tok.encode_batch(texts) == expected
+    assert cl100k_tok.encode_batch(texts, num_threads=1) == expected
+    assert cl100k_tok.encode_batch(texts, num_threads=3) == expected
+    assert cl100k_tok.encode_batch([]) == []
+
+
+def _child_encodes(tok, q):
+    q.put(tok.encode_batch(["after fork", "still works"] * 50, num_threads=2)[:2])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_encode_batch_after_fork(cl100k_tok):
+    # The parent's rayon pool must not deadlock a forked child (os.register_at_fork hook).
+    cl100k_tok.encode_batch(["warm the pool"] * 64, num_threads=2)
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_encodes, args=(cl100k_tok, q))
+    p.start()
+    p.join(60)
+    if p.is_alive():
+        p.kill()
+        pytest.fail("encode_batch hung in a forked child")
+    assert p.exitcode == 0
+    assert q.get(timeout=5) == [cl100k_tok.encode("after fork"), cl100k_tok.encode("still works")]
+
+
+# --- nanochat's tokenizer.pkl -------------------------------------------------------------
+
+
+def test_from_nanochat_reads_pickled_encoding(tmp_path, cl100k_tok):
+    enc = cl100k_tok.to_tiktoken(name="rustbpe")
+    with open(tmp_path / "tokenizer.pkl", "wb") as f:
+        pickle.dump(enc, f)
+    tok = Tokenizer.from_nanochat(tmp_path)
+    text = "nanochat's tokenizer, loaded without running pickle code."
+    assert tok.encode(text) == enc.encode_ordinary(text)
+    assert tok.special_tokens == cl100k_tok.special_tokens
+    assert Tokenizer.from_nanochat(tmp_path / "tokenizer.pkl").n_vocab == tok.n_vocab
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_from_nanochat_refuses_other_globals(tmp_path):
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "tokenizer.pkl", "wb") as f:
+        pickle.dump(_Evil(marker), f)
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load global"):
+        Tokenizer.from_nanochat(tmp_path)
+    assert not marker.exists()
+    with open(tmp_path / "tokenizer.pkl", "wb") as f:
+        pickle.dump({"not": "an encoding"}, f)
+    with pytest.raises(pickle.UnpicklingError, match="expected a pickled tiktoken Encoding"):
+        Tokenizer.from_nanochat(tmp_path)
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return [p for p in (ASSETS / "english.txt").read_text().split("\n\n") if p.strip()]
+
+
+def test_train_encodes_identically_through_tiktoken(corpus):
+    tok = Tokenizer.train(iter(corpus), vocab_size=1024)
+    assert tok.n_vocab == 1024
+    assert tok.bos_id == 1024 - len(SPECIAL_TOKENS)
+    assert tok.training_stats["n_documents"] == len(corpus)
+    enc = tok.to_tiktoken()
+    sample = "\n\n".join(corpus[:50]) + " unseen wörds 中文 12345 \r\n"
+    assert tok.encode(sample) == enc.encode_ordinary(sample)
+    assert tok.decode(tok.encode(sample)) == sample
+    # Compression: the trained vocabulary must beat raw bytes by a wide margin on its corpus.
+    assert len(sample.encode()) / len(tok.encode(sample)) > 2.5
+
+
+def test_train_is_deterministic_across_thread_counts(corpus):
+    a = Tokenizer.train(corpus[:200], vocab_size=600, num_threads=1)
+    b = Tokenizer.train(corpus[:200], vocab_size=600, num_threads=2)
+    assert a._core.ranks() == b._core.ranks()
+
+
+def test_train_bad_input(corpus):
+    with pytest.raises(_core.VocabError, match="too small"):
+        Tokenizer.train(corpus[:10], vocab_size=100)
+    with pytest.raises(TypeError, match=r"texts\[1\]"):
+        Tokenizer.train(["ok", b"bytes"], vocab_size=300)
+    with pytest.raises(TypeError):
+        Tokenizer.train("a single string", vocab_size=300)
+    with pytest.raises(_core.PatternError):
+        Tokenizer.train(corpus[:10], vocab_size=300, pattern="(")
+    # Lone surrogates are repaired as in encoding, not rejected.
+    assert Tokenizer.train(["a\ud800b ab ab"], vocab_size=300).n_vocab <= 300
