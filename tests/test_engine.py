@@ -182,3 +182,13 @@ def test_cuda_cached_equals_recomputed(tok):
     prompt = [tok.bos_id, *tok.encode("GPU check")]
     kwargs = dict(num_samples=4, max_tokens=32, temperature=0.0)
     assert engine.generate_batch(prompt, use_kv_cache=True, **kwargs) == engine.generate_batch(prompt, use_kv_cache=False, **kwargs)
+
+
+def test_generation_stops_at_the_model_context(model, tok):
+    engine = Engine(model, tok)
+    limit = model.rotary_seq_len
+    prompt = [tok.bos_id] + tok.encode("x") * (limit - 3)
+    steps = list(engine.generate(prompt, max_tokens=50, temperature=0.0))
+    assert len(steps) <= 3  # 3 positions left: 3 tokens (the last one is never fed back)
+    with pytest.raises(ValueError, match="fills the model"):
+        list(engine.generate([tok.bos_id] * limit, max_tokens=5))

@@ -159,6 +159,13 @@ class Engine:
             raise ValueError("generate: the prompt must be a non-empty list of token ids")
         if num_samples < 1:
             raise ValueError(f"generate: num_samples must be >= 1, got {num_samples}")
+        # Never run past the positions the model has rotary tables for (sftfast.model: 10x its
+        # training length): stop there instead of failing mid-generation.
+        limit = getattr(self.model, "rotary_seq_len", None)
+        if limit is not None:
+            if len(tokens) >= limit:
+                raise ValueError(f"generate: the prompt ({len(tokens)} tokens) fills the model's {limit} positions")
+            max_tokens = limit - len(tokens) if max_tokens is None else min(max_tokens, limit - len(tokens))
         device = self._device()
         rng = torch.Generator(device=device).manual_seed(seed)
         n_kv, head_dim, n_layer = self._model_shape()
