@@ -192,3 +192,10 @@ def test_generation_stops_at_the_model_context(model, tok):
     assert len(steps) <= 3  # 3 positions left: 3 tokens (the last one is never fed back)
     with pytest.raises(ValueError, match="fills the model"):
         list(engine.generate([tok.bos_id] * limit, max_tokens=5))
+
+
+def test_last_logits_equal_full_forward(model, tok):
+    engine = Engine(model, tok)
+    idx = torch.randint(0, tok.n_vocab, (3, 11), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        torch.testing.assert_close(engine.last_logits(idx), model(idx)[:, -1, :], rtol=1e-5, atol=1e-5)
