@@ -268,3 +268,25 @@ def test_eval_cli_under_torchrun_matches_one_process(saved_run, tmp_path, capsys
     for name in ("SpellingBee", "ARC-Easy"):
         assert two["results"][name]["total"] == one["results"][name]["total"] == 3
         assert two["results"][name]["correct"] == one["results"][name]["correct"]
+
+
+def test_tokenizer_discovery(tmp_path):
+    from sftfast import Tokenizer
+    from sftfast.engine import find_tokenizer, load_tokenizer
+
+    tok = byte_tokenizer()
+    if not hasattr(Tokenizer, "save"):
+        pytest.skip("this build's Tokenizer has no save()")
+    (tmp_path / "tokenizer").mkdir()
+    tok.save(str(tmp_path / "tokenizer" / "tokenizer.sftfast"))
+    found = find_tokenizer(str(tmp_path), {})
+    assert found == str(tmp_path / "tokenizer")
+    loaded = load_tokenizer(found)
+    assert loaded.encode("héllo") == tok.encode("héllo") and loaded.n_vocab == tok.n_vocab
+    tok.save(str(tmp_path / "elsewhere.sftfast"))
+    assert find_tokenizer(str(tmp_path), {"tokenizer": "elsewhere.sftfast"}) == str(tmp_path / "elsewhere.sftfast")
+    assert find_tokenizer(str(tmp_path), {}, explicit="x") == "x"
+    with pytest.raises(FileNotFoundError):
+        find_tokenizer(str(tmp_path / "empty"), {})
+    with pytest.raises(FileNotFoundError):
+        load_tokenizer(str(tmp_path / "missing.sftfast"))
