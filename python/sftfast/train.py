@@ -535,11 +535,12 @@ def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> 
     t_total = 0.0
     while True:
         # the last step: the iteration budget is spent, or any rank consumed its epochs
-        exhausted = torch.tensor(0, device=device)
-        if args.num_iterations < 0 and train_loader.consumed >= args.num_epochs * train_loader.shard_len:
-            exhausted.fill_(1)
-        all_reduce(exhausted, info, dist.ReduceOp.MAX if info.ddp else None)
-        last_step = step >= num_iterations or bool(exhausted.item())
+        # epoch progress by consumption, the furthest rank's (MAX: every rank sees the same value)
+        progress = torch.tensor(train_loader.consumed / (args.num_epochs * train_loader.shard_len), dtype=torch.float64, device=device)
+        all_reduce(progress, info, dist.ReduceOp.MAX if info.ddp else None)
+        progress = progress.item()
+        derived = args.num_iterations < 0
+        last_step = step >= num_iterations or (derived and progress >= 1.0)
 
         if val_ds is not None and (last_step or (args.eval_every > 0 and step % args.eval_every == 0)):
             val_loader = make_loader(val_ds, tokenizer, args.device_batch_size, T, info.rank, info.world_size, args.packing, args.loader, device)
@@ -589,7 +590,10 @@ def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> 
         sync_gradients(model, info, average=args.loss_norm == "microbatch")
         if args.loss_norm == "microbatch":
             loss_log[0] /= info.world_size
-        lrm = lr_multiplier(step, num_iterations, args.schedule, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+        # with a derived num_iterations the schedule follows consumption: packed rows hold several
+        # conversations, so the epoch ends before len(train) // target_examples_per_step steps
+        sched_step = min(progress, 1.0) * num_iterations if derived else step
+        lrm = lr_multiplier(sched_step, num_iterations, args.schedule, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * lrm
