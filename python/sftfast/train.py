@@ -298,16 +298,13 @@ def evaluate_loss(model, loader, steps, token_bytes, info: DistInfo, autocast, d
         d = b.doc_ids.to(info.device) if doc_mask else None
         with autocast:
             h = model.hidden_states(x, doc_ids=d)
-        from sftfast.model import fused_linear_cross_entropy
-
-        h = h.reshape(-1, h.size(-1))
         yf = y.reshape(-1)
-        softcap = model.config.softcap or None
         nbytes = torch.where(yf >= 0, token_bytes[yf.clamp(min=0)], 0)
-        y_bytes = torch.where(nbytes > 0, yf, -1)
-        sums[0] += fused_linear_cross_entropy(h, model.lm_head.weight, yf, softcap=softcap, reduction="sum").double()
+        y_bytes = torch.where(nbytes > 0, yf, -1)  # bits per byte: special tokens (0 bytes) excluded
+        with autocast:
+            sums[0] += model.head_loss(h, yf, reduction="sum").double()
+            sums[2] += model.head_loss(h, y_bytes, reduction="sum").double()
         sums[1] += (yf >= 0).sum()
-        sums[2] += fused_linear_cross_entropy(h, model.lm_head.weight, y_bytes, softcap=softcap, reduction="sum").double()
         sums[3] += nbytes.sum()
         if b.progress >= 1.0:
             break
