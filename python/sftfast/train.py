@@ -521,6 +521,8 @@ def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> 
         meta_out = dict(model_config=config.to_dict(), step=step, num_iterations=num_iterations, source=args.source,
                         args={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
                         metrics=metrics)
+        if isinstance(meta.get("tokenizer"), str):  # where sftfast.engine finds the tokenizer
+            meta_out["tokenizer"] = meta["tokenizer"]
         ckpt.save_checkpoint(out_dir, step, model.state_dict(), trainer, meta_out, rank=info.rank, barrier=barrier)
         log.print(f"saved checkpoint {out_dir} step {step}")
 
@@ -639,8 +641,13 @@ def main(argv=None) -> int:
 
         demo.main(args)
     else:
-        summary = run(args)
-        if summary is None:
+        try:
+            run(args)
+        except (ValueError, ckpt.CheckpointError, TrainingDivergedError) as e:
+            # user-facing failures: one clear line (and the exit status), not a traceback per rank
+            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+            if dist.is_initialized():
+                dist.destroy_process_group()
             return 1
     if dist.is_initialized():
         dist.destroy_process_group()
