@@ -133,3 +133,16 @@ def test_packing_isolation_property(lengths):
         for d in docs:
             torch.testing.assert_close(out[:, start : start + d.size(1)], model(d), atol=1e-5, rtol=1e-5)
             start += d.size(1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention path runs on CUDA")
+def test_flex_attention_matches_sdpa_mask_on_cuda():
+    from sftfast.model import _flex
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 256, 32, device="cuda")
+    k = torch.randn(2, 2, 256, 32, device="cuda")
+    v = torch.randn(2, 2, 256, 32, device="cuda")
+    doc = torch.tensor([[0] * 100 + [1] * 156, [0] * 30 + [1] * 30 + [2] * 196], device="cuda")
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=doc_causal_mask(doc), enable_gqa=True)
+    torch.testing.assert_close(_flex(q, k, v, doc), ref, atol=2e-3, rtol=2e-3)

@@ -6,19 +6,18 @@
 1. a tokenizer trained on bundled text (plus the plain text of the demo tasks' train split);
 2. a tiny GPT given a short base training on that text (next-token, no chat format), saved as
    {run}/base_checkpoints/demo/;
-3. SFT (sftfast.train.run, the real trainer) on a bundled mixture: arithmetic with calculator
-   calls, a multiple-choice task, and, when sftfast.tasks is present, the spelling tasks and the
-   identity conversations;
+3. SFT (sftfast.train.run, the real trainer) on a bundled mixture: spelling, spelling bee,
+   arithmetic with calculator calls, identity conversations (sftfast.tasks) and a multiple-choice
+   task (LargestNumber, below);
 4. evaluation before and after on held-out conversations (validation loss, bits per byte) and on a
    held-out categorical task (restricted-choice accuracy), printed side by side;
-5. the checkpoint in {run}/chatsft_checkpoints/demo/, and a sample chat with the calculator.
+5. the checkpoint in {run}/chatsft_checkpoints/demo/, and a sample chat through sftfast.engine
+   (KV cache, calculator).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import glob
 import json
 import os
 import random
@@ -31,10 +30,10 @@ from sftfast.model import GPT, GPTConfig
 from sftfast.optim import build_optimizers, lr_multiplier
 
 # ---- demo settings: sized for ~3-5 minutes on an idle 2-core x86_64 CPU
-VOCAB_SIZE = 1024  # BPE vocabulary before the 9 special tokens
+VOCAB_SIZE = 1024  # BPE vocabulary, the 9 special tokens included
 MODEL = dict(sequence_len=256, n_layer=4, n_head=4, n_kv_head=2, n_embd=128)
-BASE_STEPS, BASE_BATCH = 150, 16  # base training: 150 x 16 x 256 tokens
-SFT_EXAMPLES = dict(arith=1200, choice=1200, spelling=300, bee=300)
+BASE_STEPS, BASE_BATCH = 120, 8  # base training: 120 x 8 x 256 tokens
+CHOICE_EXAMPLES = 800  # LargestNumber conversations in the SFT mixture
 HELDOUT = 200  # problems per held-out evaluation task
 SEED = 42
 
@@ -44,37 +43,10 @@ SEED = 42
 _SPLIT_OFFSET = {"train": 0, "test": 10_000_000}
 
 
-class Arithmetic:
-    """'What is 37 + 45?' -> a calculator call (python part), its output, then the answer."""
-
-    eval_type = "generative"
-    TEMPLATES = ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "How much is {a} {op} {b}?", "Calculate {a}{op}{b} please."]
-
-    def __init__(self, size, split="train"):
-        self.size, self.offset = size, _SPLIT_OFFSET[split]
-
-    def __len__(self):
-        return self.size
-
-    def __getitem__(self, i):
-        rng = random.Random(self.offset + 7919 * i + 1)
-        a, b = rng.randint(2, 99), rng.randint(2, 99)
-        op = rng.choice(["+", "-", "*"])
-        expr = f"{a}{op}{b}"
-        result = str(a + b if op == "+" else a - b if op == "-" else a * b)
-        question = rng.choice(self.TEMPLATES).format(a=a, op=op, b=b)
-        reply = [
-            dict(type="text", text="Let me compute that. "),
-            dict(type="python", text=expr),
-            dict(type="python_output", text=result),
-            dict(type="text", text=f"The answer is {result}."),
-        ]
-        return dict(messages=[dict(role="user", content=question), dict(role="assistant", content=reply)])
-
-
 class LargestNumber:
     """Multiple choice (ARC/MMLU rendering): which option is the largest number? Answer: the letter."""
 
+    name = "LargestNumber"
     eval_type = "categorical"
     LETTERS = ["A", "B", "C", "D"]
 
@@ -97,39 +69,16 @@ class LargestNumber:
         return response == conversation["messages"][-1]["content"]
 
 
-class Mixture:
-    """(task, index) pairs shuffled once with a fixed seed (sftfast.tasks.TaskMixture when present)."""
+def build_mixtures(scale=1.0):
+    """(train, held-out) mixtures: sftfast.tasks' "demo" mixture (spelling, spelling bee, arithmetic
+    with calculator calls, identity conversations) plus the multiple-choice task."""
+    from sftfast import tasks
 
-    def __init__(self, tasks, seed=SEED):
-        self.tasks = tasks
-        self.index = [(t, i) for t, task in enumerate(tasks) for i in range(len(task))]
-        random.Random(seed).shuffle(self.index)
-
-    def __len__(self):
-        return len(self.index)
-
-    def __getitem__(self, k):
-        t, i = self.index[k]
-        return self.tasks[t][i]
-
-
-def build_tasks(split, scale=1.0):
-    """The demo mixture for `split`, with the bundled spelling and identity tasks when available."""
-    n = {k: max(8, int(v * scale)) for k, v in SFT_EXAMPLES.items()}
-    if split == "test":
-        n = {k: HELDOUT for k in n}
-    tasks = [Arithmetic(n["arith"], split), LargestNumber(n["choice"], split)]
-    notes = []
-    try:
-        from sftfast import tasks as sft_tasks
-
-        tasks.append(sft_tasks.SimpleSpelling(size=n["spelling"], split=split))
-        tasks.append(sft_tasks.SpellingBee(size=n["bee"], split=split))
-        if split == "train":
-            tasks.append(sft_tasks.CustomJSON())  # the bundled identity conversations
-    except (ImportError, AttributeError, TypeError) as e:
-        notes.append(f"spelling/identity tasks unavailable ({e}); mixture = arithmetic + multiple choice")
-    return tasks, notes
+    n = lambda k: max(8, int(k * scale))  # noqa: E731  (tests run a scaled-down demo)
+    spec = f"SimpleSpelling:size={n(400)},SpellingBee:size={n(400)},Arithmetic:size={n(600)},identity:stop={n(1000)}*2"
+    train = tasks.build_mixture(spec, split="train").tasks + [LargestNumber(n(CHOICE_EXAMPLES), "train")]
+    val = tasks.build_mixture("demo", split="val").tasks + [LargestNumber(64, "test")]
+    return tasks.TaskMixture(train), tasks.TaskMixture(val)
 
 
 def conversation_text(conv) -> str:
@@ -145,39 +94,22 @@ def conversation_text(conv) -> str:
 # tokenizer
 
 def bundled_text() -> str:
-    """Every bundled .txt corpus in sftfast/assets except the word list."""
+    """The bundled English and code text (sftfast/assets, written for this project)."""
     here = os.path.join(os.path.dirname(__file__), "assets")
     texts = []
-    for path in sorted(glob.glob(os.path.join(here, "*.txt"))):
-        if os.path.basename(path) != "words.txt":
-            with open(path, encoding="utf-8") as f:
-                texts.append(f.read())
+    for name in ("english.txt", "code.txt"):
+        with open(os.path.join(here, name), encoding="utf-8") as f:
+            texts.append(f.read())
     return "\n\n".join(texts)
 
 
-def train_tokenizer(texts, out_dir):
-    """BPE on `texts`; saved under out_dir in the tokenizer's plain format."""
-    from sftfast.tokenizer import NANOCHAT_SPLIT_PATTERN, Tokenizer
+def train_tokenizer(texts, path):
+    """BPE (sftfast's trainer) on `texts`, saved to `path` in the tokenizer's plain format."""
+    from sftfast.tokenizer import Tokenizer
 
-    if hasattr(Tokenizer, "train"):
-        tok = Tokenizer.train(iter(texts), VOCAB_SIZE + 9)
-        tok.save(out_dir)
-        return tok
-    # until the in-house trainer lands: rustbpe (nanochat's trainer), then our tokenizer on its ranks
-    import base64
-
-    import rustbpe
-
-    trainer = rustbpe.Tokenizer()
-    trainer.train_from_iterator(iter(texts), VOCAB_SIZE, pattern=NANOCHAT_SPLIT_PATTERN)
-    ranks = {bytes(b): r for b, r in trainer.get_mergeable_ranks()}
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "tokenizer.tiktoken"), "w") as f:
-        for b, r in sorted(ranks.items(), key=lambda kv: kv[1]):
-            f.write(f"{base64.b64encode(b).decode()} {r}\n")
-    with open(os.path.join(out_dir, "pattern.txt"), "w") as f:
-        f.write(NANOCHAT_SPLIT_PATTERN)
-    return Tokenizer.from_ranks(ranks, NANOCHAT_SPLIT_PATTERN)
+    tok = Tokenizer.train(iter(texts), VOCAB_SIZE)
+    tok.save(path)
+    return tok
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,41 +146,18 @@ def base_train(model, ids, steps, batch, log):
 
 @torch.no_grad()
 def chat(model, tokenizer, question, max_tokens=48):
-    from sftfast.train import render_for_completion
+    """Greedy reply through sftfast.engine.Engine (KV cache; calculator calls are evaluated and
+    their output forced into the stream)."""
+    from sftfast.engine import Engine
 
     conv = dict(messages=[dict(role="user", content=question), dict(role="assistant", content="")])
-    ids = render_for_completion(tokenizer, conv)
-    sp = tokenizer.special_token_id
-    stop = {sp("<|assistant_end|>"), sp("<|bos|>")}
-    py_start, py_end = sp("<|python_start|>"), sp("<|python_end|>")
-    try:
-        from sftfast.calculator import use_calculator
-    except ImportError:
-        use_calculator = None
-    out, expr, in_python = [], [], False
+    prompt = list(tokenizer.render_for_completion(conv))
     model.eval()
-    for _ in range(max_tokens):
-        logits = model(torch.tensor([ids]))[0, -1]
-        nxt = int(logits.argmax())
-        if nxt in stop:
-            break
-        ids.append(nxt)
-        out.append(nxt)
-        if nxt == py_start:
-            in_python, expr = True, []
-        elif nxt == py_end and in_python:
-            in_python = False
-            result = use_calculator(tokenizer.decode(expr)) if use_calculator else None
-            if result is not None:  # force <|output_start|>result<|output_end|> into the stream
-                forced = [sp("<|output_start|>")] + tokenizer.encode(str(result)) + [sp("<|output_end|>")]
-                ids.extend(forced)
-                out.extend(forced)
-        elif in_python:
-            expr.append(nxt)
-    text = []
-    names = {sp(n): n for n in ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")}
-    chunk = []
-    for t in out + [None]:
+    tokens, _ = Engine(model, tokenizer).generate_batch(prompt, num_samples=1, max_tokens=max_tokens, temperature=0.0)
+    reply = tokens[0][len(prompt):]
+    names = {tokenizer.special_token_id(n): n for n in ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")}
+    text, chunk = [], []
+    for t in reply + [None]:
         if t is None or t in names:
             if chunk:
                 text.append(tokenizer.decode(chunk))
@@ -273,25 +182,28 @@ def main(args: argparse.Namespace) -> dict:
     def log(msg):
         print(f"[demo {time.time() - t_start:6.1f}s] {msg}", flush=True)
 
+    # OpenMP threads spin-wait for each other: on an oversubscribed CPU two threads run several
+    # times slower than one (measured on the shared 2-core box: 6.2 s vs 2.1 s per step)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > (os.cpu_count() or 1):
+        torch.set_num_threads(1)
+        log(f"CPU oversubscribed (load {load:.1f} on {os.cpu_count()} cores): torch uses 1 thread")
     torch.manual_seed(SEED)
-    train_tasks, notes = build_tasks("train", scale)
-    test_tasks, _ = build_tasks("test", scale)
-    for n in notes:
-        log(n)
-    train_mix, test_mix = Mixture(train_tasks), Mixture(test_tasks)
+    train_mix, test_mix = build_mixtures(scale)
     log(f"mixture: {len(train_mix)} train / {len(test_mix)} held-out conversations "
-        f"({', '.join(type(t).__name__ for t in train_tasks)})")
+        f"({', '.join(sorted({t.name for t in train_mix.tasks}))})")
 
     # 1. tokenizer on bundled text + the train split's plain text
     corpus = bundled_text()
     task_text = [conversation_text(train_mix[i]) for i in range(len(train_mix))]
-    tokenizer = train_tokenizer([corpus] + task_text if corpus else task_text, os.path.join(run_dir, "tokenizer"))
+    os.makedirs(os.path.join(run_dir, "tokenizer"), exist_ok=True)
+    tokenizer = train_tokenizer([corpus] + task_text, os.path.join(run_dir, "tokenizer", "tokenizer.sftfast"))
     log(f"tokenizer: {tokenizer.n_vocab} tokens (bundled text: {len(corpus):,} chars)")
 
     # 2. base model: short next-token training on the plain text, saved in nanochat's layout
     bos = tokenizer.bos_id
     stream = []
-    for doc in ([corpus] if corpus else []) + task_text:
+    for doc in [corpus] + task_text:
         stream.append(bos)
         stream.extend(tokenizer.encode(doc))
     config = GPTConfig(vocab_size=tokenizer.n_vocab, **MODEL)
@@ -300,24 +212,25 @@ def main(args: argparse.Namespace) -> dict:
     log(f"base model: {model.num_params():,} parameters, {len(stream):,} tokens of text")
     base_loss = base_train(model, stream, max(10, int(BASE_STEPS * scale)), BASE_BATCH, log)
     base_dir = os.path.join(ckpt.checkpoints_dir(run_dir, "base"), "demo")
-    ckpt.save_checkpoint(base_dir, 0, model.state_dict(), None, dict(model_config=config.to_dict(), step=0, train_loss=base_loss))
+    ckpt.save_checkpoint(base_dir, 0, model.state_dict(), None, dict(model_config=config.to_dict(), step=0, train_loss=base_loss,
+                                                                              tokenizer="tokenizer/tokenizer.sftfast"))
 
     # 3-4. SFT with the real trainer; evaluation before (step 0) and after (last step)
     sft_args = argparse.Namespace(**vars(args))
     sft_args.base_dir, sft_args.source, sft_args.model_tag, sft_args.step = run_dir, "base", "demo", 0
     sft_args.max_seq_len = config.sequence_len
     sft_args.device_batch_size, sft_args.target_examples_per_step = 8, 16
-    sft_args.num_epochs, sft_args.num_iterations = 2, -1
+    sft_args.num_epochs, sft_args.num_iterations = 1, -1
     sft_args.init_lr_frac = 0.5  # a tiny, briefly pre-trained model needs more than the seed's 0.02
     sft_args.eval_every = sft_args.eval_metrics_every = 10**9  # evaluate at the first and last step only
     sft_args.eval_steps = 10**9  # the whole held-out set
     sft_args.loss_norm = "token"
+    sft_args.eval_tasks = ""
     sft_args.device = "cpu"
     sft_args.log_jsonl = sft_args.log_jsonl or os.path.join(run_dir, "sft.jsonl")
     held_out = {"largest_number": LargestNumber(HELDOUT, "test")}
     # the trainer scores task metrics from its first eval_metrics_every step on: score the base model here
-    info = train.DistInfo(False, 0, 0, 1, torch.device("cpu"))
-    acc0 = {f"{k}_acc": train.categorical_accuracy(model, tokenizer, t, info, contextlib.nullcontext()) for k, t in held_out.items()}
+    acc0 = {f"{k}_acc": train.categorical_accuracy(model, tokenizer, t) for k, t in held_out.items()}
     if os.path.exists(sft_args.log_jsonl):
         os.unlink(sft_args.log_jsonl)
     summary = train.run(sft_args, train_ds=train_mix, val_ds=test_mix, metric_tasks=held_out, tokenizer=tokenizer)
@@ -331,7 +244,7 @@ def main(args: argparse.Namespace) -> dict:
 
     # 5. sample chat
     model = summary["model"]
-    for q in ["What is 23 + 58?", "Compute 12*7.", "Multiple Choice question: Which number is the largest?\n- 12=A\n- 87=B\n- 45=C\n- 3=D\n\nRespond only with the letter of the correct answer."]:
+    for q in ["What is 23 + 58?", "Spell the word: apple", "Who are you?", "Multiple Choice question: Which number is the largest?\n- 12=A\n- 87=B\n- 45=C\n- 3=D\n\nRespond only with the letter of the correct answer."]:
         log(f"user: {q!r}")
         log(f"assistant: {chat(model, tokenizer, q)!r}")
     result = dict(before=before, after=after, checkpoint_dir=summary["checkpoint_dir"], steps=summary["step"],

@@ -37,19 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:
-    from sftfast.loss import fused_linear_cross_entropy
-except ImportError:  # the `loss` branch not merged yet: an eager stand-in with the same signature
-
-    def fused_linear_cross_entropy(hidden, weight, targets, ignore_index=-1, softcap=None, reduction="mean", impl="auto"):
-        logits = (hidden @ weight.t()).float()
-        if softcap is not None:
-            logits = softcap * torch.tanh(logits / softcap)
-        loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
-        if reduction == "sum":
-            return loss
-        # mean over supervised positions; an all-masked batch gives 0 (and zero gradients), not NaN
-        return loss / (targets != ignore_index).sum().clamp(min=1)
+from sftfast.loss import fused_linear_cross_entropy
 
 
 @dataclass
@@ -259,17 +247,27 @@ class GPT(nn.Module):
             x = block(x, cos_sin, kv_cache, doc_ids, attn_mask)
         return norm(x)
 
+    def head_loss(self, x, targets, reduction="mean"):
+        """Masked cross-entropy of lm_head(x) against targets without the (N, V) logits (sftfast.loss)."""
+        w = self.lm_head.weight
+        if torch.is_autocast_enabled(x.device.type):
+            # what autocast does for nn.Linear: run the head in the low-precision dtype (the fused
+            # loss wants hidden and weight in one dtype); gradients flow back to the fp32 weight
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, w = x.to(dt), w.to(dt)
+        elif x.dtype != w.dtype:
+            x = x.to(w.dtype)
+        D = x.size(-1)
+        return fused_linear_cross_entropy(x.reshape(-1, D), w, targets.reshape(-1), ignore_index=-1,
+                                          softcap=self.config.softcap or None, reduction=reduction)
+
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", doc_ids=None):
         """targets given: scalar loss (`loss_reduction` "mean" over targets != -1, or "sum");
         else (B, T, V) float32 logits."""
         x = self.hidden_states(idx, kv_cache, doc_ids)
         softcap = self.config.softcap or None
         if targets is not None:
-            B, T, D = x.shape
-            return fused_linear_cross_entropy(
-                x.reshape(B * T, D), self.lm_head.weight, targets.reshape(B * T), ignore_index=-1,
-                softcap=softcap, reduction=loss_reduction,
-            )
+            return self.head_loss(x, targets, loss_reduction)
         logits = self.lm_head(x).float()
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)

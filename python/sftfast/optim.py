@@ -128,9 +128,10 @@ def build_optimizers(
 SCHEDULES = ("linear", "wsd")
 
 
-def lr_multiplier(step: int, num_iterations: int, schedule: str = "linear", warmup_ratio: float = 0.0,
+def lr_multiplier(step: float, num_iterations: int, schedule: str = "linear", warmup_ratio: float = 0.0,
                   warmdown_ratio: float = 0.2, final_lr_frac: float = 0.0) -> float:
-    """Learning-rate multiplier at `step` of `num_iterations`.
+    """Learning-rate multiplier at `step` of `num_iterations` (step may be fractional: the trainer
+    passes progress * num_iterations when it schedules by epoch consumption).
 
     linear: the seed's `1 - step / num_iterations`.
     wsd: nanochat's warmup / constant / warmdown by progress: linear warmup over the first

@@ -298,16 +298,13 @@ def evaluate_loss(model, loader, steps, token_bytes, info: DistInfo, autocast, d
         d = b.doc_ids.to(info.device) if doc_mask else None
         with autocast:
             h = model.hidden_states(x, doc_ids=d)
-        from sftfast.model import fused_linear_cross_entropy
-
-        h = h.reshape(-1, h.size(-1))
         yf = y.reshape(-1)
-        softcap = model.config.softcap or None
         nbytes = torch.where(yf >= 0, token_bytes[yf.clamp(min=0)], 0)
-        y_bytes = torch.where(nbytes > 0, yf, -1)
-        sums[0] += fused_linear_cross_entropy(h, model.lm_head.weight, yf, softcap=softcap, reduction="sum").double()
+        y_bytes = torch.where(nbytes > 0, yf, -1)  # bits per byte: special tokens (0 bytes) excluded
+        with autocast:
+            sums[0] += model.head_loss(h, yf, reduction="sum").double()
+            sums[2] += model.head_loss(h, y_bytes, reduction="sum").double()
         sums[1] += (yf >= 0).sum()
-        sums[2] += fused_linear_cross_entropy(h, model.lm_head.weight, y_bytes, softcap=softcap, reduction="sum").double()
         sums[3] += nbytes.sum()
         if b.progress >= 1.0:
             break
@@ -524,6 +521,8 @@ def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> 
         meta_out = dict(model_config=config.to_dict(), step=step, num_iterations=num_iterations, source=args.source,
                         args={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
                         metrics=metrics)
+        if isinstance(meta.get("tokenizer"), str):  # where sftfast.engine finds the tokenizer
+            meta_out["tokenizer"] = meta["tokenizer"]
         ckpt.save_checkpoint(out_dir, step, model.state_dict(), trainer, meta_out, rank=info.rank, barrier=barrier)
         log.print(f"saved checkpoint {out_dir} step {step}")
 
@@ -535,11 +534,12 @@ def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> 
     t_total = 0.0
     while True:
         # the last step: the iteration budget is spent, or any rank consumed its epochs
-        exhausted = torch.tensor(0, device=device)
-        if args.num_iterations < 0 and train_loader.consumed >= args.num_epochs * train_loader.shard_len:
-            exhausted.fill_(1)
-        all_reduce(exhausted, info, dist.ReduceOp.MAX if info.ddp else None)
-        last_step = step >= num_iterations or bool(exhausted.item())
+        # epoch progress by consumption, the furthest rank's (MAX: every rank sees the same value)
+        progress = torch.tensor(train_loader.consumed / (args.num_epochs * train_loader.shard_len), dtype=torch.float64, device=device)
+        all_reduce(progress, info, dist.ReduceOp.MAX if info.ddp else None)
+        progress = progress.item()
+        derived = args.num_iterations < 0
+        last_step = step >= num_iterations or (derived and progress >= 1.0)
 
         if val_ds is not None and (last_step or (args.eval_every > 0 and step % args.eval_every == 0)):
             val_loader = make_loader(val_ds, tokenizer, args.device_batch_size, T, info.rank, info.world_size, args.packing, args.loader, device)
@@ -589,7 +589,10 @@ def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> 
         sync_gradients(model, info, average=args.loss_norm == "microbatch")
         if args.loss_norm == "microbatch":
             loss_log[0] /= info.world_size
-        lrm = lr_multiplier(step, num_iterations, args.schedule, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+        # with a derived num_iterations the schedule follows consumption: packed rows hold several
+        # conversations, so the epoch ends before len(train) // target_examples_per_step steps
+        sched_step = min(progress, 1.0) * num_iterations if derived else step
+        lrm = lr_multiplier(sched_step, num_iterations, args.schedule, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * lrm
@@ -638,8 +641,13 @@ def main(argv=None) -> int:
 
         demo.main(args)
     else:
-        summary = run(args)
-        if summary is None:
+        try:
+            run(args)
+        except (ValueError, ckpt.CheckpointError, TrainingDivergedError) as e:
+            # user-facing failures: one clear line (and the exit status), not a traceback per rank
+            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+            if dist.is_initialized():
+                dist.destroy_process_group()
             return 1
     if dist.is_initialized():
         dist.destroy_process_group()
