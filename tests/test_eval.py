@@ -290,3 +290,24 @@ def test_tokenizer_discovery(tmp_path):
         find_tokenizer(str(tmp_path / "empty"), {})
     with pytest.raises(FileNotFoundError):
         load_tokenizer(str(tmp_path / "missing.sftfast"))
+
+
+def test_clis_report_errors_in_one_line(tmp_path, capsys, monkeypatch):
+    from sftfast import chat
+    from sftfast import eval as eval_cli
+
+    assert chat.main(["--base-dir", str(tmp_path), "-p", "hi"]) == 1
+    assert capsys.readouterr().err.startswith("error: CheckpointError")
+    assert eval_cli.main(["--base-dir", str(tmp_path), "-a", "SpellingBee"]) == 1
+    assert capsys.readouterr().err.startswith("error: CheckpointError")
+
+
+def test_eval_cli_names_missing_dataset(saved_run, tmp_path, capsys, monkeypatch):
+    from sftfast import eval as eval_cli
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "openai/gsm8k/main").mkdir(parents=True)  # a mirror without the test split
+    assert eval_cli.main(["--base-dir", saved_run, "-a", "GSM8K", "--data-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: TaskError") and "openai/gsm8k (main) split 'test'" in err

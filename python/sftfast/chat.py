@@ -91,8 +91,12 @@ class Chat:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    model, tokenizer, meta = load_for_inference(args.base_dir, args.source, args.model_tag, args.step,
-                                                device=args.device, tokenizer_path=args.tokenizer)
+    try:
+        model, tokenizer, meta = load_for_inference(args.base_dir, args.source, args.model_tag, args.step,
+                                                    device=args.device, tokenizer_path=args.tokenizer)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # CheckpointError is a RuntimeError
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     chat = Chat(Engine(model, tokenizer), tokenizer, args.temperature, args.top_k, args.max_tokens, args.seed)
     if args.prompt is not None:
         chat.reply(args.prompt)

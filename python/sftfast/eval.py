@@ -91,6 +91,11 @@ def main(argv=None) -> int:
                                   "results": results, "chatcore": score}, indent=2))
             elif score is not None:
                 print(f"ChatCORE over {', '.join(scored)}: {score:.4f}")
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # User-facing failures (TaskError, CheckpointError, a missing tokenizer or dataset):
+        # one clear line and a non-zero status, not a traceback per rank.
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     finally:
         if distributed:
             dist.destroy_process_group()
