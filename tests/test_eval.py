@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from _tasks_support import byte_tokenizer, render_for_completion, tiny_model
+from _tasks_support import byte_tokenizer, tiny_model
 from sftfast.evaluate import centered_accuracy, chatcore, evaluate_task, run_categorical_eval, run_generative_eval
 from sftfast.tasks import Task
 
@@ -23,22 +23,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-class RenderingTokenizer:
-    """The byte tokenizer plus render_for_completion (the Rust renderer's, or the SPEC rules)."""
-
-    def __init__(self, tok):
-        self._tok = tok
-
-    def __getattr__(self, name):
-        return getattr(self._tok, name)
-
-    def render_for_completion(self, conversation):
-        return render_for_completion(self._tok, conversation)
-
-
 @pytest.fixture(scope="module")
 def tok():
-    return RenderingTokenizer(byte_tokenizer())
+    return byte_tokenizer()
 
 
 class ListTask(Task):
@@ -190,13 +177,6 @@ def saved_run(tmp_path_factory):
     return str(base)
 
 
-def _have_renderer():
-    from sftfast import Tokenizer
-
-    return hasattr(Tokenizer, "render_for_completion")
-
-
-@pytest.mark.skipif(not _have_renderer(), reason="this build's Tokenizer has no render_for_completion yet (data branch)")
 def test_eval_cli(saved_run, capsys):
     from sftfast import eval as eval_cli
 
@@ -271,12 +251,9 @@ def test_eval_cli_under_torchrun_matches_one_process(saved_run, tmp_path, capsys
 
 
 def test_tokenizer_discovery(tmp_path):
-    from sftfast import Tokenizer
     from sftfast.engine import find_tokenizer, load_tokenizer
 
     tok = byte_tokenizer()
-    if not hasattr(Tokenizer, "save"):
-        pytest.skip("this build's Tokenizer has no save()")
     (tmp_path / "tokenizer").mkdir()
     tok.save(str(tmp_path / "tokenizer" / "tokenizer.sftfast"))
     found = find_tokenizer(str(tmp_path), {})
