@@ -22,7 +22,7 @@ build: $(STAMP)
 	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release --extras test --quiet
 
 run: build
-	$(PY) -m sftfast.bench tokenizer --json
+	$(PY) -m sftfast.train --demo
 
 test: build
 	cargo test --profile fast --quiet

@@ -1,0 +1,128 @@
+"""Talk to a fine-tuned model in the terminal.
+
+    python -m sftfast.chat --base-dir runs/demo                 # interactive, keeps the history
+    python -m sftfast.chat --base-dir runs/demo -p "Spell apple"   # one answer, then exit
+    python -m sftfast.chat --source base -t 0.0                   # greedy, from a base checkpoint
+
+Interactive commands: `clear` starts a new conversation, `quit` / `exit` (or Ctrl-D) ends.
+The conversation is kept as tokens exactly as the renderer lays them out (<|bos|>,
+<|user_start|> ... <|user_end|>, <|assistant_start|> ... <|assistant_end|>), so calculator
+calls and their forced outputs stay in the history the model sees on the next turn.
+Calculator calls are shown inline as [calculator: EXPR = RESULT].
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import os
+import sys
+
+import torch
+
+from sftfast.engine import Engine, load_for_inference
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m sftfast.chat", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-dir", default=os.environ.get("SFTFAST_BASE_DIR", "runs/demo"),
+                   help="directory holding {base,mid,chatsft}_checkpoints/ (default $SFTFAST_BASE_DIR or runs/demo)")
+    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft"])
+    p.add_argument("-g", "--model-tag", default=None)
+    p.add_argument("-s", "--step", type=int, default=None)
+    p.add_argument("--tokenizer", default=None, help="tokenizer path (default: recorded in the checkpoint, or BASE_DIR/tokenizer)")
+    p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
+    p.add_argument("-t", "--temperature", type=float, default=0.6)
+    p.add_argument("-k", "--top-k", type=int, default=50)
+    p.add_argument("-m", "--max-tokens", type=int, default=512, help="most tokens per reply")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy small CPU)")
+    return p.parse_args(argv)
+
+
+class Chat:
+    """A conversation as tokens, and the engine that extends it."""
+
+    def __init__(self, engine: Engine, tokenizer, temperature: float, top_k: int, max_tokens: int, seed: int):
+        self.engine, self.tok = engine, tokenizer
+        self.temperature, self.top_k, self.max_tokens, self.seed = temperature, top_k, max_tokens, seed
+        sid = tokenizer.special_token_id
+        self.user_start, self.user_end = sid("<|user_start|>"), sid("<|user_end|>")
+        self.assistant_start, self.assistant_end = sid("<|assistant_start|>"), sid("<|assistant_end|>")
+        self.shown = {sid("<|python_start|>"): "[calculator: ", sid("<|python_end|>"): "",
+                      sid("<|output_start|>"): " = ", sid("<|output_end|>"): "]"}
+        self.clear()
+
+    def clear(self) -> None:
+        self.tokens = [self.tok.bos_id]
+        self.turn = 0
+
+    def reply(self, user_text: str, out=sys.stdout) -> str:
+        """Append the user's message, stream the model's reply to `out`, return the reply text."""
+        self.tokens += [self.user_start, *self.tok.encode(user_text), self.user_end, self.assistant_start]
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pieces = []
+        generated = []
+        for column, _ in self.engine.generate(self.tokens, num_samples=1, max_tokens=self.max_tokens,
+                                              temperature=self.temperature, top_k=self.top_k,
+                                              seed=self.seed + self.turn):
+            token = column[0]
+            if token in (self.assistant_end, self.tok.bos_id):
+                break
+            generated.append(token)
+            if token in self.shown:
+                text = decoder.decode(b"", final=True) + self.shown[token]
+                decoder.reset()
+            else:
+                text = decoder.decode(self.tok.decode_bytes([token]))
+            pieces.append(text)
+            out.write(text)
+            out.flush()
+        tail = decoder.decode(b"", final=True)
+        pieces.append(tail)
+        out.write(tail + "\n")
+        out.flush()
+        # Close the turn as the renderer would, so the next turn sees a well-formed history.
+        self.tokens += generated + [self.assistant_end]
+        self.turn += 1
+        return "".join(pieces)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model, tokenizer, meta = load_for_inference(args.base_dir, args.source, args.model_tag, args.step,
+                                                    device=args.device, tokenizer_path=args.tokenizer)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # CheckpointError is a RuntimeError
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    chat = Chat(Engine(model, tokenizer), tokenizer, args.temperature, args.top_k, args.max_tokens, args.seed)
+    if args.prompt is not None:
+        chat.reply(args.prompt)
+        return 0
+    print(f"sftfast chat: {meta.get('checkpoint_dir')} step {meta.get('step')}. "
+          "Type 'clear' for a new conversation, 'quit' to exit.")
+    while True:
+        try:
+            line = input("\nUser: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if line.lower() in ("quit", "exit"):
+            return 0
+        if line.lower() == "clear":
+            chat.clear()
+            print("(new conversation)")
+            continue
+        if not line:
+            continue
+        print("\nAssistant: ", end="", flush=True)
+        chat.reply(line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Checkpoints in nanochat's layout, written atomically and read without executing pickle code.
+
+    {base_dir}/{base,mid,chatsft}_checkpoints/{model_tag}/
+        model_{step:06d}.pt          model state_dict (rank 0)
+        optim_{step:06d}_rank{r}.pt  per-rank trainer state: optimizer states, RNG, loader state
+        meta_{step:06d}.json         model_config, step, hyperparameters, metrics (rank 0)
+
+    from sftfast.checkpoint import save_checkpoint, load_checkpoint, load_model
+    model, meta = load_model("runs/demo", "base", device="cpu")
+
+Every file is written to a temporary name in the same directory, fsync'd, then renamed over
+the final name, so a crash never leaves a half-written file under a real name. The meta file is
+written last (after a barrier in DDP): a step counts as a checkpoint only when its meta exists,
+so `find_last_step` never picks a step whose model or optimizer files are incomplete.
+Loading uses `torch.load(weights_only=True)`: a checkpoint from an untrusted source cannot run
+code (tensors, dicts, lists, numbers and strings only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+
+import torch
+
+SOURCES = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "chatsft": "chatsft_checkpoints"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not match the model."""
+
+
+def checkpoints_dir(base_dir: str, source: str) -> str:
+    if source not in SOURCES:
+        raise CheckpointError(f"unknown checkpoint source {source!r}; choose from {sorted(SOURCES)}")
+    return os.path.join(base_dir, SOURCES[source])
+
+
+def _atomic_write(path: str, write) -> None:
+    """write(file_object) into a temp file next to `path`, fsync, rename over `path`."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_json_save(obj, path: str) -> None:
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode("utf-8")))
+
+
+def model_path(ckpt_dir, step):
+    return os.path.join(ckpt_dir, f"model_{step:06d}.pt")
+
+
+def meta_path(ckpt_dir, step):
+    return os.path.join(ckpt_dir, f"meta_{step:06d}.json")
+
+
+def optim_path(ckpt_dir, step, rank):
+    return os.path.join(ckpt_dir, f"optim_{step:06d}_rank{rank:d}.pt")
+
+
+def save_checkpoint(ckpt_dir: str, step: int, model_state: dict | None, trainer_state: dict | None, meta: dict | None,
+                    rank: int = 0, barrier=None) -> None:
+    """Rank 0 writes the model; every rank writes its trainer state; then (after `barrier()`, when
+    given) rank 0 writes the meta file that marks the checkpoint complete."""
+    if rank == 0 and model_state is not None:
+        atomic_torch_save(model_state, model_path(ckpt_dir, step))
+    if trainer_state is not None:
+        atomic_torch_save(trainer_state, optim_path(ckpt_dir, step, rank))
+    if barrier is not None:
+        barrier()
+    if rank == 0 and meta is not None:
+        atomic_json_save(meta, meta_path(ckpt_dir, step))
+
+
+def _load(path: str, device):
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # a corrupt or pickle-laden file: say which and why
+        raise CheckpointError(f"cannot load {path} with weights_only=True: {e}") from e
+
+
+def load_checkpoint(ckpt_dir: str, step: int, device="cpu", load_trainer_state: bool = False, rank: int = 0):
+    """-> (model_state, trainer_state or None, meta)."""
+    mpath = meta_path(ckpt_dir, step)
+    if not os.path.exists(mpath):
+        raise CheckpointError(f"checkpoint step {step} in {ckpt_dir} is incomplete or missing: no {os.path.basename(mpath)}")
+    with open(mpath, encoding="utf-8") as f:
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{mpath}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    model_state = _load(model_path(ckpt_dir, step), device)
+    # torch.compile prefixes keys with _orig_mod.; DDP with module.
+    model_state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in model_state.items()}
+    trainer_state = _load(optim_path(ckpt_dir, step, rank), device) if load_trainer_state else None
+    return model_state, trainer_state, meta
+
+
+def find_last_step(ckpt_dir: str) -> int:
+    """Highest step with a meta file (= a complete checkpoint)."""
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointError(f"no checkpoint directory {ckpt_dir}")
+    steps = [int(m.group(1)) for name in os.listdir(ckpt_dir) if (m := re.fullmatch(r"meta_(\d+)\.json", name))]
+    if not steps:
+        raise CheckpointError(f"no complete checkpoint (meta_*.json) in {ckpt_dir}")
+    return max(steps)
+
+
+def find_model_tag(checkpoints_root: str) -> str:
+    """nanochat's guess: the deepest d<N> tag, else the most recently modified directory."""
+    if not os.path.isdir(checkpoints_root):
+        raise CheckpointError(f"no checkpoints directory {checkpoints_root}")
+    tags = [t for t in os.listdir(checkpoints_root) if os.path.isdir(os.path.join(checkpoints_root, t))]
+    if not tags:
+        raise CheckpointError(f"no model tags in {checkpoints_root}")
+    depths = [(int(m.group(1)), t) for t in tags if (m := re.fullmatch(r"d(\d+)", t))]
+    if depths:
+        return max(depths)[1]
+    return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_root, t)))
+
+
+def resolve(base_dir: str, source: str, model_tag: str | None = None, step: int | None = None) -> tuple[str, str, int]:
+    """-> (checkpoint dir, model tag, step), guessing the tag and the last step when not given."""
+    root = checkpoints_dir(base_dir, source)
+    tag = model_tag or find_model_tag(root)
+    ckpt_dir = os.path.join(root, tag)
+    return ckpt_dir, tag, find_last_step(ckpt_dir) if step is None else step
+
+
+def build_model(model_state: dict, meta: dict, device="cpu"):
+    """GPT from a loaded state dict and its meta (meta["model_config"])."""
+    from sftfast.model import GPT, GPTConfig
+
+    if "model_config" not in meta:
+        raise CheckpointError("meta has no model_config")
+    try:
+        config = GPTConfig(**meta["model_config"])
+    except TypeError as e:
+        raise CheckpointError(f"meta model_config does not match GPTConfig: {e}") from e
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()  # fills the (non-persistent) rotary buffers
+    # bf16 weights from a GPU run train in fp32 here (autocast handles low precision on GPU)
+    model_state = {k: v.float() if v.is_floating_point() else v for k, v in model_state.items()}
+    try:
+        model.load_state_dict(model_state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint does not match its model_config: {e}") from e
+    return model
+
+
+def load_model(base_dir: str, source: str, model_tag: str | None = None, step: int | None = None, device="cpu"):
+    """-> (model, meta) of a checkpoint in nanochat's layout."""
+    ckpt_dir, tag, step = resolve(base_dir, source, model_tag, step)
+    model_state, _, meta = load_checkpoint(ckpt_dir, step, device)
+    model = build_model(model_state, meta, device)
+    meta = dict(meta, model_tag=tag, step=step, checkpoint_dir=ckpt_dir)
+    return model, meta

@@ -1,0 +1,109 @@
+"""Evaluate a checkpoint on chat tasks: per-task accuracy and ChatCORE.
+
+    python -m sftfast.eval --source sft -a ARC-Easy,MMLU,GSM8K [--max-problems N]
+    torchrun --standalone --nproc_per_node=8 -m sftfast.eval --source sft      # problems split across ranks
+    python -m sftfast.eval --base-dir runs/demo -a SpellingBee,Arithmetic --json
+
+Tasks: ARC-Easy, ARC-Challenge, MMLU (categorical: best allowed letter), GSM8K,
+SpellingBee, SimpleSpelling, Arithmetic (generative: sampled with tool calls). Hub
+datasets load from the hub or from local mirrors (--data-dir / $SFTFAST_DATA_DIR, see
+sftfast/tasks/base.py). Rank 0 prints one line per task, then ChatCORE over the tasks
+that have a chance baseline; --json prints one JSON object instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from sftfast.engine import Engine, load_for_inference
+from sftfast.evaluate import BASELINES, chatcore, evaluate_task
+from sftfast.tasks import get_task
+
+DEFAULT_TASKS = "ARC-Easy,ARC-Challenge,MMLU,GSM8K"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m sftfast.eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-dir", default=os.environ.get("SFTFAST_BASE_DIR", "runs/demo"),
+                   help="directory holding {base,mid,chatsft}_checkpoints/ (default $SFTFAST_BASE_DIR or runs/demo)")
+    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft"], help="which checkpoints to load")
+    p.add_argument("-g", "--model-tag", default=None, help="model tag (default: guessed, as nanochat does)")
+    p.add_argument("-s", "--step", type=int, default=None, help="step (default: the last complete one)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer path (default: recorded in the checkpoint, or BASE_DIR/tokenizer)")
+    p.add_argument("-a", "--task-name", default=DEFAULT_TASKS, help=f"comma-separated tasks (default {DEFAULT_TASKS})")
+    p.add_argument("-x", "--max-problems", type=int, default=None, help="evaluate at most this many problems per task")
+    p.add_argument("-b", "--batch-size", type=int, default=8, help="batch size of categorical evaluation")
+    p.add_argument("-n", "--num-samples", type=int, default=1, help="samples per generative problem (pass@n)")
+    p.add_argument("-m", "--max-new-tokens", type=int, default=512)
+    p.add_argument("-t", "--temperature", type=float, default=0.0)
+    p.add_argument("-k", "--top-k", type=int, default=50)
+    p.add_argument("--data-dir", default=None, help="local mirrors of hub datasets (default $SFTFAST_DATA_DIR)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy small CPU)")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="autocast dtype on CUDA")
+    p.add_argument("--json", action="store_true", help="print one JSON object with every result")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.max_problems is not None and args.max_problems < 1:
+        print("error: --max-problems must be >= 1", file=sys.stderr)
+        return 2
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    device = args.device
+    if distributed:
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+    rank = dist.get_rank() if distributed else 0
+    try:
+        model, tokenizer, meta = load_for_inference(args.base_dir, args.source, args.model_tag, args.step,
+                                                    device=device, tokenizer_path=args.tokenizer)
+        engine = Engine(model, tokenizer)
+        names = [n.strip() for n in args.task_name.split(",") if n.strip()]
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") and args.dtype == "bfloat16"
+                    else torch.autocast("cpu", enabled=False))
+        results = {}
+        for name in names:
+            task = get_task(name, data_dir=args.data_dir, role="eval")
+            with autocast:
+                out = evaluate_task(model, tokenizer, task, batch_size=args.batch_size, max_problems=args.max_problems,
+                                    num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+                                    temperature=args.temperature, top_k=args.top_k, engine=engine)
+            results[name] = out
+            if rank == 0 and not args.json:
+                print(f"{name:<14} {out['eval_type']:<11} accuracy {out['accuracy']:.4f} "
+                      f"({out['correct']}/{out['total']}) in {out['seconds']:.1f}s", flush=True)
+        scored = {n: r["accuracy"] for n, r in results.items() if n in BASELINES}
+        score = chatcore(scored) if scored else None
+        if rank == 0:
+            if args.json:
+                print(json.dumps({"checkpoint": meta.get("checkpoint_dir"), "step": meta.get("step"),
+                                  "results": results, "chatcore": score}, indent=2))
+            elif score is not None:
+                print(f"ChatCORE over {', '.join(scored)}: {score:.4f}")
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # User-facing failures (TaskError, CheckpointError, a missing tokenizer or dataset):
+        # one clear line and a non-zero status, not a traceback per rank.
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""CustomJSON: conversations from a JSONL file, one per line; the identity conversations by default.
+
+    from sftfast.tasks.customjson import CustomJSON, IDENTITY_FILE
+    task = CustomJSON(IDENTITY_FILE)
+
+Each line is an array of messages, or an object with a `messages` array (other fields
+are kept on the conversation). Blank lines are skipped; every other line is checked
+when the file is loaded and a bad one is reported as `file:line: reason`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from sftfast.tasks.base import Task, TaskError, validate_messages
+
+IDENTITY_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "identity.jsonl")
+
+
+class CustomJSON(Task):
+    eval_type = "generative"
+
+    def __init__(self, path: str = IDENTITY_FILE, name: str | None = None, **kwargs):
+        if not os.path.isfile(path):
+            raise TaskError(f"CustomJSON: {path} is not a file")
+        self.path = path
+        self.name = name or ("identity" if os.path.abspath(path) == IDENTITY_FILE else os.path.basename(path))
+        self.conversations = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TaskError(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
+                if isinstance(record, list):
+                    record = {"messages": record}
+                elif not isinstance(record, dict) or "messages" not in record:
+                    raise TaskError(f"{where}: expected an array of messages or an object with 'messages'")
+                record = dict(record)
+                record["messages"] = validate_messages(record["messages"], where)
+                self.conversations.append(record)
+        if not self.conversations:
+            raise TaskError(f"CustomJSON: {path} holds no conversations")
+        super().__init__(**kwargs)
+
+    def num_examples(self) -> int:
+        return len(self.conversations)
+
+    def get_example(self, index: int) -> dict:
+        return self.conversations[index]

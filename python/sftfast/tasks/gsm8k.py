@@ -1,0 +1,84 @@
+"""GSM8K: grade-school math word problems, answered with calculator calls, generative.
+
+    from sftfast.tasks.gsm8k import GSM8K
+    task = GSM8K(subset="main", split="train")      # hub openai/gsm8k
+    task[0]["messages"][1]["content"] -> [text, python "48/2", python_output "24", text, ..., text "#### 72"]
+
+The dataset writes calculator use inline as `<<expr=result>>`; each such span becomes a
+`python` part (expr) followed by a `python_output` part (result), so the model learns to
+call the tool and the tool's output is never a training target. `evaluate` compares the
+final `#### N` numerically.
+
+Schema (hub): question str, answer str. Configs: main, socratic. Splits: train, test.
+"""
+
+from __future__ import annotations
+
+import re
+
+from sftfast.tasks.base import (Task, TaskError, assistant_text, extract_final_answer, load_split,
+                                numbers_equal, require_columns)
+
+HUB_NAME = "openai/gsm8k"
+SUBSETS = ("main", "socratic")
+SPLITS = ("train", "test")
+_CALL = re.compile(r"(<<[^<>]*>>)")
+
+
+def parse_answer(answer: str, where: str) -> list[dict]:
+    """Split a GSM8K answer into text / python / python_output parts."""
+    parts = []
+    for piece in _CALL.split(answer):
+        if not piece:
+            continue
+        if piece.startswith("<<") and piece.endswith(">>"):
+            inner = piece[2:-2]
+            if "=" not in inner:
+                raise TaskError(f"{where}: calculator span {piece!r} has no '='")
+            expr, result = inner.rsplit("=", 1)
+            parts.append({"type": "python", "text": expr})
+            parts.append({"type": "python_output", "text": result})
+        else:
+            if "<<" in piece or ">>" in piece:
+                raise TaskError(f"{where}: unbalanced calculator span in {piece!r}")
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+class GSM8K(Task):
+    eval_type = "generative"
+
+    def __init__(self, split: str, subset: str = "main", source: str | None = None, data_dir: str | None = None, **kwargs):
+        if subset not in SUBSETS:
+            raise TaskError(f"GSM8K subset must be one of {SUBSETS}, got {subset!r}")
+        if split not in SPLITS:
+            raise TaskError(f"GSM8K split must be one of {SPLITS}, got {split!r}")
+        self.name = "GSM8K"
+        self.split = split
+        self.ds = load_split(HUB_NAME, subset, split, source, data_dir)
+        require_columns(self.ds, ["question", "answer"], f"GSM8K {split}")
+        super().__init__(**kwargs)
+
+    def num_examples(self) -> int:
+        return len(self.ds)
+
+    def get_example(self, index: int) -> dict:
+        row = self.ds[index]
+        where = f"GSM8K {self.split} index {index}"
+        question, answer = row["question"], row["answer"]
+        if not isinstance(question, str) or not question.strip():
+            raise TaskError(f"{where}: question must be a non-empty string")
+        if not isinstance(answer, str):
+            raise TaskError(f"{where}: answer must be a string")
+        if extract_final_answer(answer) is None:
+            raise TaskError(f"{where}: answer has no final '#### N' line")
+        return {
+            "messages": [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": parse_answer(answer, where)},
+            ]
+        }
+
+    def evaluate(self, conversation: dict, response: str) -> bool:
+        reference = extract_final_answer(assistant_text(conversation["messages"][-1]["content"]))
+        return numbers_equal(extract_final_answer(response), reference)

@@ -1,0 +1,658 @@
+"""Supervised fine-tuning: the chat_sft stage (nanochat's scripts/chat_sft.py, rebuilt for speed).
+
+    python -m sftfast.train --demo                                  # the embedded CPU demo (make run)
+    python -m sftfast.train --base-dir ~/.cache/nanochat --source mid --model-tag d12
+    torchrun --standalone --nproc_per_node=8 -m sftfast.train --source mid --log-jsonl sft.jsonl
+    python -m sftfast.train ... --resume                            # continue the last chatsft checkpoint
+
+Loads a base or mid checkpoint ({base_dir}/{base,mid}_checkpoints/{tag}/model_{step:06d}.pt),
+trains it on a task mixture with the masked loss on assistant tokens only, evaluates validation
+loss / bits per byte and categorical accuracy, and writes {base_dir}/chatsft_checkpoints/{tag}/.
+
+Batch arithmetic (the seed's): each optimizer step sees target_examples_per_step rows across all
+ranks: grad_accum_steps = target_examples_per_step // (device_batch_size * world_size);
+num_iterations = -1 means (len(train) // target_examples_per_step) * num_epochs. An epoch ends
+when its conversations are consumed; the last-step flag is all-reduced (MAX) so no rank hangs.
+
+--loss-norm microbatch (nanochat): each micro-batch's mean loss / grad_accum_steps, gradients
+averaged over ranks. --loss-norm token: the sum of per-token losses over all micro-batches and
+ranks of the step divided by the step's total number of supervised tokens (all-reduced before the
+backward passes), so the gradient does not depend on how tokens fall into micro-batches.
+
+DDP: gradients are all-reduced explicitly after the micro-batches (no wrapper, no no_sync
+bookkeeping), AdamW then runs replicated and Muon shards its Newton-Schulz work over ranks
+(sftfast.optim). gloo on CPU, NCCL on GPU. bf16 autocast on GPU; fp32 on CPU so that a resumed run
+reproduces an uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from sftfast import checkpoint as ckpt
+from sftfast.model import GPT
+from sftfast.optim import SCHEDULES, build_optimizers, lr_multiplier
+
+
+class TrainingDivergedError(RuntimeError):
+    """A non-finite loss: the run stops before the optimizer step; nothing is saved."""
+
+
+# -----------------------------------------------------------------------------
+# The Python data path: tiktoken encoding, sftfast.reference rendering and best-fit packing in
+# plain Python (nanochat's data path). `python -m sftfast.bench train` measures it against the
+# Rust loader (sftfast.dataloader.SFTLoader, the default), and `--loader python` selects it.
+
+def read_jsonl_conversations(path) -> list:
+    """One conversation per line: {"messages": [...]} or a bare list of messages."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg}") from e
+            if isinstance(obj, list):
+                obj = {"messages": obj}
+            if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
+                raise ValueError(f"{path}:{lineno}: expected an object with a 'messages' list or a list of messages")
+            out.append(obj)
+    if not out:
+        raise ValueError(f"{path}: no conversations")
+    return out
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor  # (B, T) int64
+    targets: torch.Tensor  # (B, T) int64, -1 = ignore
+    doc_ids: torch.Tensor  # (B, T) int32, one label per conversation in the row (padding: its own label)
+    progress: float  # epochs consumed by this rank after this batch
+
+
+class PyPackedLoader:
+    """Rank r of W takes conversations r, r+W, ... of `dataset`; rows of seq_len+1 tokens.
+
+    bestfit: from a buffer of `buffer_size` rendered conversations take the largest that fits the
+    row's remaining space; when none fits, pad the rest (pad id = bos, targets -1). A conversation
+    longer than the row is truncated to it (counted in `n_truncated`). padded: one conversation per
+    row, padded to the longest of the batch (the seed's collate_and_yield).
+    state_dict() holds the cursor and the indices in the buffer, so a resumed loader yields the
+    same batches as one that never stopped.
+    """
+
+    def __init__(self, dataset, tokenizer, batch_size, seq_len, rank=0, world_size=1, packing="bestfit", buffer_size=100):
+        if packing not in ("bestfit", "padded"):
+            raise ValueError(f"unknown packing {packing!r}")
+        self.dataset, self.tokenizer = dataset, tokenizer
+        self.B, self.T = batch_size, seq_len
+        self.rank, self.world = rank, world_size
+        self.packing, self.buffer_size = packing, buffer_size
+        self.shard_len = len(range(rank, len(dataset), world_size))
+        if self.shard_len == 0:
+            raise ValueError(f"dataset of {len(dataset)} conversations leaves rank {rank} of {world_size} nothing")
+        self.bos = tokenizer.special_token_id("<|bos|>")
+        from sftfast import reference
+
+        self._render, self._enc = reference.render_conversation, tokenizer.to_tiktoken()
+        self.cursor, self.consumed, self.n_truncated = 0, 0, 0  # cursor: position within this rank's shard
+        self.buffer: list[tuple[int, list[int], list[int]]] = []  # (shard position, ids, mask)
+
+    def _fetch(self):
+        index = self.rank + (self.cursor % self.shard_len) * self.world
+        ids, mask = self._render(self._enc, self.dataset[index], max_tokens=self.T + 2, location=f"conversation {index}")
+        self.buffer.append((self.cursor, ids, mask))
+        self.cursor += 1
+
+    def _take(self, k):
+        _, ids, mask = self.buffer.pop(k)
+        self.consumed += 1
+        return ids, mask
+
+    def next(self) -> Batch:
+        rows = []
+        if self.packing == "padded":
+            while len(self.buffer) < self.B:
+                self._fetch()
+            rows = [self._take(0) for _ in range(self.B)]
+            self.n_truncated += sum(len(r[0]) > self.T + 1 for r in rows)
+            width = min(self.T + 1, max(len(r[0]) for r in rows))
+        else:
+            width = self.T + 1
+            for _ in range(self.B):
+                row_ids, row_mask, row_docs, space, n_docs = [], [], [], width, 0
+                while True:
+                    while len(self.buffer) < self.buffer_size:
+                        self._fetch()
+                    fits = [(len(b[1]), -k) for k, b in enumerate(self.buffer) if len(b[1]) <= space]
+                    if not fits:
+                        if row_ids:
+                            break
+                        k = 0  # empty row and nothing fits: truncate the oldest conversation to the row
+                        self.n_truncated += 1
+                    else:
+                        k = -max(fits)[1]  # largest that fits; the oldest among equals
+                    ids, mask = self._take(k)
+                    ids, mask = ids[:space], mask[:space]
+                    row_docs.extend([n_docs] * len(ids))
+                    n_docs += 1
+                    row_ids.extend(ids)
+                    row_mask.extend(mask)
+                    space -= len(ids)
+                    if space == 0:
+                        break
+                rows.append((row_ids, row_mask, row_docs))
+        inputs = np.full((self.B, width), self.bos, dtype=np.int64)
+        targets_mask = np.zeros((self.B, width), dtype=bool)
+        doc_ids = np.zeros((self.B, width), dtype=np.int32)
+        for i, row in enumerate(rows):
+            ids, mask = row[0][:width], row[1][:width]
+            n = len(ids)
+            inputs[i, :n] = ids
+            targets_mask[i, :n] = np.asarray(mask, dtype=bool)
+            docs = row[2] if len(row) > 2 else [0] * n
+            doc_ids[i, :n] = docs[:n]
+            doc_ids[i, n:] = (docs[n - 1] + 1) if n else 0  # padding: a conversation of its own
+        targets = np.where(targets_mask[:, 1:], inputs[:, 1:], -1)
+        return Batch(
+            torch.from_numpy(inputs[:, :-1].copy()), torch.from_numpy(targets),
+            torch.from_numpy(doc_ids[:, :-1].copy()), self.consumed / self.shard_len,
+        )
+
+    def state_dict(self) -> dict:
+        return dict(cursor=self.cursor, consumed=self.consumed, n_truncated=self.n_truncated,
+                    buffer=[b[0] for b in self.buffer])
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed, self.n_truncated = int(state["consumed"]), int(state["n_truncated"])
+        self.buffer = []
+        for pos in state["buffer"]:  # re-render the buffered conversations
+            self.cursor = int(pos)
+            self._fetch()
+        self.cursor = int(state["cursor"])
+
+
+def make_loader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packing="bestfit", impl="rust", device="cpu"):
+    """The Rust loader (sftfast.dataloader.SFTLoader) or, with impl="python", the Python one."""
+    if impl == "python":
+        return PyPackedLoader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packing)
+    if impl != "rust":
+        raise ValueError(f"unknown loader {impl!r}")
+    return RustLoader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packing, device)
+
+
+class RustLoader:
+    """SFTLoader (Rust rendering + packing on a background thread, pinned buffers on CUDA) behind
+    the trainer's interface: next() -> Batch, consumed, shard_len, state_dict/load_state_dict.
+    It runs with num_epochs=None; the trainer decides when the epochs are consumed."""
+
+    def __init__(self, dataset, tokenizer, batch_size, seq_len, rank, world_size, packing, device):
+        from sftfast.dataloader import SFTLoader
+
+        self.loader = SFTLoader(dataset, tokenizer, batch_size=batch_size, seq_len=seq_len, mode=packing, rank=rank,
+                                world_size=world_size, num_epochs=None, device=device)
+        self.shard_len = self.loader.per_epoch
+
+    @property
+    def consumed(self) -> int:
+        return self.loader._consumed
+
+    @property
+    def n_truncated(self) -> int:
+        return self.loader.stats()["truncated"]
+
+    def next(self) -> Batch:
+        b = next(self.loader)
+        # position ids restart at 0 at each conversation (and at a row's padding tail): one label each
+        doc_ids = (b.position_ids == 0).cumsum(dim=1, dtype=torch.int32)
+        return Batch(b.inputs.long(), b.targets, doc_ids, b.epoch)
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+    def close(self) -> None:
+        self.loader.close()
+
+
+# -----------------------------------------------------------------------------
+# distributed helpers
+
+@dataclass
+class DistInfo:
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+
+def init_distributed(device_arg: str) -> DistInfo:
+    ddp = int(os.environ.get("RANK", -1)) != -1 and int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    rank, local_rank, world = 0, 0, 1
+    if ddp:
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device_arg == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(device_arg)
+    if ddp and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return DistInfo(ddp, rank, local_rank, world, device)
+
+
+def all_reduce(t: torch.Tensor, info: DistInfo, op=None):
+    if info.ddp:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def sync_gradients(model, info: DistInfo, average: bool) -> None:
+    """Sum (token norm) or average (microbatch norm) every gradient over ranks."""
+    if not info.ddp:
+        return
+    handles = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters() if p.grad is not None]
+    for h in handles:
+        h.wait()
+    if average:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.div_(info.world_size)
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+def token_bytes_tensor(tokenizer, device) -> torch.Tensor:
+    """(V,) byte length of each token's text; 0 for special tokens (excluded from bits per byte)."""
+    return torch.as_tensor(np.asarray(tokenizer.token_bytes()), dtype=torch.int64).to(device)
+
+
+@torch.no_grad()
+def evaluate_loss(model, loader, steps, token_bytes, info: DistInfo, autocast, doc_mask=True) -> dict:
+    """Token-weighted validation loss and bits per byte over `steps` batches (or one epoch)."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss nats, tokens, nats on byte tokens, bytes
+    for _ in range(steps):
+        b = loader.next()
+        x, y = b.inputs.to(info.device), b.targets.to(info.device)
+        d = b.doc_ids.to(info.device) if doc_mask else None
+        with autocast:
+            h = model.hidden_states(x, doc_ids=d)
+        yf = y.reshape(-1)
+        nbytes = torch.where(yf >= 0, token_bytes[yf.clamp(min=0)], 0)
+        y_bytes = torch.where(nbytes > 0, yf, -1)  # bits per byte: special tokens (0 bytes) excluded
+        with autocast:
+            sums[0] += model.head_loss(h, yf, reduction="sum").double()
+            sums[2] += model.head_loss(h, y_bytes, reduction="sum").double()
+        sums[1] += (yf >= 0).sum()
+        sums[3] += nbytes.sum()
+        if b.progress >= 1.0:
+            break
+    all_reduce(sums, info)
+    model.train()
+    return dict(val_loss=(sums[0] / sums[1].clamp(min=1)).item(), val_bpb=(sums[2] / (math.log(2) * sums[3].clamp(min=1))).item(),
+                val_tokens=int(sums[1].item()))
+
+
+def categorical_accuracy(model, tokenizer, task, max_problems=1024, batch_size=8) -> float:
+    """Restricted choice (the allowed letter with the highest logit), sftfast.evaluate's scorer;
+    problems are split over ranks and the counts all-reduced there."""
+    from sftfast.evaluate import run_categorical_eval
+
+    model.eval()
+    try:
+        return run_categorical_eval(model, tokenizer, task, batch_size=batch_size, max_problems=max_problems)["accuracy"]
+    finally:
+        model.train()
+
+
+# -----------------------------------------------------------------------------
+# settings
+
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+                  "4090": 165e12, "B200": 2250e12}
+
+
+def gpu_peak_flops(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("source and output")
+    g.add_argument("--demo", action="store_true", help="run the embedded CPU demo (tokenizer, base, SFT, eval, chat)")
+    g.add_argument("--base-dir", default=None, help="default: $SFTFAST_BASE_DIR, else ~/.cache/nanochat (demo: runs/demo)")
+    g.add_argument("--demo-scale", type=float, default=1.0, help="scale the demo's data and steps (tests use < 1)")
+    g.add_argument("--source", default="mid", choices=["base", "mid"])
+    g.add_argument("--model-tag", default=None, help="default: the deepest d<N> tag (nanochat's guess)")
+    g.add_argument("--step", type=int, default=None, help="source step; default: the last one")
+    g.add_argument("--tokenizer", default=None, help="tokenizer file; default: the checkpoint's (sftfast.engine.find_tokenizer)")
+    g.add_argument("--resume", action="store_true", help="continue from the last chatsft checkpoint of the tag")
+    g.add_argument("--save-every", type=int, default=-1, help="also checkpoint every N steps (-1: only at the end)")
+    g = p.add_argument_group("data")
+    g.add_argument("--mixture", default="seed", help="sftfast.tasks.build_mixture name")
+    g.add_argument("--train-data", default=None, help="JSONL of conversations to train on instead of --mixture")
+    g.add_argument("--val-data", default=None, help="JSONL of validation conversations (with --train-data)")
+    g.add_argument("--max-seq-len", type=int, default=2048)
+    g.add_argument("--packing", default="bestfit", choices=["bestfit", "padded"])
+    g.add_argument("--loader", default="rust", choices=["rust", "python"], help="data path: Rust SFTLoader or the Python reference")
+    g.add_argument("--cross-doc-attention", action="store_true", help="let attention cross conversations in a packed row")
+    g = p.add_argument_group("optimisation (seed defaults)")
+    g.add_argument("--device-batch-size", type=int, default=4)
+    g.add_argument("--target-examples-per-step", type=int, default=32)
+    g.add_argument("--num-epochs", type=int, default=1)
+    g.add_argument("--num-iterations", type=int, default=-1, help="-1: (len(train) // target_examples_per_step) * num_epochs")
+    g.add_argument("--unembedding-lr", type=float, default=0.004)
+    g.add_argument("--embedding-lr", type=float, default=0.2)
+    g.add_argument("--matrix-lr", type=float, default=0.02)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--init-lr-frac", type=float, default=0.02)
+    g.add_argument("--schedule", default="linear", choices=SCHEDULES)
+    g.add_argument("--warmup-ratio", type=float, default=0.0)
+    g.add_argument("--warmdown-ratio", type=float, default=0.2)
+    g.add_argument("--final-lr-frac", type=float, default=0.0)
+    g.add_argument("--loss-norm", default="microbatch", choices=["microbatch", "token"])
+    g = p.add_argument_group("evaluation and logging")
+    g.add_argument("--eval-every", type=int, default=100)
+    g.add_argument("--eval-steps", type=int, default=100)
+    g.add_argument("--eval-metrics-every", type=int, default=200)
+    g.add_argument("--eval-metrics-max-problems", type=int, default=1024)
+    g.add_argument("--eval-tasks", default="MMLU,ARC-Easy", help="categorical tasks scored every eval_metrics_every steps ('' = none)")
+    g.add_argument("--log-jsonl", default=None)
+    g.add_argument("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--seed", type=int, default=42)
+
+
+# -----------------------------------------------------------------------------
+# the training run
+
+def _rng_state():
+    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                python=list(random.getstate()[1]), python_pos=random.getstate()[2])
+
+
+def _set_rng_state(s):
+    torch.set_rng_state(s["torch"].cpu())
+    if torch.cuda.is_available() and s["cuda"]:
+        torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
+    random.setstate((3, tuple(int(v) for v in s["python"]), s["python_pos"]))
+
+
+class Logger:
+    def __init__(self, args, info):
+        self.master = info.rank == 0
+        self.jsonl = open(args.log_jsonl, "a", encoding="utf-8") if (args.log_jsonl and self.master) else None
+        self.wandb = None
+        if self.master and args.run != "dummy":
+            try:
+                import wandb
+            except ImportError as e:
+                raise SystemExit("--run needs wandb (pip install wandb); use --run dummy to disable") from e
+            self.wandb = wandb.init(project="sftfast", name=args.run, config=vars(args))
+
+    def print(self, *a):
+        if self.master:
+            print(*a, flush=True)
+
+    def record(self, kind, data):
+        if not self.master:
+            return
+        if self.jsonl:
+            self.jsonl.write(json.dumps(dict(type=kind, **data)) + "\n")
+            self.jsonl.flush()
+        if self.wandb:
+            self.wandb.log({f"{kind}/{k}" if k != "step" else k: v for k, v in data.items()})
+
+    def close(self):
+        if self.jsonl:
+            self.jsonl.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def default_base_dir() -> str:
+    return os.environ.get("SFTFAST_BASE_DIR", os.path.expanduser("~/.cache/nanochat"))
+
+
+def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> dict:
+    """Train. Datasets default to sftfast.tasks (args.mixture); returns a summary dict (rank 0's view)."""
+    if args.base_dir is None:
+        args.base_dir = default_base_dir()
+    info = init_distributed(args.device)
+    log = Logger(args, info)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    device = info.device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+    # --- model: the source checkpoint, or our own last chatsft checkpoint when resuming
+    out_root = ckpt.checkpoints_dir(args.base_dir, "sft")
+    trainer_state = None
+    if args.resume:
+        out_dir, tag, start = ckpt.resolve(args.base_dir, "sft", args.model_tag)
+        model_state, trainer_state, meta = ckpt.load_checkpoint(out_dir, start, device, load_trainer_state=True, rank=info.rank)
+        model = ckpt.build_model(model_state, meta, device)
+        if trainer_state.get("world_size", 1) != info.world_size:
+            raise ckpt.CheckpointError(f"checkpoint was written by {trainer_state['world_size']} ranks, resuming with {info.world_size}")
+        log.print(f"resuming {out_dir} at step {start}")
+    else:
+        model, meta = ckpt.load_model(args.base_dir, args.source, args.model_tag, args.step, device)
+        tag = meta["model_tag"]
+        out_dir = os.path.join(out_root, tag)
+        log.print(f"loaded {meta['checkpoint_dir']} step {meta['step']}: {model.num_params():,} parameters")
+    config = model.config
+    if tokenizer is None:
+        from sftfast.engine import find_tokenizer, load_tokenizer
+
+        tokenizer = load_tokenizer(find_tokenizer(args.base_dir, meta, args.tokenizer))
+    if tokenizer.n_vocab > config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.n_vocab} tokens, the model {config.vocab_size}")
+    model.train()
+    fwd = torch.compile(model, dynamic=False) if args.compile else model
+
+    # --- data
+    if train_ds is None and args.train_data:
+        train_ds = read_jsonl_conversations(args.train_data)
+        val_ds = read_jsonl_conversations(args.val_data) if args.val_data else None
+    if train_ds is None:
+        from sftfast import tasks
+
+        train_ds, val_ds = tasks.build_mixture(args.mixture, split="train"), tasks.build_mixture(args.mixture, split="val")
+        if metric_tasks is None and args.eval_tasks:
+            metric_tasks = {name.lower().replace("-", "_"): tasks.get_task(name, role="eval") for name in args.eval_tasks.split(",")}
+    metric_tasks = metric_tasks or {}
+    rows_per_micro = args.device_batch_size * info.world_size
+    if args.target_examples_per_step % rows_per_micro != 0:
+        raise ValueError(f"target_examples_per_step={args.target_examples_per_step} is not a multiple of "
+                         f"device_batch_size * world_size = {rows_per_micro}")
+    grad_accum = args.target_examples_per_step // rows_per_micro
+    num_iterations = args.num_iterations
+    if num_iterations < 0:
+        num_iterations = (len(train_ds) // args.target_examples_per_step) * args.num_epochs
+    if num_iterations <= 0:
+        raise ValueError(f"{len(train_ds)} training conversations give no step of {args.target_examples_per_step} examples")
+    T = args.max_seq_len
+    train_loader = make_loader(train_ds, tokenizer, args.device_batch_size, T, info.rank, info.world_size, args.packing, args.loader, device)
+    token_bytes = token_bytes_tensor(tokenizer, device)
+    doc_mask = not args.cross_doc_attention
+    log.print(f"world {info.world_size} | grad_accum {grad_accum} | num_iterations {num_iterations} | loss_norm {args.loss_norm}")
+
+    # --- optimizers and resumed state
+    optimizers = build_optimizers(model, args.unembedding_lr, args.embedding_lr, args.matrix_lr, args.weight_decay,
+                                  args.init_lr_frac, info.rank, info.world_size)
+    step = 0
+    if trainer_state is not None:
+        for opt, s in zip(optimizers, trainer_state["optimizers"]):
+            opt.load_state_dict(s)
+        train_loader.load_state_dict(trainer_state["loader"])
+        _set_rng_state(trainer_state["rng"])
+        step = trainer_state["step"]
+        num_iterations = trainer_state["num_iterations"]
+    barrier = (lambda: dist.barrier()) if info.ddp else None
+
+    def save(step, metrics):
+        trainer = dict(optimizers=[o.state_dict() for o in optimizers], loader=train_loader.state_dict(), rng=_rng_state(),
+                       step=step, num_iterations=num_iterations, world_size=info.world_size)
+        meta_out = dict(model_config=config.to_dict(), step=step, num_iterations=num_iterations, source=args.source,
+                        args={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+                        metrics=metrics)
+        if isinstance(meta.get("tokenizer"), str):  # where sftfast.engine finds the tokenizer
+            meta_out["tokenizer"] = meta["tokenizer"]
+        ckpt.save_checkpoint(out_dir, step, model.state_dict(), trainer, meta_out, rank=info.rank, barrier=barrier)
+        log.print(f"saved checkpoint {out_dir} step {step}")
+
+    flops_per_token = model.estimate_flops(T)
+    peak = gpu_peak_flops(device)
+    metrics: dict = {}
+    history = []
+    train_loss = float("nan")
+    t_total = 0.0
+    while True:
+        # the last step: the iteration budget is spent, or any rank consumed its epochs
+        # epoch progress by consumption, the furthest rank's (MAX: every rank sees the same value)
+        progress = torch.tensor(train_loader.consumed / (args.num_epochs * train_loader.shard_len), dtype=torch.float64, device=device)
+        all_reduce(progress, info, dist.ReduceOp.MAX if info.ddp else None)
+        progress = progress.item()
+        derived = args.num_iterations < 0
+        last_step = step >= num_iterations or (derived and progress >= 1.0)
+
+        if val_ds is not None and (last_step or (args.eval_every > 0 and step % args.eval_every == 0)):
+            val_loader = make_loader(val_ds, tokenizer, args.device_batch_size, T, info.rank, info.world_size, args.packing, args.loader, device)
+            metrics.update(evaluate_loss(model, val_loader, args.eval_steps, token_bytes, info, autocast, doc_mask))
+            if hasattr(val_loader, "close"):
+                val_loader.close()
+            log.print(f"step {step:05d} | val loss {metrics['val_loss']:.6f} | val bpb {metrics['val_bpb']:.4f}")
+            log.record("eval", dict(step=step, val_loss=metrics["val_loss"], val_bpb=metrics["val_bpb"]))
+        if metric_tasks and (last_step or (args.eval_metrics_every > 0 and step > 0 and step % args.eval_metrics_every == 0)):
+            with autocast:
+                accs = {f"{name}_acc": categorical_accuracy(model, tokenizer, task, args.eval_metrics_max_problems)
+                        for name, task in metric_tasks.items()}
+            metrics.update(accs)
+            log.print(f"step {step:05d} | " + ", ".join(f"{k}: {v:.4f}" for k, v in accs.items()))
+            log.record("eval", dict(step=step, **accs))
+        if last_step:
+            break
+        # --- one optimizer step
+        t0 = time.perf_counter()
+        batches = [train_loader.next() for _ in range(grad_accum)]
+        n_sup = torch.tensor(sum(int((b.targets >= 0).sum()) for b in batches), dtype=torch.float64, device=device)
+        all_reduce(n_sup, info)  # total supervised tokens of the step, all ranks
+        loss_log = torch.zeros(2, dtype=torch.float64, device=device)  # (loss for the log, non-finite flag)
+        bad = None
+        for micro, b in enumerate(batches):
+            x, y = b.inputs.to(device, non_blocking=True), b.targets.to(device, non_blocking=True)
+            d = b.doc_ids.to(device, non_blocking=True) if doc_mask else None
+            with autocast:
+                if args.loss_norm == "token":
+                    raw = fwd(x, y, loss_reduction="sum", doc_ids=d)
+                    # DDP sums gradients over ranks: divide by the global count here
+                    loss = raw / n_sup.clamp(min=1).to(raw.dtype)
+                else:
+                    raw = fwd(x, y, loss_reduction="mean", doc_ids=d)
+                    loss = raw / grad_accum
+            if not torch.isfinite(raw.detach()):
+                bad = bad or (micro, raw.item())
+            loss.backward()
+            loss_log[0] += loss.detach().double()
+        loss_log[1] = 1.0 if bad else 0.0
+        all_reduce(loss_log, info)
+        if loss_log[1] > 0:
+            where = f"rank {info.rank} micro-batch {bad[0]} (loss {bad[1]})" if bad else "another rank"
+            raise TrainingDivergedError(
+                f"non-finite loss at step {step} in {where}; conversations consumed so far on this rank: "
+                f"{train_loader.consumed}; the last good checkpoint is left untouched")
+        sync_gradients(model, info, average=args.loss_norm == "microbatch")
+        if args.loss_norm == "microbatch":
+            loss_log[0] /= info.world_size
+        # with a derived num_iterations the schedule follows consumption: packed rows hold several
+        # conversations, so the epoch ends before len(train) // target_examples_per_step steps
+        sched_step = min(progress, 1.0) * num_iterations if derived else step
+        lrm = lr_multiplier(sched_step, num_iterations, args.schedule, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        step += 1
+        t_total += dt
+        train_loss = loss_log[0].item()
+        if not math.isfinite(train_loss):
+            raise TrainingDivergedError(f"non-finite loss at step {step - 1}")
+        n_tokens = sum(b.inputs.numel() for b in batches) * info.world_size
+        tok_s = n_tokens / dt
+        rec = dict(step=step, num_iterations=num_iterations, loss=train_loss, lrm=lrm, sup_tokens=int(n_sup.item()),
+                   tokens_per_s=tok_s, dt=dt, epoch=batches[-1].progress)
+        mfu_s = ""
+        if peak:
+            rec["mfu"] = flops_per_token * tok_s / (peak * info.world_size)
+            mfu_s = f" | mfu {100 * rec['mfu']:.2f}%"
+        log.print(f"step {step:05d}/{num_iterations:05d} | loss {train_loss:.6f} | lrm {lrm:.4f} | sup tokens {int(n_sup.item()):,}"
+                  f" | {tok_s:,.0f} tok/s{mfu_s} | {1000 * dt:.0f} ms")
+        log.record("step", rec)
+        history.append(train_loss)
+        if args.save_every > 0 and step % args.save_every == 0 and step < num_iterations:
+            save(step, dict(metrics, train_loss=train_loss))
+
+    metrics["train_loss"] = train_loss
+    save(step, metrics)
+    if hasattr(train_loader, "close"):
+        train_loader.close()
+    log.close()
+    return dict(step=step, num_iterations=num_iterations, losses=history, metrics=metrics, checkpoint_dir=out_dir,
+                train_time_s=t_total, model=model, tokenizer=tokenizer, grad_accum_steps=grad_accum)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sftfast.train", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.demo:
+        from sftfast import demo
+
+        demo.main(args)
+    else:
+        try:
+            run(args)
+        except (ValueError, ckpt.CheckpointError, TrainingDivergedError) as e:
+            # user-facing failures: one clear line (and the exit status), not a traceback per rank
+            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            return 1
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

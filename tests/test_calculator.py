@@ -1,0 +1,160 @@
+"""The calculator treats model output as hostile: known attacks are refused quickly,
+random text never raises anything but CalculatorError, and honest arithmetic matches Python."""
+
+import math
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sftfast.calculator import MAX_INT_BITS, CalculatorError, calculate, use_calculator
+
+
+@pytest.mark.parametrize(
+    "expr, expected",
+    [
+        ("12/60", "0.2"),
+        ("12/4", "3"),
+        ("2 + 3 * 4", "14"),
+        ("(2 + 3) * 4", "20"),
+        ("-3 % 5", "2"),
+        ("7 // 2", "3"),
+        ("2**10", "1024"),
+        ("2**-1", "0.5"),
+        ("1,000*2", "2000"),
+        ("0.1 + 0.2", "0.3"),
+        ("10/3", "3.33333333333"),
+        ("'strawberry'.count('r')", "3"),
+        ('"banana".count("an")', "2"),
+        ("'ab'.count('a') + 1", "2"),
+        ("  48 / 2  ", "24"),
+        ("1_000 + 1", "1001"),
+    ],
+)
+def test_honest_expressions(expr, expected):
+    assert calculate(expr) == expected
+    assert use_calculator(expr) == expected
+
+
+ATTACKS = [
+    "__import__('os').system('ls')",
+    "().__class__.__bases__[0].__subclasses__()",
+    "(1).__class__",
+    "'a'.__class__",
+    "open('/etc/passwd').read()",
+    "eval('1+1')",
+    "exec('x=1')",
+    "globals()",
+    "lambda: 1",
+    "(lambda x: x)(1)",
+    "[x for x in range(10)]",
+    "{x: 1 for x in 'ab'}",
+    "9**9**9",
+    "10**10**10",
+    "2**(2**64)",
+    "99999999999999999**99999",
+    "1" * 200 + "*" + "1" * 200,
+    "(" * 500 + "1" + ")" * 500,
+    "-" * 400 + "1",
+    "1e999 * 1e999",
+    "'a' * 10**9",
+    "'a' + 'b'",
+    "'x'.count('x', 0, 1)",
+    "'x'.upper()",
+    "'x'.count(x='x')",
+    "('a'+'b').count('a')",
+    "'" + "a" * 300 + "'.count('a')",
+    "True + 1",
+    "None",
+    "1 if 1 else 0",
+    "x = 1",
+    "1; 2",
+    "import os",
+    "1 < 2",
+    "1 & 3",
+    "~1",
+    "not 1",
+    "f'{1}'",
+    "b'1'",
+    "1j",
+    "5 / 0",
+    "5 // 0",
+    "5 % 0",
+    "0 ** -1",
+    "(-8) ** 0.5",
+    "",
+    "   ",
+    "\x00",
+]
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_attacks_are_refused_quickly(attack):
+    t0 = time.perf_counter()
+    with pytest.raises(CalculatorError):
+        calculate(attack)
+    assert use_calculator(attack) is None
+    # Refused, not evaluated: far below any human-visible delay (generous for a loaded CI box).
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_big_results_are_bounded():
+    assert calculate(f"2**{MAX_INT_BITS - 1}") == str(2 ** (MAX_INT_BITS - 1))
+    with pytest.raises(CalculatorError, match="too large"):
+        calculate(f"2**{MAX_INT_BITS + 8}")
+    with pytest.raises(CalculatorError, match="too large"):
+        calculate(f"2**{MAX_INT_BITS - 1} * 2**{MAX_INT_BITS - 1}")
+
+
+def test_non_string_input():
+    with pytest.raises(CalculatorError):
+        calculate(None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=80))
+def test_fuzz_text_only_calculator_errors(text):
+    try:
+        out = calculate(text)
+    except CalculatorError:
+        return
+    assert isinstance(out, str) and out
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="0123456789+-*/%(). e_'\"count", max_size=60))
+def test_fuzz_near_miss_alphabet(text):
+    # The alphabet the filter lets through: only the tree walker stands between this and harm.
+    try:
+        out = calculate(text)
+    except CalculatorError:
+        return
+    assert isinstance(out, str) and out
+
+
+def _expr_trees():
+    leaf = st.integers(min_value=0, max_value=10**6).map(str)
+    ops = st.sampled_from(["+", "-", "*", "/", "//", "%"])
+
+    def combine(children):
+        return st.tuples(children, ops, children).map(lambda t: f"({t[0]} {t[1]} {t[2]})")
+
+    return st.recursive(leaf, combine, max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_expr_trees())
+def test_arithmetic_matches_python(expr):
+    # The expression is generated here (trusted), so Python's own evaluator is a fair oracle.
+    try:
+        expected = eval(expr, {"__builtins__": {}}, {})  # noqa: S307 - test oracle on generated input
+    except ZeroDivisionError:
+        with pytest.raises(CalculatorError, match="division by zero"):
+            calculate(expr)
+        return
+    got = calculate(expr)
+    if isinstance(expected, int):
+        assert got == str(expected)
+    else:
+        assert math.isclose(float(got), expected, rel_tol=1e-9, abs_tol=1e-9)

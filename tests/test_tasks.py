@@ -1,0 +1,339 @@
+"""Tasks and mixtures: the real loaders run on small local files in each hub dataset's schema,
+render exactly as SPEC 7 says, report malformed rows with dataset/split/index, slice, shuffle
+with seed 42 and oversample by repetition."""
+
+import json
+import os
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sftfast.calculator import calculate
+from sftfast.tasks import (ARC, GSM8K, IDENTITY_FILE, MMLU, Arithmetic, CustomJSON, SimpleSpelling, SmolTalk,
+                           SpellingBee, Task, TaskError, TaskMixture, build_mixture, get_task, parse_spec)
+from sftfast.tasks.base import extract_final_answer, numbers_equal
+from sftfast.tasks.gsm8k import parse_answer
+from sftfast.tasks.spelling import load_words
+
+ARC_ROWS = [
+    {"id": "q1", "question": "Which is a mammal?", "choices": {"text": ["shark", "whale", "trout", "eel"], "label": ["A", "B", "C", "D"]}, "answerKey": "B"},
+    {"id": "q2", "question": "What melts ice?", "choices": {"text": ["heat", "cold", "dark"], "label": ["1", "2", "3"]}, "answerKey": "1"},
+    {"id": "q3", "question": "Sky color?", "choices": {"text": ["blue", "green", "red", "black"], "label": ["A", "B", "C", "D"]}, "answerKey": "A"},
+]
+MMLU_ROWS = [
+    {"question": "2+2?", "subject": "math", "choices": ["3", "4", "5", "6"], "answer": 1},
+    {"question": "Capital of France?", "subject": "geo", "choices": ["Paris", "Rome", "Oslo", "Bern"], "answer": 0},
+]
+GSM8K_ROWS = [
+    {"question": "Natalia sold clips to 48 friends in April, and half as many in May. How many in total?",
+     "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72"},
+    {"question": "A shop sells 1,200 apples a day. How many in 2 days?", "answer": "1,200*2 = <<1200*2=2400>>2400\n#### 2,400"},
+]
+SMOLTALK_ROWS = [
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], "source": "x"},
+    {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}], "source": "y"},
+]
+
+
+def _write_parquet(path, rows):
+    import datasets
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    datasets.Dataset.from_list(rows).to_parquet(path)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A local mirror of the four hub datasets, laid out as the hub repositories are."""
+    root = tmp_path_factory.mktemp("hub")
+    for subset in ("ARC-Easy", "ARC-Challenge"):
+        for split in ("train", "test"):
+            _write_parquet(root / "allenai/ai2_arc" / subset / f"{split}-00000-of-00001.parquet", ARC_ROWS)
+    for split in ("auxiliary_train", "test"):
+        _write_parquet(root / "cais/mmlu/all" / f"{split}-00000-of-00001.parquet", MMLU_ROWS)
+    for split in ("train", "test"):
+        _write_parquet(root / "openai/gsm8k/main" / f"{split}-00000-of-00001.parquet", GSM8K_ROWS)
+    # SmolTalk as JSONL (datasets' json builder), to exercise the non-parquet path
+    smol = root / "HuggingFaceTB/smol-smoltalk/data"
+    smol.mkdir(parents=True)
+    for split in ("train", "test"):
+        with open(smol / f"{split}.jsonl", "w") as f:
+            for row in SMOLTALK_ROWS * 3:
+                f.write(json.dumps(row) + "\n")
+    return str(root)
+
+
+def test_arc_renders_exactly(data_dir):
+    task = ARC("ARC-Easy", "train", data_dir=data_dir)
+    assert len(task) == 3 and task.eval_type == "categorical"
+    conv = task[0]
+    assert conv["messages"][0] == {
+        "role": "user",
+        "content": "Multiple Choice question: Which is a mammal?\n- shark=A\n- whale=B\n- trout=C\n- eel=D\n"
+                   "\nRespond only with the letter of the correct answer.",
+    }
+    assert conv["messages"][1] == {"role": "assistant", "content": "B"}
+    assert conv["letters"] == ["A", "B", "C", "D"]
+    assert task[1]["letters"] == ["1", "2", "3"] and task[1]["messages"][1]["content"] == "1"
+    assert task.evaluate(conv, "B") and not task.evaluate(conv, "A")
+
+
+def test_mmlu(data_dir):
+    task = MMLU("test", data_dir=data_dir)
+    conv = task[1]
+    assert conv["messages"][0]["content"].startswith("Multiple Choice question: Capital of France?\n- Paris=A\n")
+    assert conv["messages"][1]["content"] == "A" and conv["subject"] == "geo"
+    assert task.evaluate(task[0], "B")
+
+
+def test_gsm8k_tool_parts_and_numeric_answer(data_dir):
+    task = GSM8K("train", data_dir=data_dir)
+    parts = task[0]["messages"][1]["content"]
+    assert parts[:4] == [
+        {"type": "text", "text": "Natalia sold 48/2 = "},
+        {"type": "python", "text": "48/2"},
+        {"type": "python_output", "text": "24"},
+        {"type": "text", "text": "24 clips in May.\nNatalia sold 48+24 = "},
+    ]
+    assert parts[-1] == {"type": "text", "text": "72 clips.\n#### 72"}
+    # every calculator span of the data is something our calculator reproduces
+    for p, out in zip(parts, parts[1:]):
+        if p["type"] == "python":
+            assert numbers_equal(calculate(p["text"]), out["text"])
+    assert task.evaluate(task[0], "... so the answer is\n#### 72.0")
+    assert task.evaluate(task[1], "#### 2400") and task.evaluate(task[1], "#### $2,400")
+    assert not task.evaluate(task[0], "#### 71") and not task.evaluate(task[0], "72")
+
+
+def test_smoltalk_jsonl(data_dir):
+    train = SmolTalk("train", data_dir=data_dir)
+    assert len(train) == 6
+    assert train[0]["messages"][0]["role"] == "system" and "source" not in train[0]
+    assert len(get_task("SmolTalk", data_dir=data_dir)) == 6  # eval role: the test split
+
+
+def test_local_source_path(data_dir):
+    path = os.path.join(data_dir, "openai/gsm8k/main/test-00000-of-00001.parquet")
+    assert len(GSM8K("test", source=path)) == 2
+    with pytest.raises(TaskError, match="does not exist"):
+        GSM8K("test", source=os.path.join(data_dir, "nope"))
+
+
+@pytest.mark.parametrize(
+    "maker, rows, bad_index, match",
+    [
+        (lambda d: ARC("ARC-Easy", "train", data_dir=d), ARC_ROWS[:1] + [dict(ARC_ROWS[0], answerKey="E")], 1, "answerKey 'E'"),
+        (lambda d: ARC("ARC-Easy", "train", data_dir=d), [dict(ARC_ROWS[0], choices={"text": ["a"], "label": ["A", "B"]})], 0, "choice texts"),
+        (lambda d: MMLU("test", data_dir=d), MMLU_ROWS + [dict(MMLU_ROWS[0], answer=7)], 2, "answer must be an int 0-3"),
+        (lambda d: MMLU("test", data_dir=d), [dict(MMLU_ROWS[0], choices=["a", "b"])], 0, "list of 4 strings"),
+        (lambda d: GSM8K("train", data_dir=d), GSM8K_ROWS + [{"question": "q", "answer": "no final line"}], 2, "no final"),
+        (lambda d: GSM8K("train", data_dir=d), [{"question": "q", "answer": "<<1+1>> #### 2"}], 0, "has no '='"),
+    ],
+)
+def test_malformed_rows_name_dataset_split_index(tmp_path, maker, rows, bad_index, match):
+    hub = {"ARC": "allenai/ai2_arc/ARC-Easy/train-0.parquet", "MMLU": "cais/mmlu/all/test-0.parquet",
+           "GSM8K": "openai/gsm8k/main/train-0.parquet"}
+    probe = maker.__code__.co_names
+    key = next(k for k in hub if k in probe)
+    _write_parquet(tmp_path / hub[key], rows)
+    task = maker(str(tmp_path))
+    errors = list(task.errors())
+    assert len(errors) == 1
+    message = str(errors[0])
+    assert f"index {bad_index}" in message and match in message
+    split = {"ARC": "train", "MMLU": "test", "GSM8K": "train"}[key]
+    assert f" {split} " in message
+
+
+def test_smoltalk_bad_roles(tmp_path):
+    smol = tmp_path / "HuggingFaceTB/smol-smoltalk/data"
+    smol.mkdir(parents=True)
+    rows = SMOLTALK_ROWS + [{"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}], "source": "z"}]
+    with open(smol / "train.jsonl", "w") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    task = SmolTalk("train", data_dir=str(tmp_path))
+    with pytest.raises(TaskError, match=r"SmolTalk train index 2: message 0 has role 'assistant'"):
+        task[2]
+
+
+def test_missing_local_split(tmp_path):
+    (tmp_path / "openai/gsm8k/main").mkdir(parents=True)
+    with pytest.raises(TaskError, match="no parquet"):
+        GSM8K("test", data_dir=str(tmp_path))
+
+
+def test_customjson_formats_and_errors(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text(
+        json.dumps([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]) + "\n\n"
+        + json.dumps({"messages": [{"role": "user", "content": "c"}, {"role": "assistant", "content": [
+            {"type": "python", "text": "1+1"}, {"type": "python_output", "text": "2"}]}], "tag": 1}) + "\n")
+    task = CustomJSON(str(good))
+    assert len(task) == 2 and task[1]["tag"] == 1 and task.name == "good.jsonl"
+    for text, match in [
+        ('{"messages": []}', "good2.jsonl:2: messages must be a non-empty list"),
+        ("not json", "good2.jsonl:2: invalid JSON"),
+        ('[{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "image", "text": ""}]}]', "good2.jsonl:2: message 1 part 0"),
+        ('[{"role": "user", "content": 5}, {"role": "assistant", "content": "b"}]', "good2.jsonl:2: message 0 content"),
+        ('{"msgs": 1}', "good2.jsonl:2: expected an array"),
+    ]:
+        bad = tmp_path / "good2.jsonl"
+        bad.write_text(good.read_text().split("\n")[0] + "\n" + text + "\n")
+        with pytest.raises(TaskError, match=match.replace("[", r"\[")):
+            CustomJSON(str(bad))
+
+
+def test_identity_asset():
+    task = CustomJSON(IDENTITY_FILE)
+    assert task.name == "identity" and len(task) >= 100
+    texts = [m["content"] for c in task for m in c["messages"] if m["role"] == "assistant"]
+    assert sum("sftfast-chat" in t for t in texts) >= 30
+    assert len({json.dumps(c) for c in task}) == len(task)  # no duplicates
+
+
+def test_word_list_offline():
+    words = load_words()
+    assert len(words) > 50_000 and "apple" in words and "strawberry" in words
+    assert all(w.isalpha() and w.islower() for w in words[:1000])
+
+
+def test_spelling_tasks_deterministic_and_correct():
+    simple = SimpleSpelling(size=50)
+    assert simple[3] == SimpleSpelling(size=50)[3]
+    assert simple[3] != SimpleSpelling(size=50, split="test")[3]
+    answer = simple[7]["messages"][1]["content"]
+    word, spelled = answer.split(":")
+    assert spelled.split(",") == list(word) and simple.evaluate(simple[7], answer)
+    bee = SpellingBee(size=200)
+    for i in range(0, 200, 7):
+        conv = bee[i]
+        parts = conv["messages"][1]["content"]
+        python = next(p for p in parts if p["type"] == "python")["text"]
+        output = next(p for p in parts if p["type"] == "python_output")["text"]
+        assert calculate(python) == output  # the calculator reproduces the training output
+        assert bee.evaluate(conv, f"...\n#### {output}") and not bee.evaluate(conv, f"#### {int(output) + 1}")
+
+
+def test_arithmetic_task():
+    task = Arithmetic(size=100)
+    for i in range(0, 100, 9):
+        parts = task[i]["messages"][1]["content"]
+        expr = parts[1]["text"]
+        assert parts[2]["text"] == calculate(expr) == str(eval(expr))  # noqa: S307 - generated digits and one operator
+        assert extract_final_answer(parts[-1]["text"]) == parts[2]["text"]
+
+
+class _Range(Task):
+    name = "range"
+
+    def __init__(self, n, **kw):
+        self.n = n
+        super().__init__(**kw)
+
+    def num_examples(self):
+        return self.n
+
+    def get_example(self, i):
+        return {"messages": [], "i": i}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 40), st.integers(0, 45), st.one_of(st.none(), st.integers(0, 50)), st.integers(1, 7))
+def test_slicing_matches_python_range(n, start, stop, step):
+    task = _Range(n, start=start, stop=stop, step=step)
+    expected = list(range(n))[start:stop:step]
+    assert len(task) == len(expected)
+    assert [c["i"] for c in task] == expected
+    if expected:
+        assert task[-1]["i"] == expected[-1]
+    with pytest.raises(IndexError):
+        task[len(expected)]
+
+
+def test_bad_slice_arguments():
+    for kw in ({"start": -1}, {"step": 0}, {"stop": -2}, {"start": "1"}):
+        with pytest.raises(TaskError):
+            _Range(5, **kw)
+
+
+def test_mixture_shuffle_and_oversampling():
+    a, b = _Range(5), _Range(3)
+    mix = TaskMixture([a, b, b])
+    assert len(mix) == 11
+    pairs = [(t, i) for t, task in enumerate([a, b, b]) for i in range(len(task))]
+    random.Random(42).shuffle(pairs)
+    assert mix.index_map == pairs
+    seen = [(id(mix.tasks[t]), i) for t, i in mix.index_map]
+    assert sum(1 for s in seen if s[0] == id(b)) == 6  # b listed twice: every example twice
+    assert [c["i"] for c in mix] == [[a, b, b][t][i]["i"] for t, i in pairs]
+    assert TaskMixture([a, b, b]).index_map == mix.index_map  # same order every time
+    with pytest.raises(TaskError):
+        TaskMixture([])
+
+
+def test_seed_mixture_from_local_mirror(data_dir):
+    train = build_mixture("seed", data_dir=data_dir)
+    counts = train.counts()
+    assert counts["ARC-Easy"] == 3 and counts["ARC-Challenge"] == 3 and counts["GSM8K"] == 2
+    assert counts["SmolTalk"] == 6 and counts["SimpleSpelling"] == 300 and counts["SpellingBee"] == 300
+    assert counts["identity"] == len(CustomJSON(IDENTITY_FILE))
+    val = build_mixture("seed", split="val", data_dir=data_dir)
+    assert val.counts() == {"SmolTalk": 6}
+    for conv in list(train)[:50]:
+        assert conv["messages"][-1]["role"] == "assistant"
+
+
+def test_demo_mixture_is_offline(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    train = build_mixture("demo")
+    val = build_mixture("demo", split="val")
+    assert set(train.counts()) == {"SimpleSpelling", "SpellingBee", "Arithmetic", "identity"}
+    assert len(val) > 0 and all(conv["messages"][1]["role"] == "assistant" for conv in val)
+    # held-out: validation prompts are not training prompts
+    train_prompts = {c["messages"][0]["content"] for c in train if c["messages"][0]["role"] == "user"}
+    val_prompts = [c["messages"][0]["content"] for c in val]
+    assert sum(p in train_prompts for p in val_prompts) < len(val_prompts) // 4
+
+
+def test_user_mixtures(tmp_path, data_dir):
+    mix = build_mixture("GSM8K:stop=1*3, identity:stop=4, SimpleSpelling:size=5:start=2", data_dir=data_dir)
+    assert mix.counts() == {"GSM8K": 3, "identity": 4, "SimpleSpelling": 3}
+    config = tmp_path / "mix.json"
+    config.write_text(json.dumps({"train": [{"task": "ARC-Challenge", "split": "train", "repeat": 2}, "SpellingBee:size=10"],
+                                  "val": ["SmolTalk:split=test:stop=2"]}))
+    assert build_mixture(str(config), data_dir=data_dir).counts() == {"ARC-Challenge": 6, "SpellingBee": 10}
+    assert len(build_mixture(str(config), split="val", data_dir=data_dir)) == 2
+    assert parse_spec("SmolTalk:split=train:stop=10_000*2") == ("SmolTalk", {"split": "train", "stop": 10000}, 2)
+    for bad, match in [("Nope", "unknown task"), ("GSM8K:stop", "not key=value"), ("GSM8K:stop=x", "not an int"),
+                       ("identity*0", "repeat"), ("SpellingBee", "needs size")]:
+        with pytest.raises(TaskError, match=match):
+            build_mixture(bad, data_dir=data_dir)
+    with pytest.raises(TaskError, match="no validation part"):
+        build_mixture("identity", split="val")
+
+
+def test_every_task_renders(data_dir):
+    """Each task's conversations go through the real (Rust) renderer."""
+    from _tasks_support import byte_tokenizer
+
+    tok = byte_tokenizer()
+    for conv in list(build_mixture("seed", data_dir=data_dir))[::13]:
+        ids, mask = tok.render_conversation(conv, 4096)
+        assert len(ids) == len(mask) and sum(mask) > 0
+
+
+def test_check_cli_lists_every_bad_row(tmp_path, capsys):
+    from sftfast.tasks.__main__ import main
+
+    rows = [GSM8K_ROWS[0], {"question": "q", "answer": "no marker"}, GSM8K_ROWS[1], {"question": "", "answer": "#### 1"}]
+    _write_parquet(tmp_path / "openai/gsm8k/main/train-0.parquet", rows)
+    assert main(["check", "GSM8K*2,identity:stop=3", "--data-dir", str(tmp_path)]) == 1
+    out = capsys.readouterr()
+    lines = out.out.strip().splitlines()
+    assert len(lines) == 2  # checked once although listed twice
+    assert "GSM8K train index 1: answer has no final" in lines[0] and "GSM8K train index 3: question" in lines[1]
+    assert "2 malformed rows" in out.err
+    assert main(["show", "identity:stop=2", "-n", "5"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2

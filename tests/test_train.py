@@ -1,0 +1,262 @@
+"""Tests of the trainer (sftfast.train), optimizers and checkpoints, on CPU with a tiny model.
+
+Every run here is a few steps of a 2-layer, 32-wide model on a byte-level tokenizer, so the
+whole file takes well under a minute on 2 cores (the torchrun case a little more).
+"""
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sftfast import checkpoint as ckpt
+from sftfast import train
+from sftfast.model import GPT, GPTConfig
+from sftfast.optim import Muon, build_optimizers, lr_multiplier, newton_schulz
+from sftfast.tokenizer import NANOCHAT_SPLIT_PATTERN, Tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def byte_tokenizer():
+    return Tokenizer.from_ranks({bytes([i]): i for i in range(256)}, NANOCHAT_SPLIT_PATTERN)
+
+
+def write_tokenizer(base_dir):
+    """Where sftfast.engine.find_tokenizer looks: {base_dir}/tokenizer/tokenizer.sftfast."""
+    os.makedirs(os.path.join(base_dir, "tokenizer"), exist_ok=True)
+    byte_tokenizer().save(os.path.join(base_dir, "tokenizer", "tokenizer.sftfast"))
+
+
+def conversations(n, seed=0, long_user=False):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        user = f"add {a} and {b}" + (" please" * 20 if long_user else "")
+        reply = [dict(type="text", text="ok "), dict(type="python", text=f"{a}+{b}"),
+                 dict(type="python_output", text=str(a + b)), dict(type="text", text=f"it is {a + b}")]
+        out.append(dict(messages=[dict(role="user", content=user), dict(role="assistant", content=reply)]))
+    return out
+
+
+@pytest.fixture()
+def base_dir(tmp_path):
+    tok = byte_tokenizer()
+    config = GPTConfig(sequence_len=64, vocab_size=tok.n_vocab, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
+    torch.manual_seed(0)
+    model = GPT(config)
+    model.init_weights(seed=0)
+    with torch.no_grad():  # a "pretrained" model: no zero matrices
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ckpt.save_checkpoint(str(tmp_path / "base_checkpoints" / "d2"), 5, model.state_dict(), None,
+                         dict(model_config=config.to_dict(), step=5))
+    write_tokenizer(str(tmp_path))
+    for name, n, seed in (("train.jsonl", 48, 1), ("val.jsonl", 8, 2)):
+        with open(tmp_path / name, "w") as f:
+            for c in conversations(n, seed):
+                f.write(json.dumps(c) + "\n")
+    return tmp_path
+
+
+def make_args(base_dir, *extra):
+    p = argparse.ArgumentParser()
+    train.add_arguments(p)
+    return p.parse_args([
+        "--base-dir", str(base_dir), "--source", "base", "--device", "cpu",
+        "--train-data", str(base_dir / "train.jsonl"), "--val-data", str(base_dir / "val.jsonl"),
+        "--max-seq-len", "64", "--device-batch-size", "2", "--target-examples-per-step", "4",
+        "--eval-every", "3", "--eval-steps", "2", "--eval-metrics-every", "-1", "--loss-norm", "token",
+        "--init-lr-frac", "0.5", *extra,
+    ])
+
+
+def params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+def test_checkpoint_round_trip_and_layout(base_dir):
+    model, meta = ckpt.load_model(str(base_dir), "base")
+    assert meta["model_tag"] == "d2" and meta["step"] == 5
+    d = base_dir / "base_checkpoints" / "d2"
+    assert sorted(os.listdir(d)) == ["meta_000005.json", "model_000005.pt"]  # no temp files left behind
+    out = str(base_dir / "chatsft_checkpoints" / "d2")
+    opt = build_optimizers(model)
+    ckpt.save_checkpoint(out, 7, model.state_dict(), dict(optimizers=[o.state_dict() for o in opt]), dict(model_config=model.config.to_dict()))
+    assert sorted(os.listdir(out)) == ["meta_000007.json", "model_000007.pt", "optim_000007_rank0.pt"]
+    state, trainer, meta2 = ckpt.load_checkpoint(out, 7, load_trainer_state=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(state[k], v)
+    assert meta2["model_config"] == model.config.to_dict()
+    assert len(trainer["optimizers"]) == 2
+
+
+def test_incomplete_checkpoint_is_ignored_and_pickles_refused(base_dir, tmp_path):
+    d = base_dir / "base_checkpoints" / "d2"
+    shutil.copy(d / "model_000005.pt", d / "model_000009.pt")  # model written, meta never: a crash mid-save
+    assert ckpt.find_last_step(str(d)) == 5
+    with pytest.raises(ckpt.CheckpointError, match="incomplete"):
+        ckpt.load_checkpoint(str(d), 9)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"x": Evil()}, d / "model_000005.pt")
+    with pytest.raises(ckpt.CheckpointError, match="weights_only"):
+        ckpt.load_checkpoint(str(d), 5)
+
+
+# --- optimizers and schedules ---------------------------------------------------------------
+
+def test_initial_lr_and_groups():
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=50, n_layer=2, n_head=2, n_kv_head=1, n_embd=32))
+    model.init_weights(seed=0)
+    adamw, muon = build_optimizers(model, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, init_lr_frac=0.02)
+    scale = (32 / 768) ** -0.5
+    lrs = sorted(g["initial_lr"] for g in adamw.param_groups)
+    assert lrs == pytest.approx(sorted([0.004 * scale * 0.02, 0.2 * scale * 0.02]))
+    assert all(g["initial_lr"] == pytest.approx(0.02 * 0.02) for g in muon.param_groups)
+    assert sum(len(g["params"]) for g in muon.param_groups) == 2 * 6
+
+
+def test_newton_schulz_orthogonalises():
+    g = torch.randn(48, 16, generator=torch.Generator().manual_seed(0))
+    s = torch.linalg.svdvals(newton_schulz(g))
+    assert s.min() > 0.5 and s.max() < 1.3
+
+
+def test_schedules():
+    assert lr_multiplier(0, 10) == 1.0 and lr_multiplier(5, 10) == 0.5
+    wsd = [lr_multiplier(s, 10, "wsd", warmup_ratio=0.2, warmdown_ratio=0.5) for s in range(10)]
+    assert wsd[0] == 0.5 and wsd[1] == 1.0 and wsd[5] == 1.0 and wsd[9] == pytest.approx(0.2)
+    with pytest.raises(ValueError):
+        lr_multiplier(0, 10, "cosine")
+    with pytest.raises(ValueError, match="2-D"):
+        Muon([torch.nn.Parameter(torch.zeros(3))])
+
+
+# --- loader -------------------------------------------------------------------------------
+
+def test_bestfit_rows_masks_and_resume():
+    tok = byte_tokenizer()
+    data = conversations(40, 3)
+    loader = train.PyPackedLoader(data, tok, 3, 63, buffer_size=5)
+    b = loader.next()
+    assert b.inputs.shape == (3, 63) and b.targets.shape == (3, 63)
+    assert (b.inputs[:, 0] == tok.bos_id).all()  # each row starts with a conversation's bos
+    # every supervised target is a real token; targets follow inputs shifted by one
+    sup = b.targets >= 0
+    assert torch.equal(b.targets[:, :-1][sup[:, :-1]], b.inputs[:, 1:][sup[:, :-1]])
+    state = loader.state_dict()
+    rest = [loader.next() for _ in range(4)]
+    again = train.PyPackedLoader(data, tok, 3, 63, buffer_size=5)
+    again.load_state_dict(state)
+    for x in rest:
+        y = again.next()
+        assert torch.equal(x.inputs, y.inputs) and torch.equal(x.targets, y.targets) and torch.equal(x.doc_ids, y.doc_ids)
+
+
+def test_rank_sharding_is_disjoint():
+    tok = byte_tokenizer()
+    data = conversations(10, 4)
+    seen = []
+    for r in range(3):
+        ld = train.PyPackedLoader(data, tok, 1, 2000, rank=r, world_size=3, packing="padded")
+        seen.append(ld.shard_len)
+    assert seen == [4, 3, 3]
+
+
+# --- the trainer ---------------------------------------------------------------------------
+
+def test_resume_is_bitwise_identical(base_dir):
+    full = train.run(make_args(base_dir, "--num-iterations", "6"))
+    shutil.rmtree(base_dir / "chatsft_checkpoints")
+    first = train.run(make_args(base_dir, "--num-iterations", "6", "--save-every", "3", "--log-jsonl", str(base_dir / "a.jsonl")))
+    assert first["losses"] == full["losses"]
+    # drop the final checkpoint: resume from step 3
+    out = base_dir / "chatsft_checkpoints" / "d2"
+    for name in os.listdir(out):
+        if "000006" in name:
+            os.unlink(out / name)
+    resumed = train.run(make_args(base_dir, "--num-iterations", "6", "--resume"))
+    assert resumed["losses"] == full["losses"][3:]  # bitwise
+    a, b = params(full["model"]), params(resumed["model"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_token_loss_norm_independent_of_micro_batch_split(base_dir):
+    one = train.run(make_args(base_dir, "--num-iterations", "1", "--device-batch-size", "4"))
+    shutil.rmtree(base_dir / "chatsft_checkpoints")
+    four = train.run(make_args(base_dir, "--num-iterations", "1", "--device-batch-size", "1"))
+    assert one["grad_accum_steps"] == 1 and four["grad_accum_steps"] == 4
+    assert one["losses"][0] == pytest.approx(four["losses"][0], rel=1e-5)
+    a, b = params(one["model"]), params(four["model"])
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
+
+
+def test_all_masked_steps_give_no_nan(base_dir):
+    # user prompts longer than the row: every target of every row is masked
+    with open(base_dir / "train.jsonl", "w") as f:
+        for c in conversations(16, 5, long_user=True):
+            f.write(json.dumps(c) + "\n")
+    before, _ = ckpt.load_model(str(base_dir), "base")
+    out = train.run(make_args(base_dir, "--num-iterations", "2", "--packing", "padded", "--max-seq-len", "32", "--eval-every", "-1"))
+    assert out["losses"] == [0.0, 0.0]
+    a, b = params(before), params(out["model"])
+    assert all(torch.isfinite(b[k]).all() and torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_loss_stops_without_saving(base_dir):
+    model, meta = ckpt.load_model(str(base_dir), "base")
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    ckpt.save_checkpoint(str(base_dir / "base_checkpoints" / "d2"), 5, model.state_dict(), None, dict(model_config=model.config.to_dict()))
+    with pytest.raises(train.TrainingDivergedError, match="step 0"):
+        train.run(make_args(base_dir, "--num-iterations", "3", "--eval-every", "-1"))
+    assert not (base_dir / "chatsft_checkpoints").exists()
+
+
+def test_bad_batch_arithmetic_is_an_error(base_dir):
+    with pytest.raises(ValueError, match="multiple"):
+        train.run(make_args(base_dir, "--device-batch-size", "3"))
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_match_one_process(base_dir):
+    """2 gloo ranks x 1 row x 2 micro-batches == 1 process x 2 rows x 2 micro-batches (padded rows,
+    so both see the same 4 conversations per step)."""
+    common = ["-m", "sftfast.train", "--base-dir", str(base_dir), "--source", "base", "--device", "cpu",
+              "--train-data", str(base_dir / "train.jsonl"), "--max-seq-len", "64", "--packing", "padded",
+              "--target-examples-per-step", "4", "--num-iterations", "3", "--eval-every", "-1",
+              "--eval-metrics-every", "-1", "--loss-norm", "token", "--init-lr-frac", "0.5"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(REPO, "python"), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    r1 = subprocess.run([sys.executable, *common, "--device-batch-size", "2", "--log-jsonl", str(base_dir / "one.jsonl")],
+                        env=env, capture_output=True, text=True, timeout=300)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    shutil.rmtree(base_dir / "chatsft_checkpoints")
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common,
+                         "--device-batch-size", "1", "--log-jsonl", str(base_dir / "two.jsonl")],
+                        env=env, capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+
+    def losses(name):
+        with open(base_dir / name) as f:
+            return [r["loss"] for r in map(json.loads, f) if r["type"] == "step"]
+
+    l1, l2 = losses("one.jsonl"), losses("two.jsonl")
+    assert len(l1) == len(l2) == 3
+    assert l1 == pytest.approx(l2, rel=1e-4)
+    assert sorted(os.listdir(base_dir / "chatsft_checkpoints" / "d2")) == [
+        "meta_000003.json", "model_000003.pt", "optim_000003_rank0.pt", "optim_000003_rank1.pt"]
