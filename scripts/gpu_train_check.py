@@ -79,7 +79,7 @@ def main(argv=None) -> int:
             share = left if name == "sftfast" else min(left / (len(order) - i) * 1.5, left - 20)
             ns = argparse.Namespace(device="cuda", configs=name, steps=a.steps, warmup=a.warmup, depth=None, width=None,
                                     heads=None, kv_heads=None, vocab=None, seq_len=None, batch_size=a.batch_size,
-                                    compile=False, synthetic=not have_core, child_timeout=share)
+                                    compile=False, synthetic=not have_core, child_timeout=share, threads=None)
             res = bench_train.run(ns)
             out["settings"] = res["settings"]
             configs[name] = res["configs"][name]
