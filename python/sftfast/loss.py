@@ -24,6 +24,8 @@ Benchmark: python -m sftfast.bench loss --json
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -37,8 +39,6 @@ CHUNK_BYTES = 128 * 1024 * 1024
 
 
 def _triton_available(device: torch.device) -> bool:
-    import os
-
     if device.type == "cuda":
         try:
             import triton  # noqa: F401

@@ -26,9 +26,9 @@ dZ (rows x C, input dtype) into one reusable buffer; then two cuBLAS GEMMs consu
 Memory above inputs and gradients: rows x C x 2 bytes (C from CHUNK_BYTES) + rows x D x 4.
 
 Performance notes (what was weighed; measured numbers live in docs/BENCHMARKS.md):
-- dW strategy. CCE atomically adds each (row block, vocab block) tile's dZ^T H into dW: with
-  N / BLOCK_M row blocks that is N / BLOCK_M fp32 atomics per dW element (64 per element at
-  N = 8192), affordable only because CCE skips ("filters") most tiles. Liger accumulates dW
+- dW strategy. CCE adds each (row block, vocab block) tile's dZ^T H into dW under a spin lock
+  (read-modify-write in the gradient's dtype): N / BLOCK_M rounded updates per dW element
+  (64 at N = 8192), affordable when its filtering skips most tiles. Liger accumulates dW
   with addmm over row chunks of ~256 rows, so the whole V x D dW is read and written N / 256
   times. Per-vocabulary-chunk GEMMs touch every dW element exactly once, need no fp32 dW
   buffer (the GEMM accumulates in fp32 in registers over all N), are deterministic and run at
@@ -39,9 +39,17 @@ Performance notes (what was weighed; measured numbers live in docs/BENCHMARKS.md
   GROUP_M row blocks at a time so that concurrently running programs share W tiles in L2
   while their H blocks (GROUP_M x BLOCK_M x D x 2 bytes) also stay in L2.
 - Ignored rows are compacted away (index_select) before any kernel runs, so masked tokens
-  cost nothing. Finding them needs one host sync (torch.nonzero); the same sync validates the
-  targets so a bad target raises a clear error instead of a device assert. Liger also syncs
-  (`.item()` on the non-ignored count); CCE compacts with a sync too.
+  cost nothing. That needs a host sync (torch.nonzero sizes the compacted rows). sftfast.loss
+  syncs just before it anyway to validate the targets (a bad target raises a ValueError naming
+  its index instead of a device assert), so the nonzero finds the queue drained: one real
+  sync per call. Liger syncs too (`.item()` on the non-ignored count), and so does CCE
+  (`nonzero()` in `_build_flat_valids`). Backward needs no sync: the upstream gradient and
+  1 / n_valid reach the kernel as a device scalar.
+- Measured on H200 (docs/BENCHMARKS.md): 128 x 256 tiles beat 128 x 128 by 8-16%; 4 stages,
+  256 x 128, BLOCK_K 128 and GROUP_M 8 were no better. Forward runs at ~450 TFLOP/s (2 N D V),
+  so with 8 N D V in all the fused loss is ~0.8-1.2x eager with nothing ignored and 1.5-2.4x
+  with half the targets ignored. Not tried yet: TMA descriptors / persistent kernels for the
+  two matmul kernels, and CCE-style skipping of negligible dZ tiles.
 - tanh is written with exp (`libdevice.tanh` fails in the interpreter); program ids are cast
   to int64 before pointer arithmetic (N x V overflows int32).
 - Under the interpreter bf16/fp16 tiles are upcast to fp32 before tl.dot (bf16 arithmetic
@@ -326,6 +334,7 @@ def lce_backward(h, weight, targets, lse, scale, softcap=None, need_dh=True, nee
             torch.mm(dz_c.t(), h, out=dw[v0:v1])
         if need_dh:
             _accumulate_fp32(dh32, dz_c, w_chunk)
+    del dz, dz_c  # before the fp32 -> half copy of dH: lowers the peak by rows x C x 2 bytes
     dh = dh32.to(h.dtype) if need_dh else None
     return dh, dw
 
@@ -334,11 +343,14 @@ _FP32_ADDMM_OK = None  # whether this torch has CUDA addmm with out_dtype=float3
 
 
 def _accumulate_fp32(acc32, a, b):
-    """acc32 += a @ b, with acc32 fp32 and a, b in a half dtype.
+    """acc32 += a @ b, with acc32 fp32 and a, b possibly in a half dtype.
 
-    cuBLAS can take the fp32 accumulator as its C operand (torch >= 2.8: addmm(out_dtype=));
-    otherwise the product is materialised in a's dtype and added, which costs an extra
-    rows x D round trip through memory per chunk (~5% of the backward at V = 128k, D = 4096).
+    cuBLAS takes the fp32 accumulator as its C operand (torch >= 2.8: addmm(out_dtype=)), so
+    no rows x D temporary exists. Without it the product is materialised in a's dtype and
+    added: an extra rows x D x 2 bytes at the memory peak and a round trip through memory per
+    chunk. H200 runs (docs/BENCHMARKS.md): 59.9 ms with addmm vs 60.6 ms without at N=8192,
+    D=4096, V=128256 (two separate machines, so within noise: the point is the memory), and
+    the CUDA tests gave the same errors either way (fp16 dH 1.022e-2 vs 1.0245e-2 without).
     """
     global _FP32_ADDMM_OK
     if a.dtype != torch.float32 and a.is_cuda and _FP32_ADDMM_OK is not False:
@@ -349,7 +361,7 @@ def _accumulate_fp32(acc32, a, b):
         except (RuntimeError, TypeError):
             if _FP32_ADDMM_OK:
                 raise
-            _FP32_ADDMM_OK = False
+            _FP32_ADDMM_OK = False  # older torch: no fp32-output addmm for half inputs
     acc32.add_(a @ b)
 
 
