@@ -55,6 +55,10 @@ FRAGMENTS = [
 ]
 fragment_text = st.lists(st.sampled_from(FRAGMENTS), max_size=30).map("".join)
 any_text = st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=200)
+# Lone surrogates are rare in `any_text`; mix them in on purpose.
+surrogate_text = st.lists(
+    st.one_of(st.sampled_from(FRAGMENTS), st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)), max_size=20
+).map("".join)
 hyp = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -63,7 +67,7 @@ def _tiktoken_ids(enc, text):
 
 
 @hyp
-@given(text=st.one_of(any_text, fragment_text))
+@given(text=st.one_of(any_text, fragment_text, surrogate_text))
 def test_identical_to_tiktoken_on_arbitrary_text(pair, text):
     tok, enc = pair
     assert tok.encode(text) == _tiktoken_ids(enc, text)
@@ -95,6 +99,26 @@ def test_identical_on_bundled_prose_and_code(pair):
         assert tok.encode(text) == _tiktoken_ids(enc, text), name
     texts = (ASSETS / "english.txt").read_text().split("\n\n")
     assert tok.encode_batch(texts, num_threads=2) == [_tiktoken_ids(enc, t) for t in texts]
+
+
+long_runs = st.lists(
+    st.one_of(
+        # one long piece of mixed letters / symbols / digits: exercises the long-piece merge
+        st.text(alphabet="abcdefghijklmnopqrstuvwxyzéü", min_size=128, max_size=2000),
+        st.text(alphabet="^-=*#~!?.", min_size=128, max_size=2000),
+        st.builds(lambda c, n: c * n, st.sampled_from(["a", "ab", " ", "\r\n", "-", "1", "中", "🙂", "\t "]), st.integers(60, 1500)),
+        fragment_text,
+    ),
+    min_size=1,
+    max_size=4,
+).map("".join)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=long_runs)
+def test_identical_to_tiktoken_on_long_pieces(pair, text):
+    tok, enc = pair
+    assert tok.encode(text) == _tiktoken_ids(enc, text)
 
 
 PATHOLOGICAL = {
@@ -179,6 +203,15 @@ def test_save_load_and_pickle(cl100k_tok, tmp_path):
     assert clone.encode(text) == cl100k_tok.encode(text)
 
 
+def test_from_tiktoken_file_variants(tmp_path, cl100k_tok):
+    # Tabs and CRLF line ends, as tiktoken's loader accepts; specials given as a mapping.
+    lines = [f"{__import__('base64').b64encode(bytes([b])).decode()}\t{b}" for b in range(256)]
+    (tmp_path / "bytes.tiktoken").write_text("\r\n".join(lines) + "\r\n")
+    tok = Tokenizer.from_tiktoken_file(tmp_path / "bytes.tiktoken", NANOCHAT_SPLIT_PATTERN, {"<|bos|>": 300})
+    assert tok.n_vocab == 301 and tok.bos_id == 300
+    assert tok.encode("hi") == [ord("h"), ord("i")]
+
+
 def test_malformed_files_name_the_line(tmp_path):
     good = [f"{__import__('base64').b64encode(bytes([b])).decode()} {b}" for b in range(256)]
     cases = {
@@ -214,7 +247,7 @@ def test_bad_input_raises_specific_errors(cl100k_tok):
         Tokenizer.from_ranks({k: v for k, v in ranks.items() if k != b"A"}, NANOCHAT_SPLIT_PATTERN)
     with pytest.raises(_core.VocabError):
         Tokenizer.from_ranks({**ranks, b"ab": 3}, NANOCHAT_SPLIT_PATTERN)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"texts\[1\] is a int"):
         cl100k_tok.encode_batch(["ok", 3])
     with pytest.raises(_core.SftfastError):
         cl100k_tok.encode_batch(["ok"], num_threads=0)
@@ -323,5 +356,46 @@ def test_train_bad_input(corpus):
         Tokenizer.train("a single string", vocab_size=300)
     with pytest.raises(_core.PatternError):
         Tokenizer.train(corpus[:10], vocab_size=300, pattern="(")
-    # Lone surrogates are repaired as in encoding, not rejected.
-    assert Tokenizer.train(["a\ud800b ab ab"], vocab_size=300).n_vocab <= 300
+    # Lone surrogates are repaired as in encoding, not rejected; a corpus too small for the
+    # vocab size gives a smaller vocabulary, with a warning.
+    with pytest.warns(UserWarning, match="ran out of pairs"):
+        assert Tokenizer.train(["a\ud800b ab ab"], vocab_size=300).n_vocab < 300
+
+
+def test_train_matches_rustbpe(corpus):
+    # nanochat's trainer (PyPI rustbpe) on the same corpus, vocab size and pattern: the same
+    # merges in the same order (both take the most frequent pair, ties to the smaller pair).
+    rustbpe = pytest.importorskip("rustbpe")
+    docs = corpus[:300]
+    ours = Tokenizer.train(docs, vocab_size=700)
+    theirs = rustbpe.Tokenizer()
+    theirs.train_from_iterator(iter(docs), 700 - len(SPECIAL_TOKENS), pattern=NANOCHAT_SPLIT_PATTERN)
+    assert {bytes(k): v for k, v in theirs.get_mergeable_ranks()} == ours._core.ranks()
+
+
+def test_benchmark_quick_run(cl100k_file):
+    # The benchmark checks ids against tiktoken before timing (it raises if they differ);
+    # here only its shape is checked, never a time.
+    import argparse
+
+    from sftfast.bench import tokenizer as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    result = bench.run(parser.parse_args(["--quick", "--repeat", "1", "--skip", "memory,pathological"]))
+    assert set(result["encode_1thread"]) == {"nanochat/prose", "nanochat/code", "cl100k/prose", "cl100k/code"}
+    assert all(row["sftfast_MBps"] > 0 and row["tiktoken_MBps"] > 0 for row in result["encode_1thread"].values())
+    assert result["encode_batch"]["docs"] == 200
+
+
+def test_train_tokenizer_cli(tmp_path, capsys):
+    from sftfast.train_tokenizer import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat\nthe dog sat on the log\n" * 20)
+    out = tmp_path / "tok.sftfast"
+    assert main(["train", str(corpus), "--vocab-size", "270", "--out", str(out)]) == 0
+    tok = Tokenizer.load(out)
+    assert tok.n_vocab == 270 and tok.training_stats is None
+    assert main(["encode", "--tokenizer", str(out), "the cat"]) == 0
+    assert capsys.readouterr().out.strip().endswith(str(tok.encode("the cat")))

@@ -9,10 +9,7 @@
     tok.save("tok.sftfast"); tok = Tokenizer.load("tok.sftfast")
     enc = tok.to_tiktoken()                      # a tiktoken.Encoding with the same ids
 
-Command line (trains on text files, or on the bundled English text by default):
-
-    python -m sftfast.tokenizer train --vocab-size 4096 --out tok.sftfast [FILE ...]
-    python -m sftfast.tokenizer encode --tokenizer tok.sftfast "some text"
+Command line: `python -m sftfast.train_tokenizer` (see that module).
 
 Special tokens come after the mergeable ranks, in SPECIAL_TOKENS order (SPEC 2):
 id = number of ranks + index.
@@ -30,10 +27,9 @@ Lines 2+ are exactly a tiktoken rank file, so `tail -n +2 tok.sftfast` can be re
 
 from __future__ import annotations
 
-import argparse
 import os
 import pickle
-import sys
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -175,6 +171,13 @@ class Tokenizer:
         core, stats = _core.CoreTokenizer.train(texts, int(vocab_size), pattern, list(special_tokens), num_threads)
         tok = cls(core)
         tok.training_stats = stats
+        if stats["n_missing_merges"]:
+            # Not an error (rustbpe stops the same way), but the caller asked for more.
+            warnings.warn(
+                f"the corpus ran out of pairs to merge: the vocabulary has {tok.n_vocab} tokens, "
+                f"not the {vocab_size} asked for",
+                stacklevel=2,
+            )
         return tok
 
     @classmethod
@@ -242,16 +245,17 @@ class Tokenizer:
         texts = list(texts)
         try:
             return self._core.encode_batch(texts, num_threads)
-        except UnicodeEncodeError:
+        except (UnicodeEncodeError, TypeError):
+            # Slow path, only on bad input: name the first non-str, repair lone surrogates.
             fixed = []
-            for t in texts:
+            for i, t in enumerate(texts):
+                if not isinstance(t, str):
+                    raise TypeError(f"texts[{i}] is a {type(t).__name__}, not a str") from None
                 try:
                     t.encode("utf-8")
                     fixed.append(t)
                 except UnicodeEncodeError:
                     fixed.append(_fix_surrogates(t))
-                except AttributeError:
-                    fixed.append(t)  # not a str: let the core raise its TypeError
             return self._core.encode_batch(fixed, num_threads)
 
     def decode_bytes(self, ids) -> bytes:
@@ -288,35 +292,3 @@ def _from_bytes(data: bytes) -> Tokenizer:
 def bundled_text_path() -> Path:
     """The bundled English text (written for this project) used for training and benchmarks."""
     return Path(__file__).parent / "assets" / "english.txt"
-
-
-def _iter_lines(paths: list[str]):
-    for p in paths:
-        with open(p, encoding="utf-8", errors="replace") as f:
-            yield from f
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sftfast.tokenizer", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train a vocabulary on text files (default: the bundled text)")
-    p.add_argument("files", nargs="*", help="UTF-8 text files, one document per line")
-    p.add_argument("--vocab-size", type=int, default=4096, help="total tokens, special tokens included")
-    p.add_argument("--pattern", default=NANOCHAT_SPLIT_PATTERN, help="split regex (default: nanochat's)")
-    p.add_argument("--out", required=True, help="where to save the tokenizer")
-    p = sub.add_parser("encode", help="print the ids of a text")
-    p.add_argument("text")
-    p.add_argument("--tokenizer", required=True, help="a file written by `train` / Tokenizer.save")
-    args = parser.parse_args(argv)
-    if args.command == "train":
-        files = args.files or [str(bundled_text_path())]
-        tok = Tokenizer.train(_iter_lines(files), args.vocab_size, pattern=args.pattern)
-        tok.save(args.out)
-        print(f"trained {tok.n_vocab} tokens on {tok.training_stats}; saved to {args.out}")
-    else:
-        print(Tokenizer.load(args.tokenizer).encode(args.text))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,23 +2,28 @@
 //! piece repeatedly merge the adjacent pair whose concatenation has the lowest rank
 //! (leftmost on ties), until no adjacent pair is in the vocabulary.
 //!
-//! Performance notes (what was tried, what was measured; 2-core x86_64, cl100k ranks):
-//! - Whole-piece lookup first: most pieces of prose are single tokens, so one hash probe
-//!   replaces the merge loop entirely (tiktoken does this too).
+//! Performance notes (what was tried, what was measured; shared 2-core x86_64 under load, so
+//! figures are rough; BPE only, pre-split excluded, cl100k ranks, 0.2 MB of English prose):
+//! - Whole-piece lookup first: most pieces of prose are single tokens (93% here), so one
+//!   probe replaces the merge loop entirely (tiktoken does this too).
 //! - Short pieces use tiktoken's loop (linear scans for the minimum over a small array);
 //!   the scratch array is reused across pieces instead of allocated per piece.
+//! - Lookups go through `TokenTable` (inline 8-byte prefixes, one cache line per probe).
+//!   With `FxHashMap<Vec<u8>, Rank>` (a pointer chase to each key per probe) the pass took
+//!   ~40 ms; with the table ~18 ms; reading short prefixes with overlapping loads instead
+//!   of a copy into a buffer (which compiled to a `memcpy` call) brought it to ~2-4 ms.
 //! - tiktoken's loop is O(n^2) on one long piece (100K of one letter, `^` x 1M). Pieces
-//!   longer than `LONG_MERGE_MIN_LEN` use a linked list over the parts plus a segment tree
-//!   of (rank, start) keys: O(n log n), same merges in the same order (lowest rank first,
-//!   leftmost start on ties), so the same ids. A binary heap with lazy invalidation was
-//!   tried first: correct, but 3x+ slower on 1 MB runs (cache misses in sift-down).
-//! - Lookups go through `TokenTable` (inline 8-byte prefixes, one cache line per probe)
-//!   rather than `FxHashMap<Vec<u8>, Rank>` (a pointer chase per probe).
+//!   longer than `LONG_MERGE_MIN_LEN` use a linked list over the parts plus a blocked
+//!   minimum of (rank, start) keys: O(n log n), same merges in the same order (lowest rank
+//!   first, leftmost start on ties), so the same ids. Tried first: a binary heap with lazy
+//!   invalidation (1.3 s for 1 MB of `a`, mostly cache misses in sift-down), then a segment
+//!   tree over all positions (0.27 s, 28 B/byte); the blocked minimum runs the same 0.27 s
+//!   in 12 B/byte. 100 KB -> 1 MB of `a`: 24.5 ms -> 270 ms.
 //! - The decoder stores all token bytes in one buffer with (offset, len) spans: one
-//!   allocation instead of 100K small ones, which keeps resident memory below tiktoken's
-//!   (whose Python `Encoding` also keeps a dict of the ranks).
-//! - Tried: a per-thread cache of frequent pieces. Dropped for now: the whole-piece probe
-//!   already catches the frequent pieces, and a cache adds a second probe to the misses.
+//!   allocation instead of 100K small ones. Resident memory after loading cl100k: +9 MB
+//!   (tiktoken: +40 MB, its Python `Encoding` also keeps a dict of the ranks).
+//! - Not done: a per-thread cache of frequent pieces. The whole-piece probe already
+//!   catches frequent pieces in one probe; a cache would add a second probe to misses.
 
 use crate::error::{Error, Result};
 use crate::pretokenize::Pretokenizer;
@@ -40,10 +45,14 @@ pub const SPECIAL_TOKENS: [&str; 9] = [
     "<|output_end|>",
 ];
 
-/// Pieces at least this long are merged with the heap; shorter ones with tiktoken's loop.
-/// The loop scans all parts per merge, so its cost grows as len^2; at this length both take
-/// about the same time (the heap pays for its allocations).
+/// Pieces at least this long are merged with `merge_long`; shorter ones with tiktoken's loop.
+/// The loop scans all parts per merge, so its cost grows as len^2. Measured on runs of the
+/// prose's letters (cl100k ranks, ms per 150 KB, short / long): len 64: 22-27 / 36-40;
+/// len 128: 28-29 / 27-34; len 256: 37-40 / 28-31; len 1024: 93-100 / 29-52.
 const LONG_MERGE_MIN_LEN: usize = 128;
+
+/// How far past the ordinary ids a special token's id may lie (ids index dense tables).
+const MAX_SPECIAL_GAP: usize = 1 << 20;
 
 pub struct CoreBPE {
     /// bytes -> rank, the lookup of the hot loop (see `TokenTable`).
@@ -81,6 +90,15 @@ impl CoreBPE {
     ) -> Result<Self> {
         let max_rank = encoder.values().copied().max();
         let n_ranks = max_rank.map_or(0, |r| r as usize + 1);
+        // Ids index dense tables, so a stray huge rank would allocate gigabytes: allow holes,
+        // but not more holes than tokens.
+        if n_ranks > 2 * encoder.len() + 1024 {
+            return Err(Error::Vocab(format!(
+                "max rank {} is far beyond the {} tokens given (ranks should be 0..n)",
+                n_ranks - 1,
+                encoder.len()
+            )));
+        }
         let mut n_vocab = n_ranks;
         let mut spans: Vec<(u32, u32)> = vec![(0, 0); n_ranks];
         let total: usize = encoder.keys().map(|k| k.len()).sum();
@@ -89,7 +107,8 @@ impl CoreBPE {
         }
         let mut token_data = Vec::with_capacity(total);
         // Fill in rank order so the buffer's layout does not depend on hash order.
-        let mut by_rank: Vec<(&[u8], Rank)> = encoder.iter().map(|(k, &v)| (k.as_slice(), v)).collect();
+        let mut by_rank: Vec<(&[u8], Rank)> =
+            encoder.iter().map(|(k, &v)| (k.as_slice(), v)).collect();
         by_rank.sort_unstable_by_key(|&(_, r)| r);
         for w in by_rank.windows(2) {
             if w[0].1 == w[1].1 {
@@ -103,7 +122,9 @@ impl CoreBPE {
         }
         for &(bytes, rank) in &by_rank {
             if bytes.is_empty() {
-                return Err(Error::Vocab(format!("rank {rank} is given to the empty token")));
+                return Err(Error::Vocab(format!(
+                    "rank {rank} is given to the empty token"
+                )));
             }
             spans[rank as usize] = (token_data.len() as u32, bytes.len() as u32);
             token_data.extend_from_slice(bytes);
@@ -118,18 +139,37 @@ impl CoreBPE {
         }
         for (i, (name, id)) in specials.iter().enumerate() {
             if (*id as usize) < spans.len() && spans[*id as usize].1 != 0 {
-                return Err(Error::Vocab(format!("special token {name:?} id {id} collides with an ordinary token")));
+                return Err(Error::Vocab(format!(
+                    "special token {name:?} id {id} collides with an ordinary token"
+                )));
             }
             if let Some((other, _)) = specials[..i].iter().find(|(_, oid)| oid == id) {
-                return Err(Error::Vocab(format!("special tokens {other:?} and {name:?} share id {id}")));
+                return Err(Error::Vocab(format!(
+                    "special tokens {other:?} and {name:?} share id {id}"
+                )));
             }
             if specials[..i].iter().any(|(n, _)| n == name) {
-                return Err(Error::Vocab(format!("special token {name:?} is listed twice")));
+                return Err(Error::Vocab(format!(
+                    "special token {name:?} is listed twice"
+                )));
+            }
+            if *id as usize > n_ranks + specials.len() + MAX_SPECIAL_GAP {
+                return Err(Error::Vocab(format!(
+                    "special token {name:?} id {id} is far beyond the {n_ranks} ordinary tokens"
+                )));
             }
             n_vocab = n_vocab.max(*id as usize + 1);
         }
         let table = TokenTable::new(&spans, &token_data);
-        Ok(Self { table, encoder: OnceLock::new(), spans, token_data, specials, pretokenizer, n_vocab })
+        Ok(Self {
+            table,
+            encoder: OnceLock::new(),
+            spans,
+            token_data,
+            specials,
+            pretokenizer,
+            n_vocab,
+        })
     }
 
     pub fn n_vocab(&self) -> usize {
@@ -147,7 +187,11 @@ impl CoreBPE {
 
     /// bytes -> rank as a hash map (built on first call; the encoder itself does not use it).
     pub fn encoder(&self) -> &FxHashMap<Vec<u8>, Rank> {
-        self.encoder.get_or_init(|| self.ranks_in_order().map(|(b, r)| (b.to_vec(), r)).collect())
+        self.encoder.get_or_init(|| {
+            self.ranks_in_order()
+                .map(|(b, r)| (b.to_vec(), r))
+                .collect()
+        })
     }
 
     /// The rank of `bytes`, if it is an ordinary token.
@@ -161,7 +205,10 @@ impl CoreBPE {
     }
 
     pub fn special_token_id(&self, name: &str) -> Option<Rank> {
-        self.specials.iter().find(|(n, _)| n == name).map(|&(_, id)| id)
+        self.specials
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|&(_, id)| id)
     }
 
     /// The bytes of ordinary token `id` (None for specials and holes).
@@ -219,7 +266,13 @@ impl CoreBPE {
                 Some(bytes) => out.extend_from_slice(bytes),
                 None => match self.specials.iter().find(|&&(_, sid)| sid == id) {
                     Some((name, _)) => out.extend_from_slice(name.as_bytes()),
-                    None => return Err(Error::TokenOutOfRange { id, index, n_vocab: self.n_vocab }),
+                    None => {
+                        return Err(Error::TokenOutOfRange {
+                            id,
+                            index,
+                            n_vocab: self.n_vocab,
+                        })
+                    }
                 },
             }
         }
@@ -237,7 +290,9 @@ impl CoreBPE {
 
     /// Approximate heap bytes held by the vocabulary (for the memory benchmark).
     pub fn heap_bytes(&self) -> usize {
-        self.table.slots.capacity() * std::mem::size_of::<Slot>() + self.spans.capacity() * 8 + self.token_data.capacity()
+        self.table.slots.capacity() * std::mem::size_of::<Slot>()
+            + self.spans.capacity() * 8
+            + self.token_data.capacity()
     }
 }
 
@@ -264,21 +319,30 @@ struct Slot {
 
 const HASH_K: u64 = 0x9E37_79B9_7F4A_7C15;
 
-/// First (up to) 8 bytes as a little-endian integer, zero-padded.
+/// First (up to) 8 bytes as a little-endian integer, zero-padded. Short slices are read with
+/// overlapping loads instead of a copy into a buffer (which compiled to a `memcpy` call and
+/// cost ~15% of the encoder's time on prose).
 #[inline(always)]
-fn prefix8(bytes: &[u8]) -> u64 {
-    if bytes.len() >= 8 {
-        u64::from_le_bytes(bytes[..8].try_into().unwrap())
+fn prefix8(b: &[u8]) -> u64 {
+    let n = b.len();
+    if n >= 8 {
+        u64::from_le_bytes(b[..8].try_into().unwrap())
+    } else if n >= 4 {
+        let lo = u32::from_le_bytes(b[..4].try_into().unwrap()) as u64;
+        let hi = u32::from_le_bytes(b[n - 4..n].try_into().unwrap()) as u64;
+        // The two loads overlap on bytes n-4..4; they agree there, so OR is exact.
+        lo | hi << (8 * (n - 4))
+    } else if n > 0 {
+        (b[0] as u64) | (b[n / 2] as u64) << (8 * (n / 2)) | (b[n - 1] as u64) << (8 * (n - 1))
     } else {
-        let mut buf = [0u8; 8];
-        buf[..bytes.len()].copy_from_slice(bytes);
-        u64::from_le_bytes(buf)
+        0
     }
 }
 
 #[inline(always)]
 fn hash_bytes(bytes: &[u8], prefix: u64) -> u64 {
-    let mut h = (prefix ^ (bytes.len() as u64).wrapping_mul(0xFF51_AFD7_ED55_8CCD)).wrapping_mul(HASH_K);
+    let mut h =
+        (prefix ^ (bytes.len() as u64).wrapping_mul(0xFF51_AFD7_ED55_8CCD)).wrapping_mul(HASH_K);
     if bytes.len() > 8 {
         for chunk in bytes[8..].chunks(8) {
             h = (h.rotate_left(23) ^ prefix8(chunk)).wrapping_mul(HASH_K);
@@ -307,7 +371,11 @@ impl TokenTable {
             while slots[i].len != 0 {
                 i = (i + 1) & mask;
             }
-            slots[i] = Slot { prefix, rank: rank as Rank, len };
+            slots[i] = Slot {
+                prefix,
+                rank: rank as Rank,
+                len,
+            };
         }
         Self { slots, shift }
     }
@@ -318,7 +386,7 @@ impl TokenTable {
         let mask = self.slots.len() - 1;
         let mut i = (hash_bytes(bytes, prefix) >> self.shift) as usize;
         loop {
-            // SAFETY-free indexing: i is always masked into range.
+            // `i` is always masked into range, so the bounds check never fails.
             let slot = self.slots[i];
             if slot.len == 0 {
                 return None;
@@ -328,7 +396,7 @@ impl TokenTable {
                     return Some(slot.rank);
                 }
                 let (off, len) = spans[slot.rank as usize];
-                if &data[off as usize + 8..(off + len) as usize] == &bytes[8..] {
+                if data[off as usize + 8..(off + len) as usize] == bytes[8..] {
                     return Some(slot.rank);
                 }
             }
@@ -395,12 +463,17 @@ struct MinTree {
     t: Vec<u64>,
 }
 
+#[inline(always)]
+fn key(r: Rank, i: usize) -> u64 {
+    (r as u64) << 32 | i as u64
+}
+
 impl MinTree {
-    fn new(leaves: impl ExactSizeIterator<Item = Rank>) -> Self {
+    fn new(leaves: impl ExactSizeIterator<Item = u64>) -> Self {
         let size = leaves.len().next_power_of_two();
         let mut t = vec![u64::MAX; 2 * size];
-        for (i, r) in leaves.enumerate() {
-            t[size + i] = (r as u64) << 32 | i as u64;
+        for (i, k) in leaves.enumerate() {
+            t[size + i] = k;
         }
         for p in (1..size).rev() {
             t[p] = t[2 * p].min(t[2 * p + 1]);
@@ -409,15 +482,19 @@ impl MinTree {
     }
 
     #[inline]
-    fn min(&self) -> (Rank, usize) {
-        let k = self.t[1];
-        ((k >> 32) as Rank, (k & 0xFFFF_FFFF) as usize)
+    fn min(&self) -> u64 {
+        self.t[1]
     }
 
     #[inline]
-    fn set(&mut self, i: usize, r: Rank) {
+    fn leaf(&self, i: usize) -> u64 {
+        self.t[self.size + i]
+    }
+
+    #[inline]
+    fn set(&mut self, i: usize, k: u64) {
         let mut p = self.size + i;
-        self.t[p] = (r as u64) << 32 | i as u64;
+        self.t[p] = k;
         p >>= 1;
         while p >= 1 {
             let v = self.t[2 * p].min(self.t[2 * p + 1]);
@@ -430,10 +507,63 @@ impl MinTree {
     }
 }
 
+/// Pair ranks by position, grouped in blocks of `BLOCK`; a small `MinTree` holds each block's
+/// leftmost minimum. An update rescans only its own block (a few cache lines, usually hot:
+/// merges of a long run move left to right) and touches the tree only if the block's minimum
+/// changed. Memory is 4 bytes per position plus 16 per block, instead of 16 per position for a
+/// tree over all positions (which ran out of cache at 1 MB pieces: 20x the time for 10x input).
+const BLOCK: usize = 64;
+
+struct BlockMin {
+    ranks: Vec<Rank>,
+    top: MinTree,
+}
+
+impl BlockMin {
+    fn new(ranks: Vec<Rank>) -> Self {
+        let top = MinTree::new((0..ranks.len().div_ceil(BLOCK)).map(|b| Self::scan(&ranks, b)));
+        Self { ranks, top }
+    }
+
+    /// Key of the leftmost minimum of block `b`.
+    #[inline]
+    fn scan(ranks: &[Rank], b: usize) -> u64 {
+        let start = b * BLOCK;
+        let block = &ranks[start..(start + BLOCK).min(ranks.len())];
+        // Two simple passes vectorize; a fused leftmost-argmin loop does not.
+        let m = *block.iter().min().unwrap();
+        key(m, start + block.iter().position(|&x| x == m).unwrap())
+    }
+
+    #[inline]
+    fn min(&self) -> (Rank, usize) {
+        let k = self.top.min();
+        ((k >> 32) as Rank, (k & 0xFFFF_FFFF) as usize)
+    }
+
+    #[inline]
+    fn set(&mut self, i: usize, r: Rank) {
+        self.ranks[i] = r;
+        let b = i / BLOCK;
+        let cur = self.top.leaf(b);
+        let k = key(r, i);
+        if k < cur {
+            self.top.set(b, k);
+        } else if (cur & 0xFFFF_FFFF) as usize == i {
+            // The block's minimum grew: find the new one.
+            let new = Self::scan(&self.ranks, b);
+            if new != cur {
+                self.top.set(b, new);
+            }
+        }
+        // Otherwise a position that was not the block's minimum stays above it: no change.
+    }
+}
+
 /// The same merges as `merge_short` in O(len log len): parts form a linked list indexed by
-/// their start byte, and a segment tree yields the lowest-rank, leftmost pair. Merges of one
-/// long run proceed mostly left to right, so the tree's updates stay in cache (a binary heap,
-/// tried first, spent most of its time on cache misses in sift-down: 1.3 s for 1 MB of 'a').
+/// their start byte, and a `BlockMin` yields the lowest-rank, leftmost pair. Merges of one
+/// long run proceed mostly left to right, so its updates stay in cache (a binary heap, tried
+/// first, spent most of its time on cache misses in sift-down: 1.3 s for 1 MB of 'a').
 fn merge_long(piece: &[u8], rank: impl Fn(&[u8]) -> Option<Rank>, out: &mut Vec<Rank>) {
     let n = piece.len();
     let rank_of = |b: &[u8]| rank(b).unwrap_or(Rank::MAX);
@@ -441,8 +571,20 @@ fn merge_long(piece: &[u8], rank: impl Fn(&[u8]) -> Option<Rank>, out: &mut Vec<
     // next[i]: start of the part after part i (n for the last part); prev[i]: start of the
     // part before it (NONE for the first). Only entries at live part starts are meaningful.
     let mut next: Vec<u32> = (1..=n as u32).collect();
-    let mut prev: Vec<u32> = (0..n as u32).map(|i| if i == 0 { NONE } else { i - 1 }).collect();
-    let mut tree = MinTree::new((0..n).map(|i| if i + 1 < n { rank_of(&piece[i..i + 2]) } else { Rank::MAX }));
+    let mut prev: Vec<u32> = (0..n as u32)
+        .map(|i| if i == 0 { NONE } else { i - 1 })
+        .collect();
+    let mut tree = BlockMin::new(
+        (0..n)
+            .map(|i| {
+                if i + 1 < n {
+                    rank_of(&piece[i..i + 2])
+                } else {
+                    Rank::MAX
+                }
+            })
+            .collect(),
+    );
     // Rank of the pair starting at part `i`: bytes from i to the end of the part after it.
     let pair_at = |next: &[u32], i: u32| -> Rank {
         let j = next[i as usize];
@@ -528,10 +670,12 @@ mod tests {
         for seed in 1..20u64 {
             let ranks = random_vocab(seed * 7919, 60);
             let mut state = seed;
-            for len in [2usize, 3, 5, 17, 64, 200, 1000] {
+            for len in [2usize, 3, 5, 17, 64, 65, 200, 1000, 5000] {
                 let piece: Vec<u8> = (0..len)
                     .map(|_| {
-                        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        state = state
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
                         b'a' + ((state >> 33) % 4) as u8
                     })
                     .collect();
@@ -540,9 +684,23 @@ mod tests {
                 merge_short(&piece, get, &mut scratch, &mut a);
                 merge_long(&piece, get, &mut b);
                 assert_eq!(a, b, "seed {seed} len {len}");
-                let total: usize = a.iter().map(|&r| ranks.iter().find(|(_, &v)| v == r).unwrap().0.len()).sum();
+                let total: usize = a
+                    .iter()
+                    .map(|&r| ranks.iter().find(|(_, &v)| v == r).unwrap().0.len())
+                    .sum();
                 assert_eq!(total, len);
             }
+        }
+    }
+
+    #[test]
+    fn prefix8_matches_zero_padded_copy() {
+        let data: Vec<u8> = (1..=20u8).map(|x| x.wrapping_mul(37)).collect();
+        for n in 0..=12 {
+            let mut buf = [0u8; 8];
+            let k = n.min(8);
+            buf[..k].copy_from_slice(&data[..k]);
+            assert_eq!(prefix8(&data[..n]), u64::from_le_bytes(buf), "len {n}");
         }
     }
 
@@ -550,14 +708,23 @@ mod tests {
     fn token_table_finds_every_token_and_nothing_else() {
         let mut ranks = random_vocab(99, 500);
         // Tokens longer than the 8-byte inline prefix, sharing that prefix.
-        for (i, t) in ["abcdefgh1", "abcdefgh12", "abcdefgh123456789", "abcdefgh"].iter().enumerate() {
+        for (i, t) in ["abcdefgh1", "abcdefgh12", "abcdefgh123456789", "abcdefgh"]
+            .iter()
+            .enumerate()
+        {
             ranks.insert(t.as_bytes().to_vec(), 1000 + i as Rank);
         }
         let bpe = CoreBPE::new(ranks.clone(), NANOCHAT_PATTERN, vec![]).unwrap();
         for (bytes, &r) in &ranks {
             assert_eq!(bpe.rank(bytes), Some(r), "{bytes:?}");
         }
-        for miss in [&b"abcdefgh2"[..], b"abcdefgh1234", b"", b"zzzzzzzzzzzzzzzzzzzz", b"abcdefg"] {
+        for miss in [
+            &b"abcdefgh2"[..],
+            b"abcdefgh1234",
+            b"",
+            b"zzzzzzzzzzzzzzzzzzzz",
+            b"abcdefg",
+        ] {
             assert_eq!(bpe.rank(miss), ranks.get(miss).copied(), "{miss:?}");
         }
         assert_eq!(bpe.encoder(), &ranks);
@@ -578,7 +745,12 @@ mod tests {
 
     #[test]
     fn decode_out_of_range_names_index() {
-        let bpe = CoreBPE::new(byte_vocab(), NANOCHAT_PATTERN, vec![("<|bos|>".into(), 256)]).unwrap();
+        let bpe = CoreBPE::new(
+            byte_vocab(),
+            NANOCHAT_PATTERN,
+            vec![("<|bos|>".into(), 256)],
+        )
+        .unwrap();
         let err = bpe.decode_bytes(&[1, 256, 999]).unwrap_err();
         assert!(err.to_string().contains("index 2"), "{err}");
         assert_eq!(bpe.decode_bytes(&[256]).unwrap(), b"<|bos|>".to_vec());
@@ -590,17 +762,42 @@ mod tests {
     fn rejects_bad_vocabularies() {
         let mut missing = byte_vocab();
         missing.remove(&vec![0x80u8]);
-        let err = CoreBPE::new(missing, NANOCHAT_PATTERN, vec![]).err().unwrap();
+        let err = CoreBPE::new(missing, NANOCHAT_PATTERN, vec![])
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("0x80"), "{err}");
 
         let mut dup = byte_vocab();
         dup.insert(b"ab".to_vec(), 5);
-        assert!(matches!(CoreBPE::new(dup, NANOCHAT_PATTERN, vec![]), Err(Error::Vocab(_))));
+        assert!(matches!(
+            CoreBPE::new(dup, NANOCHAT_PATTERN, vec![]),
+            Err(Error::Vocab(_))
+        ));
 
         let clash = vec![("<|bos|>".to_string(), 3)];
-        assert!(matches!(CoreBPE::new(byte_vocab(), NANOCHAT_PATTERN, clash), Err(Error::Vocab(_))));
+        assert!(matches!(
+            CoreBPE::new(byte_vocab(), NANOCHAT_PATTERN, clash),
+            Err(Error::Vocab(_))
+        ));
+        let mut sparse = byte_vocab();
+        sparse.insert(b"ab".to_vec(), 4_000_000_000);
+        assert!(matches!(
+            CoreBPE::new(sparse, NANOCHAT_PATTERN, vec![]),
+            Err(Error::Vocab(_))
+        ));
+        let far = vec![("<|a|>".to_string(), 3_000_000_000)];
+        assert!(matches!(
+            CoreBPE::new(byte_vocab(), NANOCHAT_PATTERN, far),
+            Err(Error::Vocab(_))
+        ));
         let twice = vec![("<|a|>".to_string(), 300), ("<|b|>".to_string(), 300)];
-        assert!(matches!(CoreBPE::new(byte_vocab(), NANOCHAT_PATTERN, twice), Err(Error::Vocab(_))));
-        assert!(matches!(CoreBPE::new(byte_vocab(), "(", vec![]), Err(Error::Pattern(_))));
+        assert!(matches!(
+            CoreBPE::new(byte_vocab(), NANOCHAT_PATTERN, twice),
+            Err(Error::Vocab(_))
+        ));
+        assert!(matches!(
+            CoreBPE::new(byte_vocab(), "(", vec![]),
+            Err(Error::Pattern(_))
+        ));
     }
 }

@@ -10,6 +10,7 @@
 //! mutex: a parent thread may hold the lock at the moment of the fork, and the child must
 //! not wait on it; it swaps in a new registry instead (the old one leaks, a few bytes).
 
+use crate::error::{Error, Result};
 use rayon::{ThreadPool, ThreadPoolBuilder};
 use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,7 +26,12 @@ fn registry() -> &'static Registry {
         return unsafe { &*p };
     }
     let fresh = Box::into_raw(Box::new(Mutex::new(Vec::new())));
-    match REGISTRY.compare_exchange(std::ptr::null_mut(), fresh, Ordering::AcqRel, Ordering::Acquire) {
+    match REGISTRY.compare_exchange(
+        std::ptr::null_mut(),
+        fresh,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    ) {
         Ok(_) => unsafe { &*fresh },
         Err(existing) => {
             // SAFETY: `fresh` was never shared; `existing` is leaked like every registry.
@@ -40,27 +46,27 @@ pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// The pool of `n` threads (`None`: `default_threads()`), built on first use.
-pub fn pool(n: Option<usize>) -> Arc<ThreadPool> {
+/// The pool of `n` threads (`None`: `default_threads()`), built on first use. Fails (rather
+/// than panics) when the threads cannot be spawned, e.g. under a process limit.
+pub fn pool(n: Option<usize>) -> Result<Arc<ThreadPool>> {
     let n = n.unwrap_or_else(default_threads).max(1);
     let mut pools = registry().lock().unwrap_or_else(|e| e.into_inner());
     if let Some((_, p)) = pools.iter().find(|(k, _)| *k == n) {
-        return p.clone();
+        return Ok(p.clone());
     }
-    let p = Arc::new(
-        ThreadPoolBuilder::new()
-            .num_threads(n)
-            .thread_name(|i| format!("sftfast-{i}"))
-            .build()
-            .expect("spawning rayon worker threads"),
-    );
+    let p = ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("sftfast-{i}"))
+        .build()
+        .map_err(|e| Error::Other(format!("could not start a pool of {n} threads: {e}")))?;
+    let p = Arc::new(p);
     pools.push((n, p.clone()));
-    p
+    Ok(p)
 }
 
 /// Runs `f` on the pool of `n` threads.
-pub fn install<R: Send>(n: Option<usize>, f: impl FnOnce() -> R + Send) -> R {
-    pool(n).install(f)
+pub fn install<R: Send>(n: Option<usize>, f: impl FnOnce() -> R + Send) -> Result<R> {
+    Ok(pool(n)?.install(f))
 }
 
 /// In a freshly forked child: forget every pool (their threads do not exist here).
@@ -77,11 +83,11 @@ mod tests {
 
     #[test]
     fn pools_are_reused_and_sized() {
-        let a = pool(Some(2));
-        let b = pool(Some(2));
+        let a = pool(Some(2)).unwrap();
+        let b = pool(Some(2)).unwrap();
         assert!(Arc::ptr_eq(&a, &b));
-        assert_eq!(install(Some(3), rayon::current_num_threads), 3);
+        assert_eq!(install(Some(3), rayon::current_num_threads).unwrap(), 3);
         forget_after_fork();
-        assert!(!Arc::ptr_eq(&a, &pool(Some(2))));
+        assert!(!Arc::ptr_eq(&a, &pool(Some(2)).unwrap()));
     }
 }

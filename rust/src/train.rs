@@ -48,7 +48,12 @@ pub struct Trained {
 
 impl Trainer {
     pub fn new(pattern: &str) -> Result<Self> {
-        Ok(Self { pretokenizer: Pretokenizer::new(pattern)?, counts: FxHashMap::default(), n_documents: 0, n_bytes: 0 })
+        Ok(Self {
+            pretokenizer: Pretokenizer::new(pattern)?,
+            counts: FxHashMap::default(),
+            n_documents: 0,
+            n_bytes: 0,
+        })
     }
 
     /// Counts the pieces of a batch of documents (in parallel, on the current rayon pool).
@@ -89,18 +94,34 @@ impl Trainer {
             )));
         }
         if n_ranks > Rank::MAX as usize / 2 {
-            return Err(Error::Vocab(format!("vocabulary of {n_ranks} tokens is too large")));
+            return Err(Error::Vocab(format!(
+                "vocabulary of {n_ranks} tokens is too large"
+            )));
         }
-        let Trainer { counts, n_documents, n_bytes, .. } = self;
+        let Trainer {
+            counts,
+            n_documents,
+            n_bytes,
+            ..
+        } = self;
         let n_unique_pieces = counts.len();
         // Sorted so the result does not depend on hash-map order.
         let mut pieces: Vec<(Vec<u8>, u64)> = counts.into_iter().collect();
         pieces.par_sort_unstable();
         let weights: Vec<i64> = pieces.iter().map(|(_, c)| *c as i64).collect();
-        let mut words: Vec<Vec<Rank>> = pieces.into_iter().map(|(p, _)| p.into_iter().map(Rank::from).collect()).collect();
+        let mut words: Vec<Vec<Rank>> = pieces
+            .into_iter()
+            .map(|(p, _)| p.into_iter().map(Rank::from).collect())
+            .collect();
         let ranks = merge_loop(&mut words, &weights, n_ranks);
         let n_missing = n_ranks - ranks.len();
-        Ok(Trained { ranks, n_documents, n_bytes, n_unique_pieces, n_missing })
+        Ok(Trained {
+            ranks,
+            n_documents,
+            n_bytes,
+            n_unique_pieces,
+            n_missing,
+        })
     }
 }
 
@@ -113,7 +134,9 @@ struct Job {
 impl Ord for Job {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         // Max-heap: higher count first, then the smaller pair.
-        self.count.cmp(&other.count).then_with(|| other.pair.cmp(&self.pair))
+        self.count
+            .cmp(&other.count)
+            .then_with(|| other.pair.cmp(&self.pair))
     }
 }
 
@@ -151,16 +174,29 @@ fn merge_word(word: &mut Vec<Rank>, (a, b): Pair, new: Rank, mut delta: impl FnM
     *word = out;
 }
 
-fn merge_loop(words: &mut [Vec<Rank>], weights: &[i64], n_ranks: usize) -> FxHashMap<Vec<u8>, Rank> {
+fn merge_loop(
+    words: &mut [Vec<Rank>],
+    weights: &[i64],
+    n_ranks: usize,
+) -> FxHashMap<Vec<u8>, Rank> {
     let mut tokens: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
-    let mut ranks: FxHashMap<Vec<u8>, Rank> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as Rank)).collect();
+    let mut ranks: FxHashMap<Vec<u8>, Rank> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as Rank))
+        .collect();
 
     // Initial pair counts and positions, in parallel over words.
     let (mut pair_counts, mut where_) = words
         .par_iter()
         .enumerate()
         .fold(
-            || (FxHashMap::<Pair, i64>::default(), FxHashMap::<Pair, Vec<u32>>::default()),
+            || {
+                (
+                    FxHashMap::<Pair, i64>::default(),
+                    FxHashMap::<Pair, Vec<u32>>::default(),
+                )
+            },
             |(mut counts, mut pos), (wi, w)| {
                 for p in w.windows(2) {
                     let pair = (p[0], p[1]);
@@ -186,8 +222,11 @@ fn merge_loop(words: &mut [Vec<Rank>], weights: &[i64], n_ranks: usize) -> FxHas
             },
         );
 
-    let mut heap: BinaryHeap<Job> =
-        pair_counts.iter().filter(|(_, &c)| c > 0).map(|(&pair, &count)| Job { count, pair }).collect();
+    let mut heap: BinaryHeap<Job> = pair_counts
+        .iter()
+        .filter(|(_, &c)| c > 0)
+        .map(|(&pair, &count)| Job { count, pair })
+        .collect();
     let mut retired: FxHashSet<Pair> = FxHashSet::default();
     let mut changed: FxHashMap<Pair, i64> = FxHashMap::default();
 
@@ -198,7 +237,10 @@ fn merge_loop(words: &mut [Vec<Rank>], weights: &[i64], n_ranks: usize) -> FxHas
             continue;
         }
         if current != job.count {
-            heap.push(Job { count: current, pair: job.pair });
+            heap.push(Job {
+                count: current,
+                pair: job.pair,
+            });
             continue;
         }
         let (a, b) = job.pair;
@@ -266,14 +308,25 @@ mod tests {
     #[test]
     fn learns_frequent_pairs_first() {
         let mut t = Trainer::new(NANOCHAT_PATTERN).unwrap();
-        let docs: Vec<String> = (0..50).map(|i| format!("hello hello world {i} low lower lowest")).collect();
+        let docs: Vec<String> = (0..50)
+            .map(|i| format!("hello hello world {i} low lower lowest"))
+            .collect();
         t.add_documents(&docs);
         let trained = t.train(256 + 20).unwrap();
         assert_eq!(trained.ranks.len(), 276);
         assert_eq!(trained.n_documents, 50);
         // The most frequent pair overall comes first.
-        let first = trained.ranks.iter().find(|(_, &r)| r == 256).unwrap().0.clone();
-        assert!(first == b"lo" || first == b"ow" || first == b"he" || first == b"el" || first == b"ll", "{first:?}");
+        let first = trained
+            .ranks
+            .iter()
+            .find(|(_, &r)| r == 256)
+            .unwrap()
+            .0
+            .clone();
+        assert!(
+            first == b"lo" || first == b"ow" || first == b"he" || first == b"el" || first == b"ll",
+            "{first:?}"
+        );
         let bpe = CoreBPE::new(trained.ranks, NANOCHAT_PATTERN, vec![]).unwrap();
         let ids = bpe.encode_ordinary("hello world");
         assert!(ids.len() <= 4, "{ids:?}");

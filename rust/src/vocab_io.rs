@@ -25,11 +25,22 @@ use std::path::Path;
 
 pub const FORMAT_NAME: &str = "sftfast-tokenizer";
 pub const FORMAT_VERSION: u64 = 1;
+/// Ranks index dense tables; a rank file with larger ones is malformed (and would allocate
+/// gigabytes).
+const MAX_RANK: Rank = 1 << 30;
 
 /// Parses tiktoken rank-file lines starting at 1-based line number `first_line`.
 /// `path` only labels errors.
-pub fn parse_rank_lines(data: &[u8], path: &str, first_line: usize) -> Result<FxHashMap<Vec<u8>, Rank>> {
-    let err = |line: usize, reason: String| Error::RankFile { path: path.to_string(), line, reason };
+pub fn parse_rank_lines(
+    data: &[u8],
+    path: &str,
+    first_line: usize,
+) -> Result<FxHashMap<Vec<u8>, Rank>> {
+    let err = |line: usize, reason: String| Error::RankFile {
+        path: path.to_string(),
+        line,
+        reason,
+    };
     let mut ranks: FxHashMap<Vec<u8>, Rank> = FxHashMap::default();
     ranks.reserve(data.len() / 12);
     let mut seen_rank: Vec<u64> = Vec::new(); // bitset of ranks already given
@@ -39,19 +50,28 @@ pub fn parse_rank_lines(data: &[u8], path: &str, first_line: usize) -> Result<Fx
         if line.is_empty() {
             continue;
         }
-        let mut fields = line.split(|&b| b == b' ').filter(|f| !f.is_empty());
+        let mut fields = line.split(|&b| b == b' ' || b == b'\t').filter(|f| !f.is_empty());
         let (token, rank) = match (fields.next(), fields.next(), fields.next()) {
             (Some(t), Some(r), None) => (t, r),
             _ => {
                 return Err(err(
                     line_no,
-                    format!("expected `<base64 token> <rank>`, got {:?}", String::from_utf8_lossy(&line[..line.len().min(80)])),
+                    format!(
+                        "expected `<base64 token> <rank>`, got {:?}",
+                        String::from_utf8_lossy(&line[..line.len().min(80)])
+                    ),
                 ))
             }
         };
-        let bytes = B64
-            .decode(token)
-            .map_err(|e| err(line_no, format!("token {:?} is not valid base64: {e}", String::from_utf8_lossy(token))))?;
+        let bytes = B64.decode(token).map_err(|e| {
+            err(
+                line_no,
+                format!(
+                    "token {:?} is not valid base64: {e}",
+                    String::from_utf8_lossy(token)
+                ),
+            )
+        })?;
         if bytes.is_empty() {
             return Err(err(line_no, "empty token".into()));
         }
@@ -59,8 +79,17 @@ pub fn parse_rank_lines(data: &[u8], path: &str, first_line: usize) -> Result<Fx
         let rank: Rank = rank_str
             .parse()
             .ok()
-            .filter(|&r: &Rank| r != Rank::MAX)
-            .ok_or_else(|| err(line_no, format!("rank {:?} is not an integer in 0..{}", String::from_utf8_lossy(rank), Rank::MAX)))?;
+            .filter(|&r: &Rank| r < MAX_RANK)
+            .ok_or_else(|| {
+                err(
+                    line_no,
+                    format!(
+                        "rank {:?} is not an integer in 0..{}",
+                        String::from_utf8_lossy(rank),
+                        MAX_RANK
+                    ),
+                )
+            })?;
         let (word, bit) = ((rank / 64) as usize, rank % 64);
         if word >= seen_rank.len() {
             seen_rank.resize(word + 1, 0);
@@ -70,7 +99,10 @@ pub fn parse_rank_lines(data: &[u8], path: &str, first_line: usize) -> Result<Fx
         }
         seen_rank[word] |= 1 << bit;
         if ranks.insert(bytes, rank).is_some() {
-            return Err(err(line_no, format!("token {:?} appears twice", String::from_utf8_lossy(token))));
+            return Err(err(
+                line_no,
+                format!("token {:?} appears twice", String::from_utf8_lossy(token)),
+            ));
         }
     }
     Ok(ranks)
@@ -78,7 +110,12 @@ pub fn parse_rank_lines(data: &[u8], path: &str, first_line: usize) -> Result<Fx
 
 /// Reads a tiktoken rank file.
 pub fn load_tiktoken_file(path: &Path) -> Result<FxHashMap<Vec<u8>, Rank>> {
-    let data = std::fs::read(path).map_err(|e| Error::Io(std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))))?;
+    let data = std::fs::read(path).map_err(|e| {
+        Error::Io(std::io::Error::new(
+            e.kind(),
+            format!("{}: {e}", path.display()),
+        ))
+    })?;
     parse_rank_lines(&data, &path.display().to_string(), 1)
 }
 
@@ -109,8 +146,15 @@ pub fn to_tokenizer_file(bpe: &CoreBPE) -> Vec<u8> {
 /// Writes the tokenizer file atomically (temporary file in the same directory, then rename).
 pub fn save_tokenizer(bpe: &CoreBPE, path: &Path) -> Result<()> {
     let data = to_tokenizer_file(bpe);
-    let io_err = |e: std::io::Error| Error::Io(std::io::Error::new(e.kind(), format!("{}: {e}", path.display())));
-    let file_name = path.file_name().ok_or_else(|| Error::Other(format!("{}: not a file path", path.display())))?;
+    let io_err = |e: std::io::Error| {
+        Error::Io(std::io::Error::new(
+            e.kind(),
+            format!("{}: {e}", path.display()),
+        ))
+    };
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| Error::Other(format!("{}: not a file path", path.display())))?;
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(file_name);
     tmp_name.push(format!(".tmp{}", std::process::id()));
@@ -129,16 +173,28 @@ pub fn save_tokenizer(bpe: &CoreBPE, path: &Path) -> Result<()> {
 
 /// Parses a tokenizer file's bytes; `path` only labels errors.
 pub fn parse_tokenizer_file(data: &[u8], path: &str) -> Result<CoreBPE> {
-    let err = |line: usize, reason: String| Error::RankFile { path: path.to_string(), line, reason };
+    let err = |line: usize, reason: String| Error::RankFile {
+        path: path.to_string(),
+        line,
+        reason,
+    };
     let split = data.iter().position(|&b| b == b'\n').unwrap_or(data.len());
     let header: serde_json::Value = serde_json::from_slice(&data[..split])
         .map_err(|e| err(1, format!("the header is not a JSON object: {e}")))?;
     if header.get("format").and_then(|v| v.as_str()) != Some(FORMAT_NAME) {
-        return Err(err(1, format!("not an sftfast tokenizer file (no \"format\": \"{FORMAT_NAME}\")")));
+        return Err(err(
+            1,
+            format!("not an sftfast tokenizer file (no \"format\": \"{FORMAT_NAME}\")"),
+        ));
     }
     match header.get("version").and_then(|v| v.as_u64()) {
         Some(FORMAT_VERSION) => {}
-        v => return Err(err(1, format!("unsupported version {v:?} (this build reads version {FORMAT_VERSION})"))),
+        v => {
+            return Err(err(
+                1,
+                format!("unsupported version {v:?} (this build reads version {FORMAT_VERSION})"),
+            ))
+        }
     }
     let pattern = header
         .get("pattern")
@@ -148,23 +204,44 @@ pub fn parse_tokenizer_file(data: &[u8], path: &str) -> Result<CoreBPE> {
     let list = header
         .get("special_tokens")
         .and_then(|v| v.as_array())
-        .ok_or_else(|| err(1, "\"special_tokens\" must be a list of [name, id] pairs".into()))?;
+        .ok_or_else(|| {
+            err(
+                1,
+                "\"special_tokens\" must be a list of [name, id] pairs".into(),
+            )
+        })?;
     for (i, item) in list.iter().enumerate() {
         let pair = item.as_array().filter(|a| a.len() == 2);
         let name = pair.and_then(|a| a[0].as_str());
-        let id = pair.and_then(|a| a[1].as_u64()).filter(|&id| id < Rank::MAX as u64);
+        let id = pair
+            .and_then(|a| a[1].as_u64())
+            .filter(|&id| id < Rank::MAX as u64);
         match (name, id) {
             (Some(name), Some(id)) => specials.push((name.to_string(), id as Rank)),
-            _ => return Err(err(1, format!("special_tokens[{i}] must be [name, id], got {item}"))),
+            _ => {
+                return Err(err(
+                    1,
+                    format!("special_tokens[{i}] must be [name, id], got {item}"),
+                ))
+            }
         }
     }
-    let rest = if split < data.len() { &data[split + 1..] } else { &[][..] };
+    let rest = if split < data.len() {
+        &data[split + 1..]
+    } else {
+        &[][..]
+    };
     let ranks = parse_rank_lines(rest, path, 2)?;
     CoreBPE::new(ranks, pattern, specials)
 }
 
 pub fn load_tokenizer(path: &Path) -> Result<CoreBPE> {
-    let data = std::fs::read(path).map_err(|e| Error::Io(std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))))?;
+    let data = std::fs::read(path).map_err(|e| {
+        Error::Io(std::io::Error::new(
+            e.kind(),
+            format!("{}: {e}", path.display()),
+        ))
+    })?;
     parse_tokenizer_file(&data, &path.display().to_string())
 }
 
@@ -182,14 +259,41 @@ mod tests {
 
     #[test]
     fn rank_file_errors_name_the_line() {
-        assert_eq!(parse_rank_lines(b"YQ== 0\nYg== 1\n", "f", 1).unwrap().len(), 2);
-        assert_eq!(line_of(parse_rank_lines(b"YQ== 0\n\nYg==\n", "f", 1).unwrap_err()), 3);
-        assert_eq!(line_of(parse_rank_lines(b"YQ== 0\n!!!! 1\n", "f", 1).unwrap_err()), 2);
-        assert_eq!(line_of(parse_rank_lines(b"YQ== x\n", "f", 1).unwrap_err()), 1);
-        assert_eq!(line_of(parse_rank_lines(b"YQ== 0\nYg== 0\n", "f", 1).unwrap_err()), 2);
-        assert_eq!(line_of(parse_rank_lines(b"YQ== 0\nYQ== 1\n", "f", 1).unwrap_err()), 2);
-        assert_eq!(line_of(parse_rank_lines(b"YQ== 0 1\n", "f", 5).unwrap_err()), 5);
-        let msg = parse_rank_lines(b"YQ== -3\n", "vocab.tiktoken", 1).unwrap_err().to_string();
+        assert_eq!(
+            parse_rank_lines(b"YQ== 0\nYg== 1\n", "f", 1).unwrap().len(),
+            2
+        );
+        assert_eq!(
+            line_of(parse_rank_lines(b"YQ== 0\n\nYg==\n", "f", 1).unwrap_err()),
+            3
+        );
+        assert_eq!(
+            line_of(parse_rank_lines(b"YQ== 0\n!!!! 1\n", "f", 1).unwrap_err()),
+            2
+        );
+        assert_eq!(
+            line_of(parse_rank_lines(b"YQ== 0\nYg== 3000000000\n", "f", 1).unwrap_err()),
+            2
+        );
+        assert_eq!(
+            line_of(parse_rank_lines(b"YQ== x\n", "f", 1).unwrap_err()),
+            1
+        );
+        assert_eq!(
+            line_of(parse_rank_lines(b"YQ== 0\nYg== 0\n", "f", 1).unwrap_err()),
+            2
+        );
+        assert_eq!(
+            line_of(parse_rank_lines(b"YQ== 0\nYQ== 1\n", "f", 1).unwrap_err()),
+            2
+        );
+        assert_eq!(
+            line_of(parse_rank_lines(b"YQ== 0 1\n", "f", 5).unwrap_err()),
+            5
+        );
+        let msg = parse_rank_lines(b"YQ== -3\n", "vocab.tiktoken", 1)
+            .unwrap_err()
+            .to_string();
         assert!(msg.starts_with("vocab.tiktoken:1:"), "{msg}");
     }
 
@@ -203,8 +307,16 @@ mod tests {
         assert_eq!(back.pattern(), NANOCHAT_PATTERN);
         assert_eq!(back.specials(), bpe.specials());
         assert_eq!(back.encoder(), bpe.encoder());
-        let bad = String::from_utf8(data).unwrap().replacen("YWI= 256", "YWI= zz", 1);
-        assert_eq!(line_of(parse_tokenizer_file(bad.as_bytes(), "t").err().unwrap()), 2 + 256);
-        assert_eq!(line_of(parse_tokenizer_file(b"{}\n", "t").err().unwrap()), 1);
+        let bad = String::from_utf8(data)
+            .unwrap()
+            .replacen("YWI= 256", "YWI= zz", 1);
+        assert_eq!(
+            line_of(parse_tokenizer_file(bad.as_bytes(), "t").err().unwrap()),
+            2 + 256
+        );
+        assert_eq!(
+            line_of(parse_tokenizer_file(b"{}\n", "t").err().unwrap()),
+            1
+        );
     }
 }

