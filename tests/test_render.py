@@ -180,3 +180,30 @@ def test_rust_equals_reference(toks, conv, max_tokens):
 def test_render_batch_equals_reference(toks, convs, threads):
     tok, enc = toks
     assert tok.render_batch(convs, max_tokens=64, num_threads=threads) == [ref.render_conversation(enc, c, 64) for c in convs]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_render_batch_after_fork(toks):
+    """A forked child (DataLoader worker) must not hang on the parent's rayon pool."""
+    tok, enc = toks
+    convs = [SEED] * 64
+    want = tok.render_batch(convs)  # the parent's global pool now exists
+    pid = os.fork()
+    if pid == 0:  # child: exit code says whether it rendered correctly
+        ok = False
+        try:
+            ok = tok.render_batch(convs) == want and tok.render_batch(convs, num_threads=2) == want
+        finally:
+            os._exit(0 if ok else 1)
+    deadline = 60
+    import time
+
+    t0 = time.time()
+    while time.time() - t0 < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    pytest.fail("render_batch hung in a forked child")

@@ -228,7 +228,7 @@ class SFTLoader:
             inputs = slot.inputs[:n].view(rows, t).to(self.device, copy=True)
             targets = slot.targets[:n].view(rows, t).to(self.device, copy=True)
             position_ids = slot.position_ids[:n].view(rows, t).to(self.device, copy=True)
-        cu = torch.from_numpy(b.cu_seqlens).to(self.device, non_blocking=self._pin)
+        cu = torch.from_numpy(b.cu_seqlens).to(self.device)  # tiny, pageable: a plain copy
         # consumption: these conversations' tokens are now yielded
         self._consumed += len(b.tags)
         self._held, self._cursor = held, cursor

@@ -99,6 +99,9 @@ pub struct BatchOut<'a> {
     pub position_ids: &'a mut [i32],
 }
 
+/// A batch in owned vectors: (info, inputs, targets, position_ids), each `num_rows * t` long.
+pub type OwnedBatch = (BatchInfo, Vec<i32>, Vec<i64>, Vec<i32>);
+
 pub struct Packer {
     mode: Mode,
     batch_size: usize,
@@ -364,7 +367,7 @@ impl Packer {
     }
 
     /// Plans and commits into freshly allocated vectors (tests, pure-Rust users).
-    pub fn next_batch(&mut self, flush: bool) -> Result<Option<(BatchInfo, Vec<i32>, Vec<i64>, Vec<i32>)>> {
+    pub fn next_batch(&mut self, flush: bool) -> Result<Option<OwnedBatch>> {
         let plan = match self.plan(flush) {
             Some(p) => p,
             None => return Ok(None),
@@ -394,26 +397,19 @@ fn write_row(
 ) {
     let t = cap - 1;
     let content = ids.len().min(cap);
-    for p in 0..real_inputs {
-        inputs[p] = ids[p] as i32;
+    // Branch-free zipped loops: they vectorise (the per-index version with an `if` did not).
+    for (x, &id) in inputs[..real_inputs].iter_mut().zip(&ids[..real_inputs]) {
+        *x = id as i32;
     }
-    for x in &mut inputs[real_inputs..] {
-        *x = bos as i32;
-    }
+    inputs[real_inputs..].fill(bos as i32);
     // targets[p] = row[p + 1] where supervised, else -1; positions p + 1 >= content are padding.
-    let mut supervised = 0usize;
     let real_targets = content.saturating_sub(1);
-    for p in 0..real_targets {
-        if mask[p + 1] != 0 {
-            targets[p] = ids[p + 1] as i64;
-            supervised += 1;
-        } else {
-            targets[p] = -1;
-        }
+    let (next_ids, next_mask) = (&ids[1..=real_targets], &mask[1..=real_targets]);
+    for ((x, &id), &m) in targets[..real_targets].iter_mut().zip(next_ids).zip(next_mask) {
+        *x = if m != 0 { id as i64 } else { -1 };
     }
-    for x in &mut targets[real_targets..] {
-        *x = -1;
-    }
+    let supervised = next_mask.iter().filter(|&&m| m != 0).count();
+    targets[real_targets..].fill(-1);
     // segments over the T input positions
     let mut segs = Vec::with_capacity(lens.len() + 1);
     let mut start = 0usize;

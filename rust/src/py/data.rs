@@ -130,12 +130,15 @@ fn location_of(indices: &Option<Vec<i64>>, i: usize) -> String {
     }
 }
 
+/// Parsed conversations with their positions, and (position, error) of the bad ones.
+type Parsed = (Vec<(usize, Conversation)>, Vec<(usize, PyErr)>);
+
 /// Walks `conversations` (GIL held): Ok ones, plus (index, error) of the bad ones.
 fn parse_many(
     conversations: &Bound<'_, PyAny>,
     indices: &Option<Vec<i64>>,
     skip: bool,
-) -> PyResult<(Vec<(usize, Conversation)>, Vec<(usize, PyErr)>)> {
+) -> PyResult<Parsed> {
     let n = conversations.len()?;
     if let Some(ix) = indices {
         if ix.len() != n {
@@ -163,8 +166,19 @@ fn parse_on_error(on_error: &str) -> PyResult<bool> {
     }
 }
 
-/// Runs `f` on `num_threads` rayon threads (None: the global pool; 1: this thread).
+/// The process that first used rayon's global pool. After a fork (DataLoader workers,
+/// torchrun launchers) the child inherits the pool's bookkeeping but not its threads, and
+/// work sent there would never run: as HF tokenizers does, the child uses its own pool.
+static POOL_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// Runs `f` on `num_threads` rayon threads (None: the global pool, or a fresh pool in a forked
+/// child; 1: this thread).
 fn with_threads<T: Send>(num_threads: Option<usize>, f: impl FnOnce() -> T + Send) -> PyResult<T> {
+    let forked = *POOL_PID.get_or_init(std::process::id) != std::process::id();
+    let num_threads = match num_threads {
+        None if forked => Some(std::thread::available_parallelism().map_or(1, |n| n.get())),
+        n => n,
+    };
     match num_threads {
         None => Ok(f()),
         Some(0) => Err(PyValueError::new_err("num_threads must be at least 1")),
@@ -323,6 +337,34 @@ fn extract_u32s(obj: &Bound<'_, PyAny>, what: &str, tag: u64) -> PyResult<Vec<u3
 }
 
 fn extract_mask(obj: &Bound<'_, PyAny>, tag: u64) -> PyResult<Vec<u8>> {
+    // Lists of 0/1 ints (what render_* returns): CPython caches small ints and the bools, so
+    // most items are recognised by pointer; anything else takes the general path below.
+    if let Ok(list) = obj.cast::<PyList>() {
+        let py = obj.py();
+        let zero = 0i64.into_pyobject(py)?;
+        let one = 1i64.into_pyobject(py)?;
+        let (zero, one) = (zero.as_ptr(), one.as_ptr());
+        let (f, t) = (pyo3::types::PyBool::new(py, false).as_ptr(), pyo3::types::PyBool::new(py, true).as_ptr());
+        let n = list.len();
+        let mut v = Vec::with_capacity(n);
+        let ptr = list.as_ptr();
+        for k in 0..n {
+            // SAFETY: GIL held, k < len, no Python code runs in this loop; borrowed reference.
+            let item = unsafe { pyo3::ffi::PyList_GET_ITEM(ptr, k as pyo3::ffi::Py_ssize_t) };
+            if item == zero || item == f {
+                v.push(0);
+            } else if item == one || item == t {
+                v.push(1);
+            } else {
+                let x = list.get_item(k)?;
+                match x.extract::<i64>() {
+                    Ok(m @ 0..=1) => v.push(m as u8),
+                    _ => return Err(PyValueError::new_err(format!("conversation tag {tag}: mask[{k}] = {x} (must be 0 or 1)"))),
+                }
+            }
+        }
+        return Ok(v);
+    }
     let v = extract_u32s(obj, "mask", tag)?;
     v.iter()
         .enumerate()
@@ -601,6 +643,9 @@ impl PyPacker {
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Record the importing process now, so a child forked before any parallel call still
+    // knows it is a child.
+    POOL_PID.get_or_init(std::process::id);
     m.add_class::<PyPacker>()?;
     m.add_class::<PyBatch>()?;
     Ok(())
