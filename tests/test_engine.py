@@ -173,3 +173,29 @@ def test_bad_arguments(model, tok):
         list(engine.generate([], max_tokens=3))
     with pytest.raises(ValueError):
         list(engine.generate([1, 2], num_samples=0, max_tokens=3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_cached_equals_recomputed(tok):
+    model = tiny_model(tok.n_vocab).cuda()
+    engine = Engine(model, tok)
+    prompt = [tok.bos_id, *tok.encode("GPU check")]
+    kwargs = dict(num_samples=4, max_tokens=32, temperature=0.0)
+    assert engine.generate_batch(prompt, use_kv_cache=True, **kwargs) == engine.generate_batch(prompt, use_kv_cache=False, **kwargs)
+
+
+def test_generation_stops_at_the_model_context(model, tok):
+    engine = Engine(model, tok)
+    limit = model.rotary_seq_len
+    prompt = [tok.bos_id] + tok.encode("x") * (limit - 3)
+    steps = list(engine.generate(prompt, max_tokens=50, temperature=0.0))
+    assert len(steps) <= 3  # 3 positions left: 3 tokens (the last one is never fed back)
+    with pytest.raises(ValueError, match="fills the model"):
+        list(engine.generate([tok.bos_id] * limit, max_tokens=5))
+
+
+def test_last_logits_equal_full_forward(model, tok):
+    engine = Engine(model, tok)
+    idx = torch.randint(0, tok.n_vocab, (3, 11), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        torch.testing.assert_close(engine.last_logits(idx), model(idx)[:, -1, :], rtol=1e-5, atol=1e-5)

@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from _tasks_support import byte_tokenizer, render_for_completion, tiny_model
+from _tasks_support import byte_tokenizer, tiny_model
 from sftfast.evaluate import centered_accuracy, chatcore, evaluate_task, run_categorical_eval, run_generative_eval
 from sftfast.tasks import Task
 
@@ -23,22 +23,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-class RenderingTokenizer:
-    """The byte tokenizer plus render_for_completion (the Rust renderer's, or the SPEC rules)."""
-
-    def __init__(self, tok):
-        self._tok = tok
-
-    def __getattr__(self, name):
-        return getattr(self._tok, name)
-
-    def render_for_completion(self, conversation):
-        return render_for_completion(self._tok, conversation)
-
-
 @pytest.fixture(scope="module")
 def tok():
-    return RenderingTokenizer(byte_tokenizer())
+    return byte_tokenizer()
 
 
 class ListTask(Task):
@@ -190,13 +177,6 @@ def saved_run(tmp_path_factory):
     return str(base)
 
 
-def _have_renderer():
-    from sftfast import Tokenizer
-
-    return hasattr(Tokenizer, "render_for_completion")
-
-
-@pytest.mark.skipif(not _have_renderer(), reason="this build's Tokenizer has no render_for_completion yet (data branch)")
 def test_eval_cli(saved_run, capsys):
     from sftfast import eval as eval_cli
 
@@ -235,3 +215,76 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
     with pytest.raises(CheckpointError):
         load_for_inference(str(tmp_path), "sft")
+
+
+@pytest.mark.slow
+def test_eval_cli_under_torchrun_matches_one_process(saved_run, tmp_path, capsys):
+    """Two gloo ranks split the problems (r, r+W, ...) and all_reduce the counts: same result as one process."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "python"),
+                                                       os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    args = ["-m", "sftfast.eval", "--base-dir", saved_run, "-a", "SpellingBee,ARC-Easy", "-x", "3", "-m", "4", "--json",
+            "--device", "cpu"]
+    # ARC-Easy needs data: a one-row local mirror in the hub layout
+    import datasets
+
+    arc = tmp_path / "allenai/ai2_arc/ARC-Easy"
+    arc.mkdir(parents=True)
+    rows = [{"id": str(i), "question": f"q{i}?", "choices": {"text": ["a", "b", "c", "d"], "label": list("ABCD")},
+             "answerKey": "ABCD"[i % 4]} for i in range(5)]
+    datasets.Dataset.from_list(rows).to_parquet(str(arc / "test-00000-of-00001.parquet"))
+    args += ["--data-dir", str(tmp_path)]
+    from sftfast import eval as eval_cli
+
+    assert eval_cli.main(args[2:]) == 0
+    one = json.loads(capsys.readouterr().out)
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert multi.returncode == 0, multi.stderr
+    two = json.loads(multi.stdout[multi.stdout.index("{"):])
+    for name in ("SpellingBee", "ARC-Easy"):
+        assert two["results"][name]["total"] == one["results"][name]["total"] == 3
+        assert two["results"][name]["correct"] == one["results"][name]["correct"]
+
+
+def test_tokenizer_discovery(tmp_path):
+    from sftfast.engine import find_tokenizer, load_tokenizer
+
+    tok = byte_tokenizer()
+    (tmp_path / "tokenizer").mkdir()
+    tok.save(str(tmp_path / "tokenizer" / "tokenizer.sftfast"))
+    found = find_tokenizer(str(tmp_path), {})
+    assert found == str(tmp_path / "tokenizer")
+    loaded = load_tokenizer(found)
+    assert loaded.encode("héllo") == tok.encode("héllo") and loaded.n_vocab == tok.n_vocab
+    tok.save(str(tmp_path / "elsewhere.sftfast"))
+    assert find_tokenizer(str(tmp_path), {"tokenizer": "elsewhere.sftfast"}) == str(tmp_path / "elsewhere.sftfast")
+    assert find_tokenizer(str(tmp_path), {}, explicit="x") == "x"
+    with pytest.raises(FileNotFoundError):
+        find_tokenizer(str(tmp_path / "empty"), {})
+    with pytest.raises(FileNotFoundError):
+        load_tokenizer(str(tmp_path / "missing.sftfast"))
+
+
+def test_clis_report_errors_in_one_line(tmp_path, capsys, monkeypatch):
+    from sftfast import chat
+    from sftfast import eval as eval_cli
+
+    assert chat.main(["--base-dir", str(tmp_path), "-p", "hi"]) == 1
+    assert capsys.readouterr().err.startswith("error: CheckpointError")
+    assert eval_cli.main(["--base-dir", str(tmp_path), "-a", "SpellingBee"]) == 1
+    assert capsys.readouterr().err.startswith("error: CheckpointError")
+
+
+def test_eval_cli_names_missing_dataset(saved_run, tmp_path, capsys, monkeypatch):
+    from sftfast import eval as eval_cli
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "openai/gsm8k/main").mkdir(parents=True)  # a mirror without the test split
+    assert eval_cli.main(["--base-dir", saved_run, "-a", "GSM8K", "--data-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: TaskError") and "openai/gsm8k (main) split 'test'" in err

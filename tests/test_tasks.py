@@ -315,14 +315,25 @@ def test_user_mixtures(tmp_path, data_dir):
 
 
 def test_every_task_renders(data_dir):
-    """Each task's conversations go through the real renderer (when the Rust renderer is built)."""
-    from sftfast import Tokenizer
-
-    if not hasattr(Tokenizer, "render_conversation"):
-        pytest.skip("this build's Tokenizer has no render_conversation yet (data branch)")
+    """Each task's conversations go through the real (Rust) renderer."""
     from _tasks_support import byte_tokenizer
 
     tok = byte_tokenizer()
     for conv in list(build_mixture("seed", data_dir=data_dir))[::13]:
         ids, mask = tok.render_conversation(conv, 4096)
         assert len(ids) == len(mask) and sum(mask) > 0
+
+
+def test_check_cli_lists_every_bad_row(tmp_path, capsys):
+    from sftfast.tasks.__main__ import main
+
+    rows = [GSM8K_ROWS[0], {"question": "q", "answer": "no marker"}, GSM8K_ROWS[1], {"question": "", "answer": "#### 1"}]
+    _write_parquet(tmp_path / "openai/gsm8k/main/train-0.parquet", rows)
+    assert main(["check", "GSM8K*2,identity:stop=3", "--data-dir", str(tmp_path)]) == 1
+    out = capsys.readouterr()
+    lines = out.out.strip().splitlines()
+    assert len(lines) == 2  # checked once although listed twice
+    assert "GSM8K train index 1: answer has no final" in lines[0] and "GSM8K train index 3: question" in lines[1]
+    assert "2 malformed rows" in out.err
+    assert main(["show", "identity:stop=2", "-n", "5"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2

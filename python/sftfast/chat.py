@@ -38,6 +38,7 @@ def parse_args(argv=None):
     p.add_argument("-m", "--max-tokens", type=int, default=512, help="most tokens per reply")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy small CPU)")
     return p.parse_args(argv)
 
 
@@ -91,8 +92,14 @@ class Chat:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    model, tokenizer, meta = load_for_inference(args.base_dir, args.source, args.model_tag, args.step,
-                                                device=args.device, tokenizer_path=args.tokenizer)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model, tokenizer, meta = load_for_inference(args.base_dir, args.source, args.model_tag, args.step,
+                                                    device=args.device, tokenizer_path=args.tokenizer)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # CheckpointError is a RuntimeError
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     chat = Chat(Engine(model, tokenizer), tokenizer, args.temperature, args.top_k, args.max_tokens, args.seed)
     if args.prompt is not None:
         chat.reply(args.prompt)

@@ -138,6 +138,21 @@ class Engine:
     def _device(self):
         return next(self.model.parameters()).device
 
+    def last_logits(self, ids: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        """(B, T) ids -> (B, V) float logits of the last position only.
+
+        With sftfast.model's GPT this projects just the last hidden state (a 2K-token prompt
+        with a 64K vocabulary would otherwise build a 0.5 GB (1, T, V) tensor to keep one row),
+        then applies the same softcap as GPT.forward. Other models: their forward's last row."""
+        m = self.model
+        if hasattr(m, "hidden_states") and hasattr(m, "lm_head"):
+            logits = m.lm_head(m.hidden_states(ids, kv_cache)[:, -1, :]).float()
+            softcap = getattr(m.config, "softcap", 0) or None
+            if softcap is not None:
+                logits = softcap * torch.tanh(logits / softcap)
+            return logits
+        return m(ids, kv_cache=kv_cache)[:, -1, :]
+
     def _tool_step(self, row: _Row, token: int) -> None:
         """Track a row's python block; on <|python_end|> queue the calculator's output as forced tokens."""
         if token == self.python_start:
@@ -159,6 +174,13 @@ class Engine:
             raise ValueError("generate: the prompt must be a non-empty list of token ids")
         if num_samples < 1:
             raise ValueError(f"generate: num_samples must be >= 1, got {num_samples}")
+        # Never run past the positions the model has rotary tables for (sftfast.model: 10x its
+        # training length): stop there instead of failing mid-generation.
+        limit = getattr(self.model, "rotary_seq_len", None)
+        if limit is not None:
+            if len(tokens) >= limit:
+                raise ValueError(f"generate: the prompt ({len(tokens)} tokens) fills the model's {limit} positions")
+            max_tokens = limit - len(tokens) if max_tokens is None else min(max_tokens, limit - len(tokens))
         device = self._device()
         rng = torch.Generator(device=device).manual_seed(seed)
         n_kv, head_dim, n_layer = self._model_shape()
@@ -169,13 +191,13 @@ class Engine:
         cache = None
         if use_kv_cache:
             prefix_cache = KVCache(1, n_kv, len(tokens), head_dim, n_layer)
-            logits = self.model(prompt, kv_cache=prefix_cache)[:, -1, :]  # (1, V)
+            logits = self.last_logits(prompt, prefix_cache)  # (1, V)
             # Room for the whole generation up front when its length is known.
             cache = KVCache(num_samples, n_kv, len(tokens) + (max_tokens or 256), head_dim, n_layer)
             cache.prefill(prefix_cache)
             del prefix_cache
         else:
-            logits = self.model(prompt)[:, -1, :]
+            logits = self.last_logits(prompt)
         logits = logits.expand(num_samples, -1)
 
         history = prompt.expand(num_samples, -1) if not use_kv_cache else None  # (B, T) for the no-cache path
@@ -204,11 +226,11 @@ class Engine:
                 break
             ids = torch.tensor(column, dtype=torch.long, device=device)[:, None]  # (B, 1)
             if use_kv_cache:
-                logits = self.model(ids, kv_cache=cache)[:, -1, :]
+                logits = self.last_logits(ids, cache)
             else:
                 # No cache: rerun the whole (B, T) sequence for one new position.
                 history = torch.cat([history, ids], dim=1)
-                logits = self.model(history)[:, -1, :]
+                logits = self.last_logits(history)
 
     def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs):
         """Run `generate` to the end: (per-sample token lists including the prompt, per-sample masks).

@@ -46,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("-k", "--top-k", type=int, default=50)
     p.add_argument("--data-dir", default=None, help="local mirrors of hub datasets (default $SFTFAST_DATA_DIR)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy small CPU)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="autocast dtype on CUDA")
     p.add_argument("--json", action="store_true", help="print one JSON object with every result")
     return p.parse_args(argv)
@@ -53,6 +54,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.max_problems is not None and args.max_problems < 1:
         print("error: --max-problems must be >= 1", file=sys.stderr)
         return 2
@@ -91,6 +94,11 @@ def main(argv=None) -> int:
                                   "results": results, "chatcore": score}, indent=2))
             elif score is not None:
                 print(f"ChatCORE over {', '.join(scored)}: {score:.4f}")
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # User-facing failures (TaskError, CheckpointError, a missing tokenizer or dataset):
+        # one clear line and a non-zero status, not a traceback per rank.
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     finally:
         if distributed:
             dist.destroy_process_group()

@@ -6,8 +6,8 @@
 Both paths run the same greedy generation from the same prompt (so they produce the
 same tokens, which the benchmark checks and reports); the no-cache path recomputes the
 whole sequence for every new token, the cache path feeds one token per step after one
-prefill. The random model never emits <|assistant_end|> on purpose often enough to
-matter; generation length is fixed by --new-tokens. Vocabulary: 256 byte tokens plus
+prefill. Generation length is --new-tokens per sample (a random model rarely emits a
+stop token; if a row does stop early, the token counts say so). Vocabulary: 256 byte tokens plus
 the 9 chat specials unless --vocab-size is larger (ids above 264 are then plain
 unused tokens), which keeps the tokenizer out of the measurement.
 """
@@ -27,7 +27,7 @@ def add_arguments(parser):
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4, help="samples generated together")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per path (best is reported)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

@@ -23,6 +23,7 @@ local directory or file directly.
 from __future__ import annotations
 
 import math
+import operator
 import os
 import random
 import re
@@ -67,8 +68,10 @@ class Task:
 
     def __getitem__(self, index: int) -> dict:
         n = len(self)
-        if not isinstance(index, int):
-            raise TypeError(f"{self.name}: index must be an int, got {type(index).__name__}")
+        try:
+            index = operator.index(index)  # ints and NumPy integers; not floats or slices
+        except TypeError:
+            raise TypeError(f"{self.name}: index must be an int, got {type(index).__name__}") from None
         if index < 0:
             index += n
         if not 0 <= index < n:
@@ -107,6 +110,7 @@ class TaskMixture:
         return len(self.index_map)
 
     def __getitem__(self, index: int) -> dict:
+        index = operator.index(index)
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):
