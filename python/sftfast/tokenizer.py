@@ -271,7 +271,7 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer(n_vocab={self.n_vocab}, specials={len(self._core.specials())})"
 
-    # --- rendering (issue 3; Rust: rust/src/chat.rs) -------------------------------------
+    # --- rendering (issue 3) --------------------------------------------------------------
     def render_conversation(self, conversation: dict, max_tokens: int = 2048) -> tuple[list[int], list[int]]:
         """(ids, mask) per SPEC 2; raises ConversationError naming the message and reason."""
         return self._core.render_conversation(conversation, max_tokens)
@@ -284,6 +284,7 @@ class Tokenizer:
     def render_for_completion(self, conversation: dict, max_tokens: int = 2048) -> list[int]:
         """Prompt ids: the conversation minus its final assistant message, then <|assistant_start|>."""
         return self._core.render_for_completion(conversation, max_tokens)
+
 
 def _from_bytes(data: bytes) -> Tokenizer:
     return Tokenizer(_core.CoreTokenizer.from_bytes(data))

@@ -21,6 +21,12 @@ pub enum Error {
     /// A malformed conversation: which one (index or file:line), which message, why.
     #[error("{location}: message {message}: {reason}")]
     Conversation { location: String, message: String, reason: String },
+    /// A preprocessing input record that cannot be parsed or rendered: where and why.
+    #[error("{location}: {reason}")]
+    Record { location: String, reason: String },
+    /// A shard directory that is missing files or inconsistent, or a bad shard index.
+    #[error("{0}")]
+    Shard(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("{0}")]

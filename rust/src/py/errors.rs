@@ -14,6 +14,8 @@ create_exception!(_core, VocabError, SftfastError, "An inconsistent vocabulary."
 create_exception!(_core, UnknownSpecialTokenError, SftfastError, "A special token name that is not in the vocabulary.");
 create_exception!(_core, TokenOutOfRangeError, SftfastError, "A token id outside the vocabulary (names its index).");
 create_exception!(_core, ConversationError, SftfastError, "A malformed conversation (names where and which message).");
+create_exception!(_core, BadRecordError, SftfastError, "A preprocessing input record that cannot be parsed or rendered (names file:line or index).");
+create_exception!(_core, ShardError, SftfastError, "A missing or inconsistent shard directory, or an index outside it.");
 
 impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
@@ -25,6 +27,8 @@ impl From<Error> for PyErr {
             Error::UnknownSpecial(_) => UnknownSpecialTokenError::new_err(msg),
             Error::TokenOutOfRange { .. } => TokenOutOfRangeError::new_err(msg),
             Error::Conversation { .. } => ConversationError::new_err(msg),
+            Error::Record { .. } => BadRecordError::new_err(msg),
+            Error::Shard(_) => ShardError::new_err(msg),
             Error::Io(_) => PyIOError::new_err(msg),
             Error::Other(_) => SftfastError::new_err(msg),
         }
@@ -40,5 +44,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("UnknownSpecialTokenError", py.get_type::<UnknownSpecialTokenError>())?;
     m.add("TokenOutOfRangeError", py.get_type::<TokenOutOfRangeError>())?;
     m.add("ConversationError", py.get_type::<ConversationError>())?;
+    m.add("BadRecordError", py.get_type::<BadRecordError>())?;
+    m.add("ShardError", py.get_type::<ShardError>())?;
     Ok(())
 }

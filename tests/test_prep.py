@@ -1,0 +1,529 @@
+"""Tests of `python -m sftfast.prep` and the shard reader (issue 4).
+
+The oracle is sftfast.reference.render_conversation on a tiktoken.Encoding built from the
+same cl100k ranks: a shard read back must hold exactly its ids and masks, whatever the
+input format, thread count or chunking.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sftfast import _core, prep
+from sftfast.reference import SPECIALS, render_conversation
+from sftfast.shards import ShardDataset, is_shard
+
+CL100K_FILE = Path(importlib.util.find_spec("tiktoken_ext").submodule_search_locations[0]) / "data" / "cl100k_base.tiktoken"
+PY = sys.executable
+PYTHONPATH = str(Path(prep.__file__).resolve().parents[1])
+
+
+@pytest.fixture(scope="module")
+def enc():
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    ranks = load_tiktoken_bpe(str(CL100K_FILE))
+    specials = {name: len(ranks) + i for i, name in enumerate(SPECIALS)}
+    return tiktoken.Encoding("cl100k_chat", pat_str=prep.PATTERNS["cl100k"], mergeable_ranks=ranks, special_tokens=specials)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return prep.load_tokenizer(CL100K_FILE, "cl100k")
+
+
+WORDS = ["hello", "world", " 12/60", "日本語", "héllo", "<|bos|>", "<|assistant_end|>", "\n\n", "  ", "1234567",
+         "don't", "emoji 🤖", "tab\tbed", "x" * 40, "The answer is 0.2.", "'ll", "?!"]
+
+
+def random_text(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice(WORDS) + rng.choice(["", " ", "\n"]) for _ in range(n))
+
+
+def random_conversation(rng: random.Random) -> dict:
+    messages = []
+    if rng.random() < 0.3:
+        messages.append({"role": "system", "content": random_text(rng, 3)})
+    for turn in range(rng.randint(1, 4)):
+        messages.append({"role": "user", "content": random_text(rng, rng.randint(0, 12))})
+        if rng.random() < 0.5:
+            content = random_text(rng, rng.randint(0, 30))
+        else:
+            content = [{"type": rng.choice(["text", "python", "python_output"]), "text": random_text(rng, rng.randint(0, 6))}
+                       for _ in range(rng.randint(0, 4))]
+        messages.append({"role": "assistant", "content": content})
+    if rng.random() < 0.1:
+        messages.append({"role": "user", "content": "a last question?"})
+    return {"messages": messages, "id": rng.randint(0, 10**6)}
+
+
+def conversations(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [random_conversation(rng) for _ in range(n)]
+
+
+def write_jsonl(path: Path, records, raw_lines: dict[int, str] | None = None) -> None:
+    """records as JSON lines; raw_lines {line_number: text} inserts lines verbatim (1-based)."""
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    for lineno, text in sorted((raw_lines or {}).items()):
+        lines.insert(lineno - 1, text)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def run_prep(*args, tokenizer=CL100K_FILE, pattern="cl100k", capsys=None):
+    argv = [str(a) for a in args] + ["--tokenizer", str(tokenizer), "--pattern", pattern, "--no-progress"]
+    rc = prep.main(argv)
+    out = capsys.readouterr() if capsys else None
+    return rc, out
+
+
+def assert_matches_reference(data: ShardDataset, enc, convs, max_tokens: int) -> None:
+    assert len(data) == len(convs)
+    for i, conv in enumerate(convs):
+        ids, mask = data[i]
+        ref_ids, ref_mask = render_conversation(enc, conv, max_tokens)
+        assert ids.dtype == np.uint32 and mask.dtype == np.uint8
+        assert ids.tolist() == ref_ids, f"conversation {i}"
+        assert mask.tolist() == ref_mask, f"conversation {i}"
+
+
+def leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if ".tmp-" in p.name or p.name.endswith(".old")]
+
+
+# --------------------------------------------------------------------------------------
+# Read-back equals the reference renderer
+
+
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_jsonl_round_trip_matches_reference(tmp_path, enc, num_threads, capsys):
+    convs = conversations(300)
+    src = tmp_path / "train.jsonl"
+    write_jsonl(src, convs)
+    max_tokens = 96  # small enough that some conversations are truncated
+    rc, out = run_prep(src, "--out", tmp_path / "shard", "--max-tokens", max_tokens, "--num-threads", num_threads, capsys=capsys)
+    assert rc == prep.EXIT_OK, out.err
+    data = ShardDataset(tmp_path / "shard")
+    assert_matches_reference(data, enc, convs, max_tokens)
+    full = [len(render_conversation(enc, c, 10**9)[0]) for c in convs]
+    m = data.manifest
+    assert m["num_truncated"] == sum(n > max_tokens for n in full) > 0
+    assert m["num_tokens"] == sum(min(n, max_tokens) for n in full)
+    assert m["num_supervised_tokens"] == int(data.mask.sum())
+    assert m["sources"] == [{"name": str(src), "first": 0, "conversations": 300, "tokens": m["num_tokens"],
+                             "supervised_tokens": m["num_supervised_tokens"], "truncated": m["num_truncated"], "skipped": 0}]
+    assert data.bos_id == enc.encode_single_token("<|bos|>") == data[0][0][0]
+    assert m["tokenizer"]["fingerprint"].startswith("sha256:") and m["renderer"]["version"] == _core.RENDERER_VERSION
+    assert "conversations 300" in out.out and "length histogram" in out.out
+    assert leftovers(tmp_path) == []
+
+
+def test_json_parquet_and_directory_inputs(tmp_path, enc, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    convs = conversations(60, seed=1)
+    # parquet needs one type per column: string-content conversations only
+    plain = [c for c in conversations(200, seed=2) if all(isinstance(m["content"], str) for m in c["messages"])][:40]
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    write_jsonl(d / "a.jsonl", convs[:30])
+    (d / "b.json").write_text(json.dumps(convs[30:]), encoding="utf-8")
+    pq.write_table(pa.Table.from_pylist([{"messages": c["messages"]} for c in plain]), d / "sub" / "c.parquet")
+    (d / "notes.txt").write_text("ignored: not an input type")
+    rc, out = run_prep(d, "--out", tmp_path / "shard", capsys=capsys)
+    assert rc == 0, out.err
+    data = ShardDataset(tmp_path / "shard")
+    # directory files in sorted path order: a.jsonl, b.json, sub/c.parquet
+    assert_matches_reference(data, enc, convs + [{"messages": c["messages"]} for c in plain], 2048)
+    assert [s["name"] for s in data.manifest["sources"]] == [str(d / "a.jsonl"), str(d / "b.json"), str(d / "sub" / "c.parquet")]
+    assert [s["kind"] for s in data.manifest["inputs"]] == ["jsonl", "json", "parquet"]
+
+
+def test_bare_message_lists_and_blank_lines(tmp_path, enc, capsys):
+    convs = conversations(5, seed=3)
+    src = tmp_path / "x.jsonl"
+    src.write_text("\n".join(json.dumps(c["messages"]) for c in convs) + "\n\n  \n", encoding="utf-8")
+    rc, out = run_prep(src, "--out", tmp_path / "s", capsys=capsys)
+    assert rc == 0, out.err
+    assert_matches_reference(ShardDataset(tmp_path / "s"), enc, convs, 2048)
+
+
+def test_hf_dataset_input_from_local_files(tmp_path, enc, capsys, monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    convs = [{"messages": c["messages"]} for c in conversations(40, seed=4)
+             if all(isinstance(m["content"], str) for m in c["messages"])]
+    d = tmp_path / "smol"
+    d.mkdir()
+    write_jsonl(d / "train.jsonl", convs)
+    rc, out = run_prep(f"hf:{d}@train", "--out", tmp_path / "s", capsys=capsys)
+    assert rc == 0, out.err
+    data = ShardDataset(tmp_path / "s")
+    assert_matches_reference(data, enc, convs, 2048)
+    assert data.manifest["inputs"][0]["hash"].startswith("hf-fingerprint:")
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    texts=st.lists(st.text(max_size=40), min_size=2, max_size=12),
+    max_tokens=st.integers(1, 64),
+)
+def test_property_builder_round_trip(tmp_path_factory, enc, tok, texts, max_tokens):
+    # Direct use of the builder with tiny chunks: chunk boundaries never change the result.
+    convs = [{"messages": [{"role": "user", "content": texts[i]}, {"role": "assistant", "content": texts[i + 1]}]}
+             for i in range(len(texts) - 1)]
+    d = tmp_path_factory.mktemp("prop")
+    src = d / "p.jsonl"
+    write_jsonl(src, convs)
+    b = _core.ShardBuilder(str(d / "s"), tok._core, max_tokens, "fail", 2)
+    b.begin_source("p")
+    reader = _core.JsonlReader(str(src))
+    while b.feed_jsonl(reader, max_records=3) is not None:
+        pass
+    b.finish("{}")
+    assert_matches_reference(ShardDataset(d / "s"), enc, convs, max_tokens)
+
+
+# --------------------------------------------------------------------------------------
+# Bad records
+
+
+BAD = {
+    2: '{"messages": [{"role": "assistant", "content": "hi"}]}',  # wrong role order
+    5: "{not json",
+    7: '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": [{"type": "sql", "text": "x"}]}]}',
+    9: '{"no_messages": 1}',
+}
+
+
+def test_on_error_fail_names_first_bad_record_and_writes_nothing(tmp_path, capsys):
+    src = tmp_path / "bad.jsonl"
+    write_jsonl(src, conversations(3000, seed=5), BAD)  # many good lines after: parallel chunks
+    rc, out = run_prep(src, "--out", tmp_path / "shard", capsys=capsys)
+    assert rc == prep.EXIT_ERROR
+    assert f"{src}:2: message 0:" in out.err and "no shard written" in out.err
+    assert not (tmp_path / "shard").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_on_error_fail_keeps_existing_shard_intact(tmp_path, enc, capsys):
+    good = tmp_path / "good.jsonl"
+    convs = conversations(20, seed=6)
+    write_jsonl(good, convs)
+    assert run_prep(good, "--out", tmp_path / "shard", capsys=capsys)[0] == 0
+    bad = tmp_path / "bad.jsonl"
+    write_jsonl(bad, convs, BAD)
+    rc, out = run_prep(bad, "--out", tmp_path / "shard", capsys=capsys)
+    assert rc == prep.EXIT_ERROR
+    assert_matches_reference(ShardDataset(tmp_path / "shard"), enc, convs, 2048)
+    assert leftovers(tmp_path) == []
+
+
+def test_on_error_skip_reports_every_bad_record(tmp_path, enc, capsys):
+    src = tmp_path / "bad.jsonl"
+    convs = conversations(30, seed=7)
+    write_jsonl(src, convs, BAD)
+    rc, out = run_prep(src, "--out", tmp_path / "shard", "--on-error", "skip", capsys=capsys)
+    assert rc == prep.EXIT_SKIPPED
+    assert "4 bad records skipped" in out.out
+    data = ShardDataset(tmp_path / "shard")
+    assert_matches_reference(data, enc, convs, 2048)
+    report = (tmp_path / "shard" / "bad_records.txt").read_text().splitlines()
+    assert [line.split(": ")[0] for line in report] == [f"{src}:{n}" for n in sorted(BAD)]
+    assert "expected role user" in report[0] and "invalid JSON" in report[1]
+    assert "unknown part type" in report[2] and 'missing field "messages"' in report[3]
+    assert data.manifest["num_skipped"] == 4 and data.manifest["sources"][0]["skipped"] == 4
+
+
+def test_on_error_modes_share_the_cache(tmp_path, capsys):
+    src = tmp_path / "bad.jsonl"
+    write_jsonl(src, conversations(10, seed=12), BAD)
+    out = tmp_path / "shard"
+    assert run_prep(src, "--out", out, "--on-error", "skip", capsys=capsys)[0] == prep.EXIT_SKIPPED
+    rc, o = run_prep(src, "--out", out, "--on-error", "skip", capsys=capsys)
+    assert rc == prep.EXIT_SKIPPED and o.out.startswith("reusing")
+    # fail mode on inputs known to hold bad records: fails with the first one, shard kept
+    rc, o = run_prep(src, "--out", out, capsys=capsys)
+    assert rc == prep.EXIT_ERROR and f"{src}:2: message 0:" in o.err
+    assert len(ShardDataset(out)) == 10
+    # clean inputs: a shard built in skip mode is reused in fail mode
+    good = tmp_path / "good.jsonl"
+    write_jsonl(good, conversations(10, seed=12))
+    assert run_prep(good, "--out", out, "--on-error", "skip", capsys=capsys)[0] == 0
+    rc, o = run_prep(good, "--out", out, capsys=capsys)
+    assert rc == 0 and o.out.startswith("reusing")
+    # a damaged shard with the same key is rebuilt, not trusted
+    (out / "mask.u8").write_bytes(b"")
+    rc, o = run_prep(good, "--out", out, capsys=capsys)
+    assert rc == 0 and "damaged" in o.out and len(ShardDataset(out)) == 10
+
+
+def test_json_file_errors_name_the_index(tmp_path, capsys):
+    src = tmp_path / "a.json"
+    src.write_text(json.dumps([conversations(1)[0], {"messages": "nope"}]))
+    rc, out = run_prep(src, "--out", tmp_path / "s", capsys=capsys)
+    assert rc == prep.EXIT_ERROR and f"{src}[1]: message -:" in out.err
+    src.write_text('[{"messages": [}')
+    rc, out = run_prep(src, "--out", tmp_path / "s", capsys=capsys)
+    assert rc == prep.EXIT_ERROR and f"{src}:1: invalid JSON" in out.err
+
+
+def test_usage_errors(tmp_path, capsys):
+    rc, out = run_prep(tmp_path / "missing.jsonl", "--out", tmp_path / "s", capsys=capsys)
+    assert rc == prep.EXIT_ERROR and "no such file" in out.err
+    (tmp_path / "x.csv").write_text("a,b\n")
+    rc, out = run_prep(tmp_path / "x.csv", "--out", tmp_path / "s", capsys=capsys)
+    assert rc == prep.EXIT_ERROR and "unknown input type" in out.err
+    # an existing directory that is not a shard is never replaced
+    src = tmp_path / "a.jsonl"
+    write_jsonl(src, conversations(2))
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "precious.txt").write_text("keep me")
+    rc, out = run_prep(src, "--out", home, capsys=capsys)
+    assert rc == prep.EXIT_ERROR and "not an sftfast shard" in out.err
+    assert (home / "precious.txt").read_text() == "keep me"
+    for argv in (["--on-error", "ignore"], [str(src), "--out", "x"], [str(src), "--tokenizer", "t"],
+                 ["--out", "x", "--tokenizer", "t"], [str(src), "--out", "x", "--tokenizer", "t", "--max-tokens", "0"]):
+        with pytest.raises(SystemExit) as e:
+            prep.main(argv)
+        assert e.value.code == prep.EXIT_USAGE, argv
+
+
+# --------------------------------------------------------------------------------------
+# Atomicity, reuse and invalidation
+
+
+def test_interrupted_build_leaves_no_shard(tmp_path, monkeypatch, capsys):
+    src = tmp_path / "a.jsonl"
+    write_jsonl(src, conversations(50))
+    real_feed = prep.Source.feed
+
+    def feed_then_crash(self, builder, on_progress):
+        real_feed(self, builder, on_progress)
+        raise KeyboardInterrupt  # after records were written to the temporary directory
+
+    monkeypatch.setattr(prep.Source, "feed", feed_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_prep(src, "--out", tmp_path / "shard")
+    assert not (tmp_path / "shard").exists() and leftovers(tmp_path) == []
+
+
+def test_killed_process_leaves_no_whole_looking_shard(tmp_path):
+    src = tmp_path / "big.jsonl"
+    write_jsonl(src, conversations(4000, seed=8))
+    src.write_bytes(src.read_bytes() * 30)  # ~6 M tokens: seconds of work even on a fast core
+    out = tmp_path / "shard"
+    env = dict(os.environ, PYTHONPATH=PYTHONPATH)
+    proc = subprocess.Popen([PY, "-m", "sftfast.prep", str(src), "--tokenizer", str(CL100K_FILE), "--pattern", "cl100k",
+                             "--out", str(out), "--quiet", "--num-threads", "1"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(".tmp-" in p.name for p in tmp_path.iterdir()):
+        time.sleep(0.005)
+    time.sleep(0.05)  # let it write part of the shard
+    finished = proc.poll() is not None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if finished:
+        pytest.fail("the build finished before it could be killed: make the input bigger")
+    assert not out.exists() and not is_shard(out)
+    assert leftovers(tmp_path)  # the crash left only a hidden temporary directory
+    # the next build removes what the dead one left
+    small = tmp_path / "small.jsonl"
+    write_jsonl(small, conversations(3))
+    rc, _ = run_prep(small, "--out", out, "--quiet")
+    assert rc == 0 and len(ShardDataset(out)) == 3 and leftovers(tmp_path) == []
+
+
+def test_reuse_and_invalidation(tmp_path, capsys, monkeypatch):
+    src = tmp_path / "a.jsonl"
+    write_jsonl(src, conversations(40, seed=9))
+    out = tmp_path / "shard"
+    assert run_prep(src, "--out", out, capsys=capsys)[0] == 0
+    ino = (out / "ids.u32").stat().st_ino
+    key = json.loads((out / "manifest.json").read_text())["key"]
+
+    rc, o = run_prep(src, "--out", out, capsys=capsys)
+    assert rc == 0 and o.out.startswith(f"reusing {out}")
+    assert (out / "ids.u32").stat().st_ino == ino
+
+    rc, o = run_prep(src, "--out", out, "--max-tokens", 64, capsys=capsys)
+    assert rc == 0 and "rebuilding" in o.out and "max_tokens changed" in o.out
+    assert ShardDataset(out).max_tokens == 64
+
+    rc, o = run_prep(src, "--out", out, "--max-tokens", 64, pattern="nanochat", capsys=capsys)
+    assert rc == 0 and "(tokenizer changed)" in o.out
+
+    with open(src, "a") as f:
+        f.write(json.dumps(conversations(1, seed=10)[0]) + "\n")
+    rc, o = run_prep(src, "--out", out, "--max-tokens", 64, pattern="nanochat", capsys=capsys)
+    assert rc == 0 and "inputs changed" in o.out and len(ShardDataset(out)) == 41
+
+    monkeypatch.setattr(prep, "renderer_fingerprint", lambda tok: "sha256:another-renderer")
+    rc, o = run_prep(src, "--out", out, "--max-tokens", 64, pattern="nanochat", capsys=capsys)
+    assert rc == 0 and "renderer changed" in o.out
+
+    rc, o = run_prep(src, "--out", out, "--max-tokens", 64, pattern="nanochat", capsys=capsys)
+    assert o.out.startswith("reusing")
+    rc, o = run_prep(src, "--out", out, "--max-tokens", 64, "--force", pattern="nanochat", capsys=capsys)
+    assert "rebuilding" in o.out and "--force" in o.out
+    assert json.loads((out / "manifest.json").read_text())["key"] != key
+    assert leftovers(tmp_path) == []
+
+
+def test_fingerprints(tok):
+    fp = prep.tokenizer_fingerprint(tok)
+    assert fp == prep.tokenizer_fingerprint(prep.load_tokenizer(CL100K_FILE, "cl100k"))
+    assert fp != prep.tokenizer_fingerprint(prep.load_tokenizer(CL100K_FILE, "nanochat"))
+    assert prep.renderer_fingerprint(tok) == prep.renderer_fingerprint(tok)
+
+
+# --------------------------------------------------------------------------------------
+# Reader: ranks, orders, validation; inspection
+
+
+def test_shard_dataset_orders_and_ranks(tmp_path, capsys):
+    src = tmp_path / "a.jsonl"
+    write_jsonl(src, conversations(23, seed=11))
+    run_prep(src, "--out", tmp_path / "s", capsys=capsys)
+    data = ShardDataset(tmp_path / "s")
+    assert np.array_equal(data.order(), np.arange(23))
+    perm = data.order(seed=42, epoch=1)
+    assert sorted(perm.tolist()) == list(range(23)) and np.array_equal(perm, data.order(seed=42, epoch=1))
+    assert not np.array_equal(perm, data.order(seed=42, epoch=2))
+    parts = [data.rank_indices(r, 4, seed=42, epoch=1) for r in range(4)]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(23))
+    assert parts[1].tolist() == perm[1::4].tolist()
+    ids, mask = data[-1]
+    assert np.array_equal(ids, data[22][0])
+    with pytest.raises(IndexError):
+        data[23]
+    with pytest.raises(ValueError):
+        data.rank_indices(4, 4)
+    assert data.lengths().sum() == data.num_tokens == len(data.ids)
+    assert np.shares_memory(data[0][0], data.ids)  # views into the map, not copies
+    reader = _core.ShardReader(str(tmp_path / "s"))
+    assert len(reader) == 23 and np.array_equal(reader.get(5)[0], data[5][0])
+    assert np.array_equal(reader.lengths(), data.lengths())
+
+
+def test_corrupt_shard_is_rejected(tmp_path, capsys):
+    src = tmp_path / "a.jsonl"
+    write_jsonl(src, conversations(5))
+    run_prep(src, "--out", tmp_path / "s", capsys=capsys)
+    with open(tmp_path / "s" / "ids.u32", "ab") as f:
+        f.write(b"\0\0\0\0")
+    with pytest.raises(_core.ShardError, match="mask bytes"):
+        ShardDataset(tmp_path / "s")
+
+
+def test_empty_input_gives_empty_shard(tmp_path, capsys):
+    src = tmp_path / "empty.jsonl"
+    src.write_text("\n")
+    rc, out = run_prep(src, "--out", tmp_path / "s", capsys=capsys)
+    assert rc == 0, out.err
+    data = ShardDataset(tmp_path / "s")
+    assert len(data) == 0 and data.num_tokens == 0
+
+
+def test_inspect_highlights_trained_tokens(tmp_path, capsys):
+    conv = {"messages": [{"role": "user", "content": "What is 12/60?"},
+                         {"role": "assistant", "content": [{"type": "python", "text": "12/60"},
+                                                           {"type": "python_output", "text": "0.2"},
+                                                           {"type": "text", "text": "The answer is 0.2"}]}]}
+    src = tmp_path / "a.jsonl"
+    write_jsonl(src, [conv, conv])
+    run_prep(src, "--out", tmp_path / "s", capsys=capsys)
+    assert prep.main(["--inspect", str(tmp_path / "s"), "--index", "1", "--color", "never"]) == 0
+    out = capsys.readouterr().out
+    assert ("<|bos|><|user_start|>What is 12/60?<|user_end|><|assistant_start|>[[<|python_start|>12/60<|python_end|>]]"
+            "<|output_start|>0.2<|output_end|>[[The answer is 0.2<|assistant_end|>]]") in out
+    assert prep.main(["--inspect", str(tmp_path / "s"), "--color", "always"]) == 0
+    assert "\033[92m" in capsys.readouterr().out
+    assert prep.main(["--inspect", str(tmp_path / "s"), "--index", "7"]) == prep.EXIT_ERROR
+
+
+def test_mixture_input(tmp_path, enc, capsys):
+    tasks = pytest.importorskip("sftfast.tasks")
+    mix = tasks.build_mixture("demo")
+    rc, out = run_prep("--mixture", "demo", "--out", tmp_path / "s", capsys=capsys)
+    assert rc == 0, out.err
+    data = ShardDataset(tmp_path / "s")
+    assert len(data) == len(mix)
+    for i in range(0, len(mix), 97):
+        assert data[i][0].tolist() == render_conversation(enc, mix[i], 2048)[0]
+    for name, count in mix.counts().items():  # the summary breaks the mixture down per task
+        assert f"    {name}" in out.out and f"{count:,}" in out.out
+    rows = prep.task_breakdown(data, data.manifest["sources"][0], prep.resolve_inputs([], "demo")[0].task_names())
+    assert sum(r[1] for r in rows) == len(data) and sum(r[2] for r in rows) == data.num_tokens
+    assert sum(r[3] for r in rows) == data.manifest["num_supervised_tokens"]
+    rc, out = run_prep("--mixture", "demo", "--out", tmp_path / "s", capsys=capsys)
+    assert out.out.startswith("reusing")
+
+
+def test_mixture_unavailable_is_a_clear_error(tmp_path, capsys):
+    if importlib.util.find_spec("sftfast.tasks") is not None:
+        rc, out = run_prep("--mixture", "no-such-mixture-xyz", "--out", tmp_path / "s", capsys=capsys)
+        assert rc == prep.EXIT_ERROR and "no-such-mixture-xyz" in out.err
+    else:
+        rc, out = run_prep("--mixture", "seed", "--out", tmp_path / "s", capsys=capsys)
+        assert rc == prep.EXIT_ERROR and "sftfast.tasks" in out.err
+    assert not (tmp_path / "s").exists()
+
+
+def test_shard_dataset_pickles_as_its_path(tmp_path, capsys):
+    import pickle
+
+    src = tmp_path / "a.jsonl"
+    write_jsonl(src, conversations(4))
+    run_prep(src, "--out", tmp_path / "s", capsys=capsys)
+    data = ShardDataset(tmp_path / "s")
+    blob = pickle.dumps(data)
+    assert len(blob) < 500  # the path, not the arrays
+    again = pickle.loads(blob)
+    assert len(again) == 4 and np.array_equal(again[3][0], data[3][0])
+    assert type(data[0][0]) is np.ndarray and not data[0][0].flags.writeable
+
+
+def test_mixture_input_spec_form(tmp_path, capsys):
+    with pytest.raises(prep.PrepError, match="mixture:NAME"):
+        prep.resolve_inputs(["mixture:demo@test"])
+    [s] = prep.resolve_inputs(["mixture:demo@val"])
+    assert (s.kind, s.name, s.arg) == ("mixture", "mixture:demo@val", ("demo", "val", None))
+
+
+def test_sftloader_trains_from_a_shard(tmp_path, tok, capsys):
+    # The training loader reads a shard as its pre-rendered source: same batches as rendering
+    # the same conversations on the fly, for every rank.
+    dataloader = pytest.importorskip("sftfast.dataloader")
+    convs = conversations(50, seed=13)
+    src = tmp_path / "a.jsonl"
+    write_jsonl(src, convs)
+    assert run_prep(src, "--out", tmp_path / "s", "--max-tokens", 80, capsys=capsys)[0] == 0
+    data = ShardDataset(tmp_path / "s")
+    for rank in range(2):
+        kw = dict(batch_size=2, seq_len=64, rank=rank, world_size=2)
+        a = list(dataloader.SFTLoader(data, None, **kw))
+        b = list(dataloader.SFTLoader(convs, tok, max_tokens=80, **kw))
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b):
+            assert np.array_equal(x.inputs.numpy(), y.inputs.numpy())
+            assert np.array_equal(x.targets.numpy(), y.targets.numpy())
+            assert np.array_equal(x.position_ids.numpy(), y.position_ids.numpy())
