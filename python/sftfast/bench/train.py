@@ -29,7 +29,7 @@ CONFIGS = ["sftfast", "fused_rust", "eager_rust", "eager_python"]
 PRESETS = {
     # depth, width, heads, kv heads, vocab, seq, rows per step
     "cpu": dict(depth=4, width=256, heads=4, kv_heads=2, vocab=8192, seq_len=512, batch_size=4),
-    "cuda": dict(depth=12, width=768, heads=6, kv_heads=6, vocab=65536, seq_len=2048, batch_size=16),
+    "cuda": dict(depth=12, width=768, heads=6, kv_heads=6, vocab=65536, seq_len=2048, batch_size=8),
 }
 
 
