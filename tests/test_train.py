@@ -260,3 +260,19 @@ def test_torchrun_two_ranks_match_one_process(base_dir):
     assert l1 == pytest.approx(l2, rel=1e-4)
     assert sorted(os.listdir(base_dir / "chatsft_checkpoints" / "d2")) == [
         "meta_000003.json", "model_000003.pt", "optim_000003_rank0.pt", "optim_000003_rank1.pt"]
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_scaled_down(tmp_path):
+    """The embedded demo at 2% scale: tokenizer, base training, SFT, evaluation, checkpoint, chat."""
+    from sftfast import demo
+
+    p = argparse.ArgumentParser()
+    train.add_arguments(p)
+    args = p.parse_args(["--demo", "--base-dir", str(tmp_path), "--demo-scale", "0.02"])
+    out = demo.main(args)
+    assert out["after"]["val_loss"] < out["before"]["val_loss"]
+    assert {"val_loss", "val_bpb", "find_the_number_acc"} <= set(out["before"]) and set(out["before"]) == set(out["after"])
+    assert os.path.exists(os.path.join(out["checkpoint_dir"], f"model_{out['steps']:06d}.pt"))
+    assert os.path.exists(tmp_path / "tokenizer" / "tokenizer.sftfast")
+    assert out["chat"] and all(isinstance(r, str) for r in out["chat"].values())

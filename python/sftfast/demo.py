@@ -8,7 +8,7 @@
    {run}/base_checkpoints/demo/;
 3. SFT (sftfast.train.run, the real trainer) on a bundled mixture: spelling, spelling bee,
    arithmetic with calculator calls, identity conversations (sftfast.tasks) and a multiple-choice
-   task (LargestNumber, below);
+   task (FindTheNumber, below);
 4. evaluation before and after on held-out conversations (validation loss, bits per byte) and on a
    held-out categorical task (restricted-choice accuracy), printed side by side;
 5. the checkpoint in {run}/chatsft_checkpoints/demo/, and a sample chat through sftfast.engine
@@ -33,7 +33,7 @@ from sftfast.optim import build_optimizers, lr_multiplier
 VOCAB_SIZE = 1024  # BPE vocabulary, the 9 special tokens included
 MODEL = dict(sequence_len=256, n_layer=4, n_head=4, n_kv_head=2, n_embd=128)
 BASE_STEPS, BASE_BATCH = 120, 8  # base training: 120 x 8 x 256 tokens
-CHOICE_EXAMPLES = 800  # LargestNumber conversations in the SFT mixture
+CHOICE_EXAMPLES = 1200  # FindTheNumber conversations in the SFT mixture
 HELDOUT = 200  # problems per held-out evaluation task
 SEED = 42
 
@@ -43,27 +43,33 @@ SEED = 42
 _SPLIT_OFFSET = {"train": 0, "test": 10_000_000}
 
 
-class LargestNumber:
-    """Multiple choice (ARC/MMLU rendering): which option is the largest number? Answer: the letter."""
+class FindTheNumber:
+    """Multiple choice (ARC/MMLU rendering): three words and one number; which option is the
+    number? Answer: the bare letter. Learnable by a tiny model in a couple of minutes (spot the
+    number token, copy the letter after it), yet at chance (25%) before SFT."""
 
-    name = "LargestNumber"
+    name = "FindTheNumber"
     eval_type = "categorical"
     LETTERS = ["A", "B", "C", "D"]
 
     def __init__(self, size, split="train"):
+        from sftfast.tasks.spelling import load_words
+
         self.size, self.offset = size, _SPLIT_OFFSET[split]
+        self.words = [w for w in load_words() if 3 <= len(w) <= 8]
 
     def __len__(self):
         return self.size
 
     def __getitem__(self, i):
         rng = random.Random(self.offset + 104729 * i + 3)
-        numbers = rng.sample(range(1, 100), 4)
-        answer = self.LETTERS[numbers.index(max(numbers))]
-        q = "Multiple Choice question: Which number is the largest?\n"
-        q += "".join(f"- {n}={letter}\n" for n, letter in zip(numbers, self.LETTERS))
+        options = rng.sample(self.words, 3)
+        k = rng.randrange(4)
+        options.insert(k, str(rng.randint(10, 999)))
+        q = "Multiple Choice question: Which option is a number?\n"
+        q += "".join(f"- {o}={letter}\n" for o, letter in zip(options, self.LETTERS))
         q += "\nRespond only with the letter of the correct answer."
-        return dict(messages=[dict(role="user", content=q), dict(role="assistant", content=answer)], letters=self.LETTERS)
+        return dict(messages=[dict(role="user", content=q), dict(role="assistant", content=self.LETTERS[k])], letters=self.LETTERS)
 
     def evaluate(self, conversation, response):
         return response == conversation["messages"][-1]["content"]
@@ -76,8 +82,8 @@ def build_mixtures(scale=1.0):
 
     n = lambda k: max(8, int(k * scale))  # noqa: E731  (tests run a scaled-down demo)
     spec = f"SimpleSpelling:size={n(400)},SpellingBee:size={n(400)},Arithmetic:size={n(600)},identity:stop={n(1000)}*2"
-    train = tasks.build_mixture(spec, split="train").tasks + [LargestNumber(n(CHOICE_EXAMPLES), "train")]
-    val = tasks.build_mixture("demo", split="val").tasks + [LargestNumber(64, "test")]
+    train = tasks.build_mixture(spec, split="train").tasks + [FindTheNumber(n(CHOICE_EXAMPLES), "train")]
+    val = tasks.build_mixture("demo", split="val").tasks + [FindTheNumber(64, "test")]
     return tasks.TaskMixture(train), tasks.TaskMixture(val)
 
 
@@ -220,7 +226,7 @@ def main(args: argparse.Namespace) -> dict:
     sft_args.base_dir, sft_args.source, sft_args.model_tag, sft_args.step = run_dir, "base", "demo", 0
     sft_args.max_seq_len = config.sequence_len
     sft_args.device_batch_size, sft_args.target_examples_per_step = 8, 16
-    sft_args.num_epochs, sft_args.num_iterations = 1, -1
+    sft_args.num_epochs, sft_args.num_iterations = 2, -1
     sft_args.init_lr_frac = 0.5  # a tiny, briefly pre-trained model needs more than the seed's 0.02
     sft_args.eval_every = sft_args.eval_metrics_every = 10**9  # evaluate at the first and last step only
     sft_args.eval_steps = 10**9  # the whole held-out set
@@ -228,7 +234,7 @@ def main(args: argparse.Namespace) -> dict:
     sft_args.eval_tasks = ""
     sft_args.device = "cpu"
     sft_args.log_jsonl = sft_args.log_jsonl or os.path.join(run_dir, "sft.jsonl")
-    held_out = {"largest_number": LargestNumber(HELDOUT, "test")}
+    held_out = {"find_the_number": FindTheNumber(HELDOUT, "test")}
     # the trainer scores task metrics from its first eval_metrics_every step on: score the base model here
     acc0 = {f"{k}_acc": train.categorical_accuracy(model, tokenizer, t) for k, t in held_out.items()}
     if os.path.exists(sft_args.log_jsonl):
@@ -244,10 +250,12 @@ def main(args: argparse.Namespace) -> dict:
 
     # 5. sample chat
     model = summary["model"]
-    for q in ["What is 23 + 58?", "Spell the word: apple", "Who are you?", "Multiple Choice question: Which number is the largest?\n- 12=A\n- 87=B\n- 45=C\n- 3=D\n\nRespond only with the letter of the correct answer."]:
+    replies = {}
+    for q in ["What is 23 + 58?", "Spell the word: apple", "Who are you?", "Multiple Choice question: Which option is a number?\n- tree=A\n- house=B\n- 417=C\n- river=D\n\nRespond only with the letter of the correct answer."]:
         log(f"user: {q!r}")
-        log(f"assistant: {chat(model, tokenizer, q)!r}")
-    result = dict(before=before, after=after, checkpoint_dir=summary["checkpoint_dir"], steps=summary["step"],
+        replies[q] = chat(model, tokenizer, q)
+        log(f"assistant: {replies[q]!r}")
+    result = dict(before=before, after=after, chat=replies, checkpoint_dir=summary["checkpoint_dir"], steps=summary["step"],
                   seconds=time.time() - t_start)
     log(f"done in {result['seconds']:.0f}s; checkpoint in {summary['checkpoint_dir']}")
     return result

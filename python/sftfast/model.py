@@ -89,19 +89,27 @@ def doc_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
 _flex_attention = None
 
 
-def _flex(q, k, v, doc_ids):
-    """Block-diagonal causal attention with FlexAttention (CUDA): skips fully masked blocks."""
-    global _flex_attention
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def flex_block_mask(doc_ids: torch.Tensor):
+    """FlexAttention BlockMask of the block-diagonal causal pattern (built once per forward)."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
-    if _flex_attention is None:
-        _flex_attention = torch.compile(flex_attention, dynamic=False)
-    B, _, T, _ = q.shape
+    B, T = doc_ids.shape
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
 
-    block_mask = create_block_mask(mask_mod, B, None, T, T, device=q.device)
+    return create_block_mask(mask_mod, B, None, T, T, device=doc_ids.device)
+
+
+def _flex(q, k, v, doc_ids=None, block_mask=None):
+    """Block-diagonal causal attention with FlexAttention (CUDA): fully masked blocks are skipped."""
+    global _flex_attention
+    if _flex_attention is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _flex_attention = torch.compile(flex_attention, dynamic=False)
+    if block_mask is None:
+        block_mask = flex_block_mask(doc_ids)
     return _flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1))
 
 
@@ -130,11 +138,11 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # full (B, Hkv, Tk, D)
         Tq, Tk = q.size(2), k.size(2)
         gqa = self.n_head != self.n_kv_head
-        if attn_mask is not None:
+        if isinstance(attn_mask, torch.Tensor):
             # precomputed block-diagonal causal mask (CPU path), shared by all layers
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
-        elif doc_ids is not None:
-            y = _flex(q, k, v, doc_ids)
+        elif attn_mask is not None or doc_ids is not None:
+            y = _flex(q, k, v, doc_ids, block_mask=attn_mask)  # CUDA: the forward's BlockMask
         elif Tq == Tk:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif Tq == 1:
@@ -240,8 +248,8 @@ class GPT(nn.Module):
                 raise ValueError("doc_ids (packed rows) and kv_cache (generation) cannot be combined")
             if doc_ids.shape != idx.shape:
                 raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} != idx shape {tuple(idx.shape)}")
-            if idx.device.type != "cuda":
-                attn_mask = doc_causal_mask(doc_ids)  # built once, used by every layer
+            # built once, used by every layer: a dense boolean mask for SDPA on CPU, a BlockMask on CUDA
+            attn_mask = flex_block_mask(doc_ids) if idx.device.type == "cuda" else doc_causal_mask(doc_ids)
         x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache, doc_ids, attn_mask)

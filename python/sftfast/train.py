@@ -414,9 +414,21 @@ class Logger:
             except ImportError as e:
                 raise SystemExit("--run needs wandb (pip install wandb); use --run dummy to disable") from e
             self.wandb = wandb.init(project="sftfast", name=args.run, config=vars(args))
+        self.bar = None
+
+    def progress_bar(self, total, initial):
+        """A tqdm bar on an interactive terminal (rank 0); log lines then print above it."""
+        if self.master and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)
 
     def print(self, *a):
-        if self.master:
+        if not self.master:
+            return
+        if self.bar is not None:
+            self.bar.write(" ".join(str(x) for x in a))
+        else:
             print(*a, flush=True)
 
     def record(self, kind, data):
@@ -429,6 +441,8 @@ class Logger:
             self.wandb.log({f"{kind}/{k}" if k != "step" else k: v for k, v in data.items()})
 
     def close(self):
+        if self.bar is not None:
+            self.bar.close()
         if self.jsonl:
             self.jsonl.close()
         if self.wandb:
@@ -532,6 +546,7 @@ def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> 
     history = []
     train_loss = float("nan")
     t_total = 0.0
+    log.progress_bar(num_iterations, step)
     while True:
         # the last step: the iteration budget is spent, or any rank consumed its epochs
         # epoch progress by consumption, the furthest rank's (MAX: every rank sees the same value)
@@ -618,6 +633,8 @@ def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> 
         log.print(f"step {step:05d}/{num_iterations:05d} | loss {train_loss:.6f} | lrm {lrm:.4f} | sup tokens {int(n_sup.item()):,}"
                   f" | {tok_s:,.0f} tok/s{mfu_s} | {1000 * dt:.0f} ms")
         log.record("step", rec)
+        if log.bar is not None:
+            log.bar.update(1)
         history.append(train_loss)
         if args.save_every > 0 and step % args.save_every == 0 and step < num_iterations:
             save(step, dict(metrics, train_loss=train_loss))

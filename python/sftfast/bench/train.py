@@ -29,7 +29,7 @@ CONFIGS = ["sftfast", "fused_rust", "eager_rust", "eager_python"]
 PRESETS = {
     # depth, width, heads, kv heads, vocab, seq, rows per step
     "cpu": dict(depth=4, width=256, heads=4, kv_heads=2, vocab=8192, seq_len=512, batch_size=4),
-    "cuda": dict(depth=12, width=768, heads=6, kv_heads=6, vocab=65536, seq_len=2048, batch_size=16),
+    "cuda": dict(depth=12, width=768, heads=6, kv_heads=6, vocab=65536, seq_len=2048, batch_size=8),
 }
 
 
@@ -41,6 +41,7 @@ def add_arguments(p):
     for k, v in PRESETS["cpu"].items():
         p.add_argument("--" + k.replace("_", "-"), type=int, default=None, help=f"default: {v} (cpu), {PRESETS['cuda'][k]} (cuda)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads in each child (default: torch's)")
     p.add_argument("--synthetic", action="store_true", help="synthetic token batches even when the Rust loader is present")
     p.add_argument("--child-timeout", type=float, default=None, help="seconds per configuration (default: none)")
 
@@ -53,7 +54,7 @@ def _settings(args) -> dict:
             s[k] = v
     s["steps"] = args.steps if args.steps is not None else (5 if args.device == "cpu" else 20)
     s["warmup"] = args.warmup if args.warmup is not None else (2 if args.device == "cpu" else 5)
-    s.update(device=args.device, compile=args.compile, synthetic=args.synthetic)
+    s.update(device=args.device, compile=args.compile, synthetic=args.synthetic, threads=getattr(args, "threads", None))
     return s
 
 
@@ -152,6 +153,8 @@ def _child(s) -> dict:
     from sftfast.optim import build_optimizers
 
     name = s["config"]
+    if s.get("threads"):
+        torch.set_num_threads(s["threads"])
     device = torch.device(s["device"])
     cfg = GPTConfig(sequence_len=s["seq_len"], vocab_size=s["vocab"], n_layer=s["depth"], n_head=s["heads"],
                     n_kv_head=s["kv_heads"], n_embd=s["width"])
