@@ -276,3 +276,20 @@ def test_demo_end_to_end_scaled_down(tmp_path):
     assert os.path.exists(os.path.join(out["checkpoint_dir"], f"model_{out['steps']:06d}.pt"))
     assert os.path.exists(tmp_path / "tokenizer" / "tokenizer.sftfast")
     assert out["chat"] and all(isinstance(r, str) for r in out["chat"].values())
+
+
+def test_training_from_a_prep_shard_equals_training_from_jsonl(base_dir):
+    """`--data DIR` (a shard from python -m sftfast.prep) feeds the same batches as the JSONL it
+    was built from, so the losses are the same."""
+    from sftfast import prep
+
+    shard = base_dir / "shard"
+    rc = prep.main([str(base_dir / "train.jsonl"), "--tokenizer", str(base_dir / "tokenizer" / "tokenizer.sftfast"),
+                    "--out", str(shard), "--quiet", "--no-progress"])
+    assert rc == 0
+    from_jsonl = train.run(make_args(base_dir, "--num-iterations", "3"))
+    shutil.rmtree(base_dir / "chatsft_checkpoints")
+    args = make_args(base_dir, "--num-iterations", "3")
+    args.train_data = str(shard)
+    from_shard = train.run(args)
+    assert from_shard["losses"] == from_jsonl["losses"]

@@ -186,8 +186,27 @@ class PyPackedLoader:
         self.cursor = int(state["cursor"])
 
 
+def read_training_data(path, tokenizer):
+    """A shard directory written by `python -m sftfast.prep` (checked against the tokenizer), or
+    a JSONL file of conversations."""
+    from sftfast.shards import ShardDataset, is_shard
+
+    if is_shard(path):
+        data = ShardDataset(path)
+        data.check_tokenizer(tokenizer)
+        return data
+    return read_jsonl_conversations(path)
+
+
 def make_loader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packing="bestfit", impl="rust", device="cpu"):
-    """The Rust loader (sftfast.dataloader.SFTLoader) or, with impl="python", the Python one."""
+    """The Rust loader (sftfast.dataloader.SFTLoader) or, with impl="python", the Python one.
+    A preprocessed shard is already rendered: the loader packs its (ids, mask) pairs directly."""
+    from sftfast.shards import ShardDataset
+
+    if isinstance(dataset, ShardDataset):
+        if impl != "rust":
+            raise ValueError("--loader python renders conversations; a preprocessed shard needs --loader rust")
+        tokenizer = None
     if impl == "python":
         return PyPackedLoader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packing)
     if impl != "rust":
@@ -353,8 +372,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-every", type=int, default=-1, help="also checkpoint every N steps (-1: only at the end)")
     g = p.add_argument_group("data")
     g.add_argument("--mixture", default="seed", help="sftfast.tasks.build_mixture name")
-    g.add_argument("--train-data", default=None, help="JSONL of conversations to train on instead of --mixture")
-    g.add_argument("--val-data", default=None, help="JSONL of validation conversations (with --train-data)")
+    g.add_argument("--train-data", "--data", dest="train_data", default=None,
+                   help="train on this instead of --mixture: a shard directory from `python -m sftfast.prep` "
+                        "(memory-mapped, shared by all ranks) or a JSONL file of conversations")
+    g.add_argument("--val-data", default=None, help="validation shard directory or JSONL (with --train-data)")
     g.add_argument("--max-seq-len", type=int, default=2048)
     g.add_argument("--packing", default="bestfit", choices=["bestfit", "padded"])
     g.add_argument("--loader", default="rust", choices=["rust", "python"], help="data path: Rust SFTLoader or the Python reference")
@@ -491,8 +512,8 @@ def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> 
 
     # --- data
     if train_ds is None and args.train_data:
-        train_ds = read_jsonl_conversations(args.train_data)
-        val_ds = read_jsonl_conversations(args.val_data) if args.val_data else None
+        train_ds = read_training_data(args.train_data, tokenizer)
+        val_ds = read_training_data(args.val_data, tokenizer) if args.val_data else None
     if train_ds is None:
         from sftfast import tasks
 
