@@ -232,6 +232,17 @@ def test_bad_batch_arithmetic_is_an_error(base_dir):
         train.run(make_args(base_dir, "--device-batch-size", "3"))
 
 
+def test_token_budget_sets_the_rows_per_step(base_dir):
+    args = make_args(base_dir, "--target-tokens-per-step", str(8 * 64))  # 8 rows of max_seq_len 64
+    assert train.grad_accum_steps(args, world_size=2) == 2 and args.target_examples_per_step == 8
+    with pytest.raises(ValueError, match="max_seq_len"):
+        train.grad_accum_steps(make_args(base_dir, "--target-tokens-per-step", "100"), world_size=1)
+    by_tokens = train.run(make_args(base_dir, "--num-iterations", "2", "--target-tokens-per-step", str(4 * 64)))
+    shutil.rmtree(base_dir / "chatsft_checkpoints")
+    by_rows = train.run(make_args(base_dir, "--num-iterations", "2"))
+    assert by_tokens["losses"] == by_rows["losses"]
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_match_one_process(base_dir):
     """2 gloo ranks x 1 row x 2 micro-batches == 1 process x 2 rows x 2 micro-batches (padded rows,

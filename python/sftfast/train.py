@@ -186,6 +186,24 @@ class PyPackedLoader:
         self.cursor = int(state["cursor"])
 
 
+def grad_accum_steps(args, world_size: int) -> int:
+    """Micro-batches per optimizer step: target_examples_per_step // (device_batch_size * world),
+    the seed's arithmetic. With --target-tokens-per-step the step is sized in tokens instead
+    (every packed row holds max_seq_len positions), and target_examples_per_step follows from it."""
+    rows_per_micro = args.device_batch_size * world_size
+    if args.target_tokens_per_step > 0:
+        if args.target_tokens_per_step % args.max_seq_len != 0:
+            raise ValueError(f"target_tokens_per_step={args.target_tokens_per_step} is not a multiple of "
+                             f"max_seq_len={args.max_seq_len}")
+        args.target_examples_per_step = args.target_tokens_per_step // args.max_seq_len
+        what = f"target_tokens_per_step={args.target_tokens_per_step} ({args.target_examples_per_step} rows)"
+    else:
+        what = f"target_examples_per_step={args.target_examples_per_step}"
+    if args.target_examples_per_step <= 0 or args.target_examples_per_step % rows_per_micro != 0:
+        raise ValueError(f"{what} is not a positive multiple of device_batch_size * world_size = {rows_per_micro}")
+    return args.target_examples_per_step // rows_per_micro
+
+
 def read_training_data(path, tokenizer):
     """A shard directory written by `python -m sftfast.prep` (checked against the tokenizer), or
     a JSONL file of conversations."""
@@ -382,7 +400,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cross-doc-attention", action="store_true", help="let attention cross conversations in a packed row")
     g = p.add_argument_group("optimisation (seed defaults)")
     g.add_argument("--device-batch-size", type=int, default=4)
-    g.add_argument("--target-examples-per-step", type=int, default=32)
+    g.add_argument("--target-examples-per-step", type=int, default=32, help="rows per optimizer step, all ranks")
+    g.add_argument("--target-tokens-per-step", type=int, default=-1,
+                   help="a token budget per optimizer step instead (nanochat's total_batch_size): "
+                        "rows = tokens // max_seq_len; -1: use --target-examples-per-step")
     g.add_argument("--num-epochs", type=int, default=1)
     g.add_argument("--num-iterations", type=int, default=-1, help="-1: (len(train) // target_examples_per_step) * num_epochs")
     g.add_argument("--unembedding-lr", type=float, default=0.004)
@@ -521,11 +542,7 @@ def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> 
         if metric_tasks is None and args.eval_tasks:
             metric_tasks = {name.lower().replace("-", "_"): tasks.get_task(name, role="eval") for name in args.eval_tasks.split(",")}
     metric_tasks = metric_tasks or {}
-    rows_per_micro = args.device_batch_size * info.world_size
-    if args.target_examples_per_step % rows_per_micro != 0:
-        raise ValueError(f"target_examples_per_step={args.target_examples_per_step} is not a multiple of "
-                         f"device_batch_size * world_size = {rows_per_micro}")
-    grad_accum = args.target_examples_per_step // rows_per_micro
+    grad_accum = grad_accum_steps(args, info.world_size)
     num_iterations = args.num_iterations
     if num_iterations < 0:
         num_iterations = (len(train_ds) // args.target_examples_per_step) * args.num_epochs
