@@ -11,6 +11,7 @@ loss / bits per byte and categorical accuracy, and writes {base_dir}/chatsft_che
 
 Batch arithmetic (the seed's): each optimizer step sees target_examples_per_step rows across all
 ranks: grad_accum_steps = target_examples_per_step // (device_batch_size * world_size);
+(--target-tokens-per-step sizes the step in tokens instead: rows = tokens // max_seq_len);
 num_iterations = -1 means (len(train) // target_examples_per_step) * num_epochs. An epoch ends
 when its conversations are consumed; the last-step flag is all-reduced (MAX) so no rank hangs.
 
