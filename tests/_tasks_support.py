@@ -1,7 +1,10 @@
-"""Shared fixtures of the tasks/engine/eval tests: a byte-level tokenizer and a tiny random GPT.
+"""Shared fixtures of the tasks/engine/eval/prep/loader tests: a byte-level tokenizer, a tiny
+random GPT, and local mirrors of hub datasets (GSM8K rows, good and bad).
 
 Prompts are rendered by the tokenizer's own (Rust) `render_for_completion`.
 """
+
+import os
 
 import torch
 
@@ -26,3 +29,26 @@ def tiny_model(vocab_size: int, seed: int = 0, n_layer: int = 2, n_embd: int = 6
             if p.dim() == 2 and p.abs().sum() == 0:
                 p.normal_(0, 0.2)
     return model.eval()
+
+
+GSM8K_ROWS = [
+    {"question": "Natalia sold clips to 48 friends in April, and half as many in May. How many in total?",
+     "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72"},
+    {"question": "A shop sells 1,200 apples a day. How many in 2 days?", "answer": "1,200*2 = <<1200*2=2400>>2400\n#### 2,400"},
+]
+# A row GSM8K cannot turn into a conversation: the answer has no final "#### N".
+GSM8K_BAD_ROW = {"question": "How many legs do 3 cats have?", "answer": "3*4 = <<3*4=12>>12 legs."}
+
+
+def write_parquet(path, rows) -> None:
+    import datasets
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+
+
+def write_gsm8k_mirror(root, rows, splits=("train", "test")) -> str:
+    """`root` laid out as the hub's openai/gsm8k (main subset), each split holding `rows`."""
+    for split in splits:
+        write_parquet(os.path.join(root, "openai/gsm8k/main", f"{split}-00000-of-00001.parquet"), rows)
+    return str(root)

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _tasks_support import GSM8K_BAD_ROW, GSM8K_ROWS, write_gsm8k_mirror, write_parquet
 from sftfast.calculator import calculate
 from sftfast.tasks import (ARC, GSM8K, IDENTITY_FILE, MMLU, Arithmetic, CustomJSON, SimpleSpelling, SmolTalk,
                            SpellingBee, Task, TaskError, TaskMixture, build_mixture, get_task, parse_spec)
@@ -26,22 +27,13 @@ MMLU_ROWS = [
     {"question": "2+2?", "subject": "math", "choices": ["3", "4", "5", "6"], "answer": 1},
     {"question": "Capital of France?", "subject": "geo", "choices": ["Paris", "Rome", "Oslo", "Bern"], "answer": 0},
 ]
-GSM8K_ROWS = [
-    {"question": "Natalia sold clips to 48 friends in April, and half as many in May. How many in total?",
-     "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72"},
-    {"question": "A shop sells 1,200 apples a day. How many in 2 days?", "answer": "1,200*2 = <<1200*2=2400>>2400\n#### 2,400"},
-]
 SMOLTALK_ROWS = [
     {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], "source": "x"},
     {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}], "source": "y"},
 ]
 
 
-def _write_parquet(path, rows):
-    import datasets
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    datasets.Dataset.from_list(rows).to_parquet(path)
+_write_parquet = write_parquet
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +45,7 @@ def data_dir(tmp_path_factory):
             _write_parquet(root / "allenai/ai2_arc" / subset / f"{split}-00000-of-00001.parquet", ARC_ROWS)
     for split in ("auxiliary_train", "test"):
         _write_parquet(root / "cais/mmlu/all" / f"{split}-00000-of-00001.parquet", MMLU_ROWS)
-    for split in ("train", "test"):
-        _write_parquet(root / "openai/gsm8k/main" / f"{split}-00000-of-00001.parquet", GSM8K_ROWS)
+    write_gsm8k_mirror(root, GSM8K_ROWS)
     # SmolTalk as JSONL (datasets' json builder), to exercise the non-parquet path
     smol = root / "HuggingFaceTB/smol-smoltalk/data"
     smol.mkdir(parents=True)
@@ -107,6 +98,45 @@ def test_gsm8k_tool_parts_and_numeric_answer(data_dir):
     assert not task.evaluate(task[0], "#### 71") and not task.evaluate(task[0], "72")
 
 
+@pytest.mark.parametrize(
+    "answer, parts",
+    [
+        # nanochat keeps a span without "=": all expression, empty output
+        ("<<1+1>> #### 2", [("python", "1+1"), ("python_output", ""), ("text", " #### 2")]),
+        # "<" inside a span is part of the expression (nanochat's pattern excludes only ">")
+        ("so <<3<5=1>>1 #### 1", [("text", "so "), ("python", "3<5"), ("python_output", "1"), ("text", "1 #### 1")]),
+        # the last "=" splits
+        ("<<a=b=2>>2\n#### 2", [("python", "a=b"), ("python_output", "2"), ("text", "2\n#### 2")]),
+        # not spans: stay text, nothing dropped
+        ("x <<>> y >> z << w\n#### 3", [("text", "x <<>> y >> z << w\n#### 3")]),
+        ("a <<2>1=1>> b #### 1", [("text", "a <<2>1=1>> b #### 1")]),
+    ],
+)
+def test_gsm8k_spans_parse_like_nanochat(answer, parts):
+    assert [(p["type"], p["text"]) for p in parse_answer(answer)] == parts
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="<>=+1 a#\n", max_size=40))
+def test_gsm8k_parsing_never_fails_and_keeps_every_character(answer):
+    parts = parse_answer(answer)
+    kinds = [p["type"] for p in parts]
+    assert all(kinds[i + 1] == "python_output" for i, k in enumerate(kinds) if k == "python")
+    # Rebuilt with each span as "<<" + expr + output + ">>", the answer is back but for the
+    # "=" signs (a span's last "=" is the split, and `<<e>>` / `<<e=>>` both give e and "").
+    rebuilt = "".join("<<" + p["text"] if p["type"] == "python" else p["text"] + ">>" if p["type"] == "python_output"
+                      else p["text"] for p in parts)
+    assert rebuilt.replace("=", "") == answer.replace("=", "")
+
+
+def test_gsm8k_rows_with_odd_spans_load(tmp_path):
+    rows = GSM8K_ROWS + [{"question": "q", "answer": "<<7>>7 and <<2<3=True>>True\n#### 7"}]
+    task = GSM8K("train", data_dir=write_gsm8k_mirror(tmp_path, rows))
+    assert list(task.errors()) == []
+    assert task[2]["messages"][1]["content"][:2] == [{"type": "python", "text": "7"}, {"type": "python_output", "text": ""}]
+    assert task.evaluate(task[2], "#### 7")
+
+
 def test_smoltalk_jsonl(data_dir):
     train = SmolTalk("train", data_dir=data_dir)
     assert len(train) == 6
@@ -129,7 +159,9 @@ def test_local_source_path(data_dir):
         (lambda d: MMLU("test", data_dir=d), MMLU_ROWS + [dict(MMLU_ROWS[0], answer=7)], 2, "answer must be an int 0-3"),
         (lambda d: MMLU("test", data_dir=d), [dict(MMLU_ROWS[0], choices=["a", "b"])], 0, "list of 4 strings"),
         (lambda d: GSM8K("train", data_dir=d), GSM8K_ROWS + [{"question": "q", "answer": "no final line"}], 2, "no final"),
-        (lambda d: GSM8K("train", data_dir=d), [{"question": "q", "answer": "<<1+1>> #### 2"}], 0, "has no '='"),
+        (lambda d: GSM8K("train", data_dir=d), GSM8K_ROWS + [GSM8K_BAD_ROW], 2, "no final"),
+        (lambda d: GSM8K("train", data_dir=d), [{"question": "", "answer": "#### 2"}] + GSM8K_ROWS, 0, "question must be"),
+        (lambda d: GSM8K("train", data_dir=d), GSM8K_ROWS + [{"question": "q", "answer": None}], 2, "answer must be a string"),
     ],
 )
 def test_malformed_rows_name_dataset_split_index(tmp_path, maker, rows, bad_index, match):
@@ -183,6 +215,43 @@ def test_customjson_formats_and_errors(tmp_path):
         bad.write_text(good.read_text().split("\n")[0] + "\n" + text + "\n")
         with pytest.raises(TaskError, match=match.replace("[", r"\[")):
             CustomJSON(str(bad))
+
+
+def test_customjson_accepts_a_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    lines = [json.dumps([{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]) for i in range(2)]
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
+    task = CustomJSON(str(path))
+    assert len(task) == 2 and task[0]["messages"][0] == {"role": "user", "content": "q0"}
+    # only a leading mark is one: a BOM later in the file is still an error, named by line
+    path.write_bytes(("\n".join(lines) + "\n").encode() + b"\xef\xbb\xbf" + lines[0].encode() + b"\n")
+    with pytest.raises(TaskError, match="bom.jsonl:3: invalid JSON"):
+        CustomJSON(str(path))
+
+
+def test_extra_message_keys(tmp_path):
+    from sftfast.tasks.base import validate_messages
+
+    user = {"role": "user", "content": "hi"}
+    # "name" carries nothing the model is trained on: ignored, as the renderer ignores it
+    out = validate_messages([dict(user, name="alice"), {"role": "assistant", "content": "yo", "name": "bot"}], "w")
+    assert out == [user, {"role": "assistant", "content": "yo"}]
+    # None-valued keys are what parquet gives messages that lack a key other messages have
+    assert validate_messages([dict(user, tool_calls=None), {"role": "assistant", "content": "yo"}], "w") == out[:1] + [out[1]]
+    # anything else would be dropped by rendering: refused, with where and which key
+    for messages, match in [
+        ([user, {"role": "assistant", "content": "", "tool_calls": [{"name": "f"}]}], r"w: message 1 has field\(s\) \['tool_calls'\]"),
+        ([user, {"role": "assistant", "content": "a", "reasoning_content": "think"}], "reasoning_content"),
+        ([user, {"role": "assistant", "content": "a", "weight": 0}], "weight"),
+        ([user, {"role": "assistant", "content": [{"type": "text", "text": "a", "extra": "b"}]}], r"message 1 part 0 has field\(s\) \['extra'\]"),
+    ]:
+        with pytest.raises(TaskError, match=match):
+            validate_messages(messages, "w")
+    # through a task: CustomJSON names file:line
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps([user, {"role": "assistant", "content": "a", "thinking": "t"}]) + "\n")
+    with pytest.raises(TaskError, match="x.jsonl:1: message 1 has field"):
+        CustomJSON(str(path))
 
 
 def test_identity_asset():

@@ -33,7 +33,9 @@ Interface (for the trainer):
   out of it has finished (CUDA event). On CPU the tensors are fresh copies.
 - Bad conversations: `on_error="fail"` raises ConversationError (naming the source index and
   message) from `next()`; `"skip"` drops them, counts them in `stats()["skipped"]` and keeps
-  them in `loader.errors` as (source index, message). Nothing is dropped silently.
+  them in `loader.errors` as (source index, message). Nothing is dropped silently. A record
+  the source cannot produce (its `__getitem__` raises ValueError, e.g. a task's TaskError for
+  a malformed dataset row) is a bad conversation too: "conversation I: <the source's message>".
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sftfast._core import Packer
+from sftfast._core import ConversationError, Packer
 
 
 @dataclass
@@ -136,7 +138,29 @@ class SFTLoader:
 
     # --- the background producer ---
     def _feed(self, packer, tags):
-        items = [self.source[self._source_index(t)] for t in tags]
+        """Fetches and feeds the items of `tags`; returns [(tag, message)] of the skipped ones."""
+        items, fed_tags, failed = [], [], []
+        for t in tags:
+            i = self._source_index(t)
+            try:
+                item = self.source[i]
+            except ValueError as e:  # the source could not produce record i (e.g. a TaskError)
+                msg = f"conversation {i}: {e}"
+                if self.on_error == "fail":
+                    # The records before it go first, so the first bad record in stream order is
+                    # the one reported, whichever stage it failed in.
+                    self._feed_items(packer, items, fed_tags)
+                    raise ConversationError(msg) from e
+                failed.append((t, msg))
+                continue
+            items.append(item)
+            fed_tags.append(t)
+        skipped = self._feed_items(packer, items, fed_tags) + failed
+        return sorted(skipped, key=lambda x: x[0])  # stream order, as the render errors come
+
+    def _feed_items(self, packer, items, tags):
+        if not items:
+            return []
         if self.tokenizer is None:
             packer.feed(items, tags=tags)
             return []

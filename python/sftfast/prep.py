@@ -24,6 +24,8 @@ a second run with the same key reuses the shard (and says so); any change rebuil
 
 Bad records: `--on-error fail` (default) stops at the first one with `file:line: reason`;
 `--on-error skip` goes on and lists every one, `location: reason`, in DIR/bad_records.txt.
+A mixture record its task cannot produce (a malformed dataset row: a TaskError) is a bad
+record like one that fails to render: `mixture:NAME@SPLIT[i]: TASK SPLIT index j: reason`.
 
 Exit status: 0 shard written or reused, no bad records; 3 shard written or reused but
 records were skipped; 1 a bad record (fail mode) or any other error, no shard written;
@@ -120,6 +122,14 @@ def _dumps(record) -> str:
 
 
 @dataclass
+class FailedRecord:
+    """A record the source could not produce (a task's TaskError): where, and why."""
+
+    index: int  # position in the source, as feed_json_strings numbers records
+    line: str  # "location: reason", as the builder writes a bad record
+
+
+@dataclass
 class Source:
     kind: str  # jsonl | json | parquet | hf | mixture
     name: str  # what error locations and the summary call it
@@ -138,10 +148,10 @@ class Source:
         if self.kind == "hf":
             ds = self._dataset()
             return f"hf-fingerprint:{ds._fingerprint}"
-        # A mixture is code + data: hash exactly the records it yields.
+        # A mixture is code + data: hash exactly the records it yields (and the failures).
         h = hashlib.sha256()
         for conv in self._records():
-            h.update(_dumps(conv).encode())
+            h.update(("\0failed: " + conv.line if isinstance(conv, FailedRecord) else _dumps(conv)).encode())
             h.update(b"\n")
         return "sha256:" + h.hexdigest()
 
@@ -184,15 +194,24 @@ class Source:
         elif self.kind == "mixture":
             mix = self._mixture()
             for i in range(len(mix)):
-                yield mix[i]
+                try:
+                    conv = mix[i]
+                except ValueError as e:  # TaskError: the task cannot make conversation i from its row
+                    yield FailedRecord(i, f"{self.name}[{i}]: {e}")
+                    continue
+                yield conv
         elif self.kind == "parquet":
             import pyarrow.parquet as pq
 
             for batch in pq.ParquetFile(self.arg).iter_batches(batch_size=PY_BATCH):
                 yield from batch.to_pylist()
 
-    def feed(self, builder, on_progress) -> None:
-        """Renders every record into `builder`; calls on_progress(conversations, tokens)."""
+    def feed(self, builder, on_progress, on_error: str = "fail") -> list[FailedRecord]:
+        """Renders every record into `builder`; calls on_progress(conversations, tokens).
+
+        Returns the records the source itself could not produce (skip mode; fail mode raises
+        BadRecordError at the first bad record, whichever stage it failed in). The builder
+        never sees those: build() adds them to the shard's report and counts."""
         if self.kind == "jsonl":
             reader = _core.JsonlReader(str(self.arg))
             while (counts := builder.feed_jsonl(reader)) is not None:
@@ -201,17 +220,32 @@ class Source:
             counts = builder.feed_json_file(str(self.arg))
             on_progress(counts[1] + counts[3], counts[2])
         else:
-            batch, first = [], 0
-            for rec in self._records():
-                batch.append(_dumps(rec))
-                if len(batch) == PY_BATCH:
+            batch, first, failed = [], 0, []  # batch holds records first, first+1, ...
+
+            def flush():
+                if batch:
                     counts = builder.feed_json_strings(self.name, first, batch)
                     on_progress(counts[1] + counts[3], counts[2])
+
+            for rec in self._records():
+                if isinstance(rec, FailedRecord):
+                    # Render what came before it first: in fail mode the first bad record in
+                    # source order is the one reported; in skip mode positions stay exact.
+                    flush()
+                    if on_error == "fail":
+                        raise _core.BadRecordError(rec.line)
+                    failed.append(rec)
+                    on_progress(1, 0)
+                    batch, first = [], rec.index + 1
+                    continue
+                batch.append(_dumps(rec))
+                if len(batch) == PY_BATCH:
+                    flush()
                     first += len(batch)
                     batch = []
-            if batch:
-                counts = builder.feed_json_strings(self.name, first, batch)
-                on_progress(counts[1] + counts[3], counts[2])
+            flush()
+            return failed
+        return []
 
     def task_names(self) -> list[str] | None:
         """For a mixture: the task name of each record, in order (for the per-task summary)."""
@@ -501,6 +535,8 @@ def build(args) -> int:
             why = None
             if args.force:
                 why = "--force"
+            elif str(old.get("key")).startswith(PENDING_KEY_PREFIX):
+                why = "the build that wrote it was interrupted before its bad-record report was complete"
             elif old.get("key") != key:
                 why = _what_changed(old, tok_fp, rend_fp, args.max_tokens, sources) + " changed"
             else:
@@ -549,16 +585,25 @@ def build(args) -> int:
         bar.set_postfix_str(f"{seen['tokens'] / dt:,.0f} tok/s", refresh=False)
 
     t_build = time.perf_counter()
+    failed: dict[int, list[FailedRecord]] = {}  # source position -> records it could not produce
     try:
-        for s in sources:
+        for k, s in enumerate(sources):
             builder.begin_source(s.name)
-            s.feed(builder, on_progress)
+            if lost := s.feed(builder, on_progress, args.on_error):
+                failed[k] = lost
+        if failed:
+            # The builder knows only the records it rendered; the report and counts get these
+            # after it has moved the shard into place. Until then the manifest's key matches no
+            # run, so a build interrupted in between is rebuilt, never reused with short counts.
+            extra["key"] = PENDING_KEY_PREFIX + key
         manifest = json.loads(builder.finish(json.dumps(extra)))
     except BaseException:
         builder.abort()  # the temporary directory goes; an older shard at --out stays as it was
         raise
     finally:
         bar.close()
+    if failed:
+        manifest = add_failed_records(out, manifest, failed, key)
     elapsed = time.perf_counter() - t0
     data = ShardDataset(out)
     if not args.quiet:
@@ -571,6 +616,56 @@ def build(args) -> int:
         if save_length_plot(data, out / "lengths.png"):
             say(f"  length histogram plot: {out / 'lengths.png'}")
     return EXIT_SKIPPED if manifest["num_skipped"] else EXIT_OK
+
+
+PENDING_KEY_PREFIX = "pending:"
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """Writes `path` through a synced temporary file and a rename: old or new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _report_index(line: str, name: str) -> int | None:
+    """i of a report line `NAME[i]: reason`, else None."""
+    prefix = name + "["
+    if not line.startswith(prefix):
+        return None
+    end = line.find("]", len(prefix))
+    digits = line[len(prefix):end] if end > 0 else ""
+    return int(digits) if digits.isdigit() else None
+
+
+def add_failed_records(out: Path, manifest: dict, failed: dict[int, list[FailedRecord]], key: str) -> dict:
+    """Adds the records sources could not produce to a finished shard, as the builder adds
+    the ones that fail to render: one report line each, in source order, and in the counts.
+    The manifest is written last, with the real key, so the shard is whole only after both."""
+    report = out / REPORT_FILE
+    lines = report.read_text(encoding="utf-8").splitlines() if report.is_file() else []
+    merged, pos = [], 0
+    for k, stats in enumerate(manifest["sources"]):
+        # The builder reports in feed order: source k's lines follow source k-1's.
+        own = lines[pos:pos + stats["skipped"]]
+        pos += stats["skipped"]
+        if k in failed:
+            ordered = [(_report_index(line, stats["name"]), line) for line in own]
+            ordered += [(f.index, f.line.replace("\n", "\\n")) for f in failed[k]]  # one line per record
+            ordered.sort(key=lambda x: -1 if x[0] is None else x[0])
+            own = [line for _, line in ordered]
+            stats["skipped"] += len(failed[k])
+        merged.extend(own)
+    merged.extend(lines[pos:])
+    manifest["num_skipped"] = sum(s["skipped"] for s in manifest["sources"])
+    manifest["bad_records"] = REPORT_FILE
+    manifest["key"] = key
+    _replace_file(report, "".join(line + "\n" for line in merged))
+    _replace_file(out / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+    return manifest
 
 
 def remove_stale_temporaries(out: Path, say) -> None:

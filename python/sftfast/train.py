@@ -57,9 +57,10 @@ class TrainingDivergedError(RuntimeError):
 # Rust loader (sftfast.dataloader.SFTLoader, the default), and `--loader python` selects it.
 
 def read_jsonl_conversations(path) -> list:
-    """One conversation per line: {"messages": [...]} or a bare list of messages."""
+    """One conversation per line: {"messages": [...]} or a bare list of messages (UTF-8, a
+    leading byte-order mark allowed)."""
     out = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

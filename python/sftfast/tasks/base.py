@@ -200,14 +200,35 @@ def require_columns(ds, columns: list[str], where: str) -> None:
         raise TaskError(f"{where}: missing column(s) {missing}; found {ds.column_names}")
 
 
+# Message / part keys besides role+content (type+text for parts) that carry no training
+# content. The renderer (rust/src/chat.rs and py/data.rs) reads only role and content
+# (type and text in a part) and ignores every other key; these are dropped here just as
+# quietly because losing them changes nothing the model sees. Any other key with a value
+# (tool_calls, reasoning_content, weight, ...) is an error: rendering would drop it without a
+# word. A key whose value is None counts as absent: parquet/Arrow gives every message of a
+# column the union of all messages' keys, filled with None.
+IGNORED_MESSAGE_KEYS = frozenset({"name"})
+IGNORED_PART_KEYS = frozenset()
+
+
+def _unexpected_keys(obj: dict, known: set, ignored: frozenset) -> list[str]:
+    return sorted(str(k) for k, v in obj.items() if k not in known and k not in ignored and v is not None)
+
+
 def validate_messages(messages, where: str, allow_system: bool = True) -> list[dict]:
-    """Check roles alternate user/assistant (optional leading system) and contents are strings."""
+    """Check roles alternate user/assistant (optional leading system) and contents are strings
+    (or, for the assistant, lists of text/python/python_output parts). Returns the messages as
+    {"role", "content"} dicts; see IGNORED_MESSAGE_KEYS for what happens to other keys."""
     if not isinstance(messages, list) or not messages:
         raise TaskError(f"{where}: messages must be a non-empty list")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise TaskError(f"{where}: message {i} must be an object with 'role' and 'content'")
+        extra = _unexpected_keys(m, {"role", "content"}, IGNORED_MESSAGE_KEYS)
+        if extra:
+            raise TaskError(f"{where}: message {i} has field(s) {extra} that are not rendered (only 'role' and "
+                            f"'content' are; {sorted(IGNORED_MESSAGE_KEYS)} are ignored): refusing to drop them")
         out.append({"role": m["role"], "content": m["content"]})
     body = out[1:] if allow_system and out[0]["role"] == "system" else out
     offset = len(out) - len(body)
@@ -223,6 +244,10 @@ def validate_messages(messages, where: str, allow_system: bool = True) -> list[d
                 if not (isinstance(part, dict) and part.get("type") in ("text", "python", "python_output")
                         and isinstance(part.get("text"), str)):
                     raise TaskError(f"{where}: message {i} part {j} must be {{'type': text|python|python_output, 'text': str}}")
+                extra = _unexpected_keys(part, {"type", "text"}, IGNORED_PART_KEYS)
+                if extra:
+                    raise TaskError(f"{where}: message {i} part {j} has field(s) {extra} that are not rendered "
+                                    "(only 'type' and 'text' are): refusing to drop them")
         elif not isinstance(m["content"], str):
             raise TaskError(f"{where}: message {i} content must be a string")
     return out

@@ -4,8 +4,9 @@
     task = CustomJSON(IDENTITY_FILE)
 
 Each line is an array of messages, or an object with a `messages` array (other fields
-are kept on the conversation). Blank lines are skipped; every other line is checked
-when the file is loaded and a bad one is reported as `file:line: reason`.
+are kept on the conversation). The file is UTF-8, with or without a leading byte-order
+mark. Blank lines are skipped; every other line is checked when the file is loaded and a
+bad one is reported as `file:line: reason`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ class CustomJSON(Task):
         self.path = path
         self.name = name or ("identity" if os.path.abspath(path) == IDENTITY_FILE else os.path.basename(path))
         self.conversations = []
-        with open(path, encoding="utf-8") as f:
+        # utf-8-sig: a leading byte-order mark (Windows editors write one) is not part of line 1.
+        with open(path, encoding="utf-8-sig") as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue

@@ -9,6 +9,11 @@ The dataset writes calculator use inline as `<<expr=result>>`; each such span be
 call the tool and the tool's output is never a training target. `evaluate` compares the
 final `#### N` numerically.
 
+Spans are parsed exactly as nanochat does: a span is `<<` + one or more characters other
+than `>` + `>>`; it splits at its last `=`, and a span without `=` is all expression with
+an empty output. Text that is not such a span (a stray `<<`, `<<>>`) stays text. Only a
+row without a question, without an answer string or without a final `#### N` is an error.
+
 Schema (hub): question str, answer str. Configs: main, socratic. Splits: train, test.
 """
 
@@ -22,25 +27,21 @@ from sftfast.tasks.base import (Task, TaskError, assistant_text, extract_final_a
 HUB_NAME = "openai/gsm8k"
 SUBSETS = ("main", "socratic")
 SPLITS = ("train", "test")
-_CALL = re.compile(r"(<<[^<>]*>>)")
+# nanochat's pattern: the same spans, so the same parts, on every row of the dataset.
+_CALL = re.compile(r"(<<[^>]+>>)")
 
 
-def parse_answer(answer: str, where: str) -> list[dict]:
-    """Split a GSM8K answer into text / python / python_output parts."""
+def parse_answer(answer: str) -> list[dict]:
+    """Split a GSM8K answer into text / python / python_output parts (nanochat's parsing)."""
     parts = []
-    for piece in _CALL.split(answer):
-        if not piece:
-            continue
-        if piece.startswith("<<") and piece.endswith(">>"):
+    # split with one capturing group: even positions are text, odd positions are the spans
+    for k, piece in enumerate(_CALL.split(answer)):
+        if k % 2 == 1:
             inner = piece[2:-2]
-            if "=" not in inner:
-                raise TaskError(f"{where}: calculator span {piece!r} has no '='")
-            expr, result = inner.rsplit("=", 1)
+            expr, _, result = inner.rpartition("=") if "=" in inner else (inner, "", "")
             parts.append({"type": "python", "text": expr})
             parts.append({"type": "python_output", "text": result})
-        else:
-            if "<<" in piece or ">>" in piece:
-                raise TaskError(f"{where}: unbalanced calculator span in {piece!r}")
+        elif piece:  # split's empty ends and gaps: an empty text part renders to nothing anyway
             parts.append({"type": "text", "text": piece})
     return parts
 
@@ -75,7 +76,7 @@ class GSM8K(Task):
         return {
             "messages": [
                 {"role": "user", "content": question},
-                {"role": "assistant", "content": parse_answer(answer, where)},
+                {"role": "assistant", "content": parse_answer(answer)},
             ]
         }
 
