@@ -129,6 +129,55 @@ def test_bad_conversation_fail_and_skip(tok):
     assert loader.epoch == pytest.approx(1.0)
 
 
+class FlakySource:
+    """A sequence whose __getitem__ cannot produce some records, as a task raises TaskError for
+    a malformed dataset row."""
+
+    def __init__(self, convs, bad):
+        self.convs, self.bad = convs, set(bad)
+
+    def __len__(self):
+        return len(self.convs)
+
+    def __getitem__(self, i):
+        if i in self.bad:
+            from sftfast.tasks import TaskError
+
+            raise TaskError(f"GSM8K train index {i + 100}: answer has no final '#### N' line")
+        return self.convs[i]
+
+
+def test_records_the_source_cannot_produce_are_bad_conversations(tok):
+    convs = make_convs(40)
+    convs[30] = {"messages": [{"role": "assistant", "content": "first"}]}  # fails to render
+    source = FlakySource(convs, bad=[7, 33])
+    # fail: the first bad record in stream order, named by source index and the task's location,
+    # whether the render failure comes after it in the same chunk ...
+    with pytest.raises(ConversationError, match=r"conversation 7: GSM8K train index 107: answer has no final"):
+        list(SFTLoader(source, tok, batch_size=2, seq_len=64, chunk_size=64))
+    # ... or before it
+    with pytest.raises(ConversationError, match=r"conversation 30: message 0"):
+        list(SFTLoader(FlakySource(convs, bad=[33]), tok, batch_size=2, seq_len=64, chunk_size=64))
+    # skip: counted and listed exactly as render failures, in source order
+    loader = SFTLoader(source, tok, batch_size=2, seq_len=64, on_error="skip", chunk_size=16)
+    with pytest.warns(UserWarning, match="conversation 7: GSM8K train index 107"):
+        batches = list(loader)
+    assert [i for i, _ in loader.errors] == [7, 30, 33]
+    assert "GSM8K train index 133" in loader.errors[2][1] and "message 0" in loader.errors[1][1]
+    assert loader.stats()["skipped"] == 3 and loader.epoch == pytest.approx(1.0)
+    assert sum(b.num_conversations for b in batches) == 37
+    # the batches are those of the source without the three bad records
+    good = [c for i, c in enumerate(convs) if i not in (7, 30, 33)]
+    want = collect(SFTLoader(good, tok, batch_size=2, seq_len=64, chunk_size=16))
+    got = [(b.inputs.numpy(), b.targets.numpy()) for b in batches]
+    assert len(got) == len(want) and all((g[0] == w[0]).all() and (g[1] == w[1]).all() for g, w in zip(got, want))
+    # rank 1 of 2: its items are 1, 3, ..., 39; 7 and 33 are skipped under their source index
+    loader = SFTLoader(source, tok, batch_size=2, seq_len=64, rank=1, world_size=2, on_error="skip")
+    with pytest.warns(UserWarning):
+        list(loader)
+    assert [i for i, _ in loader.errors] == [7, 33] and loader.stats()["skipped"] == 2
+
+
 class RenderedSource:
     """What a preprocessed-shards reader provides: (ids, mask) by index, and the pad id."""
 
