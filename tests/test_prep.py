@@ -478,6 +478,59 @@ def test_mixture_input(tmp_path, enc, capsys):
     assert out.out.startswith("reusing")
 
 
+def test_mixture_records_a_task_cannot_produce(tmp_path, enc, capsys):
+    """A malformed dataset row (TaskError) is a bad record like one that fails to render."""
+    tasks = pytest.importorskip("sftfast.tasks")
+    from _tasks_support import GSM8K_BAD_ROW, GSM8K_ROWS, write_gsm8k_mirror
+
+    rows = [GSM8K_ROWS[0], GSM8K_BAD_ROW, GSM8K_ROWS[1], GSM8K_BAD_ROW, GSM8K_ROWS[0]]
+    data_dir = write_gsm8k_mirror(tmp_path / "hub", rows, splits=("train",))
+    spec = "GSM8K,identity:stop=3"
+    mix = tasks.build_mixture(spec, data_dir=data_dir)
+    name = f"mixture:{spec}@train"
+    bad = sorted(i for i, (t, j) in enumerate(mix.index_map) if t == 0 and j in (1, 3))  # mixture positions
+    row_of = {i: mix.index_map[i][1] for i in bad}
+    jsonl = tmp_path / "bad.jsonl"
+    convs = conversations(12, seed=3)
+    write_jsonl(jsonl, convs, BAD)
+    out = tmp_path / "shard"
+    args = ("--mixture", spec, "--data-dir", data_dir, "--out", out)
+
+    # fail: stops at the first, named by mixture index and by dataset/split/row; nothing written
+    rc, o = run_prep(*args, capsys=capsys)
+    assert rc == prep.EXIT_ERROR and "no shard written" in o.err
+    assert f"{name}[{bad[0]}]: GSM8K train index {row_of[bad[0]]}: answer has no final '#### N' line" in o.err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+    # skip: counted and reported exactly as records that fail to render, in source order
+    rc, o = run_prep(jsonl, *args, "--on-error", "skip", capsys=capsys)
+    assert rc == prep.EXIT_SKIPPED, o.err
+    assert f"{len(BAD) + 2} bad records skipped" in o.out
+    data = ShardDataset(out)
+    m = data.manifest
+    assert m["num_skipped"] == len(BAD) + 2 and [s["skipped"] for s in m["sources"]] == [len(BAD), 2]
+    assert m["bad_records"] == "bad_records.txt" and not m["key"].startswith(prep.PENDING_KEY_PREFIX)
+    report = (out / "bad_records.txt").read_text().splitlines()
+    assert [line.split(": ")[0] for line in report] == [f"{jsonl}:{n}" for n in sorted(BAD)] + [f"{name}[{i}]" for i in bad]
+    assert all(f"GSM8K train index {row_of[i]}: answer has no final" in line for i, line in zip(bad, report[len(BAD):]))
+    good = [mix.tasks[t][j] for i, (t, j) in enumerate(mix.index_map) if i not in bad]
+    assert len(data) == len(convs) + len(good)
+    for k, conv in enumerate(good):
+        assert data[len(convs) + k][0].tolist() == render_conversation(enc, conv, 2048)[0]
+    assert "    GSM8K" in o.out and "    identity" in o.out  # the per-task breakdown still adds up
+    # same inputs: reused (skip), or the first bad record named (fail)
+    rc, o = run_prep(jsonl, *args, "--on-error", "skip", capsys=capsys)
+    assert rc == prep.EXIT_SKIPPED and o.out.startswith("reusing")
+    rc, o = run_prep(jsonl, *args, capsys=capsys)
+    assert rc == prep.EXIT_ERROR and f"{jsonl}:2: message 0:" in o.err
+    # a build interrupted between the builder's rename and the report's completion is redone
+    m["key"] = prep.PENDING_KEY_PREFIX + m["key"]
+    (out / "manifest.json").write_text(json.dumps(m))
+    rc, o = run_prep(jsonl, *args, "--on-error", "skip", capsys=capsys)
+    assert rc == prep.EXIT_SKIPPED and "interrupted" in o.out
+    assert (out / "bad_records.txt").read_text().splitlines() == report
+
+
 def test_mixture_unavailable_is_a_clear_error(tmp_path, capsys):
     if importlib.util.find_spec("sftfast.tasks") is not None:
         rc, out = run_prep("--mixture", "no-such-mixture-xyz", "--out", tmp_path / "s", capsys=capsys)
