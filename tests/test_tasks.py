@@ -5,6 +5,7 @@ with seed 42 and oversample by repetition."""
 import json
 import os
 import random
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -255,11 +256,36 @@ def test_extra_message_keys(tmp_path):
 
 
 def test_identity_asset():
-    task = CustomJSON(IDENTITY_FILE)
-    assert task.name == "identity" and len(task) >= 100
-    texts = [m["content"] for c in task for m in c["messages"] if m["role"] == "assistant"]
-    assert sum("sftfast-chat" in t for t in texts) >= 30
-    assert len({json.dumps(c) for c in task}) == len(task)  # no duplicates
+    task = CustomJSON(IDENTITY_FILE)  # loading validates every conversation
+    assert task.name == "identity" and 900 <= len(task) <= 1100  # SPEC 7: ~1K conversations
+    convs = [c["messages"] for c in task]
+    assert len({json.dumps(c) for c in convs}) == len(convs)  # no duplicates
+    texts = [m["content"] for c in convs for m in c if m["role"] == "assistant"]
+    assert sum("sftfast-chat" in t for t in texts) >= 300
+    # varied: many distinct questions, and multi-turn conversations
+    assert len({m["content"] for c in convs for m in c if m["role"] == "user"}) >= 500
+    assert sum(sum(m["role"] == "user" for m in c) >= 2 for c in convs) >= 0.5 * len(convs)
+    # consistent: never claims another name or maker
+    others = "ChatGPT|Claude|Gemini|Llama|Copilot|Mistral|Siri|Alexa|Grok|DeepSeek|nanochat"
+    claim = re.compile(rf"\b(?:I(?:'m| am)|[Mm]y name is|call me) (?:{others})\b|\bI was (?:made|trained|built|created) by (?!sftfast)")
+    assert [t for t in texts if claim.search(t) and not re.search(r"\b(?:not|n't|No)\b", t)] == []
+
+
+def test_identity_asset_is_what_the_generator_writes(tmp_path):
+    """scripts/make_identity.py regenerates the bundled file byte for byte (deterministic)."""
+    import runpy
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "make_identity.py")
+    out = tmp_path / "identity.jsonl"
+    argv = sys.argv
+    sys.argv = [script, "--out", str(out)]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    finally:
+        sys.argv = argv
+    with open(IDENTITY_FILE, "rb") as f:
+        assert out.read_bytes() == f.read()
 
 
 def test_word_list_offline():

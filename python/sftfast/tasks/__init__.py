@@ -148,7 +148,8 @@ MIXTURES = {
         "val": ["SmolTalk:split=test"],
     },
     "demo": {
-        "train": ["SimpleSpelling:size=400", "SpellingBee:size=400", "Arithmetic:size=600", "identity*2"],
+        # 320 distinct identity conversations: the size "identity*2" had with the old 160-line file
+        "train": ["SimpleSpelling:size=400", "SpellingBee:size=400", "Arithmetic:size=600", "identity:stop=320"],
         "val": ["SimpleSpelling:size=64:split=test", "SpellingBee:size=64:split=test",
                 "Arithmetic:size=64:split=test"],
     },
