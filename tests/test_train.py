@@ -304,3 +304,14 @@ def test_training_from_a_prep_shard_equals_training_from_jsonl(base_dir):
     args.train_data = str(shard)
     from_shard = train.run(args)
     assert from_shard["losses"] == from_jsonl["losses"]
+
+
+def test_read_jsonl_conversations_accepts_a_byte_order_mark(tmp_path):
+    convs = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(3)]
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(c) + "\n" for c in convs).encode())
+    assert train.read_jsonl_conversations(path) == convs
+    # only a leading mark: one later in the file is still a bad line, named by line number
+    path.write_bytes(json.dumps(convs[0]).encode() + b"\n\xef\xbb\xbf" + json.dumps(convs[1]).encode() + b"\n")
+    with pytest.raises(ValueError, match="bom.jsonl:2: invalid JSON"):
+        train.read_jsonl_conversations(path)
