@@ -315,8 +315,8 @@ def test_interrupted_build_leaves_no_shard(tmp_path, monkeypatch, capsys):
     write_jsonl(src, conversations(50))
     real_feed = prep.Source.feed
 
-    def feed_then_crash(self, builder, on_progress):
-        real_feed(self, builder, on_progress)
+    def feed_then_crash(self, builder, on_progress, *args):
+        real_feed(self, builder, on_progress, *args)
         raise KeyboardInterrupt  # after records were written to the temporary directory
 
     monkeypatch.setattr(prep.Source, "feed", feed_then_crash)
