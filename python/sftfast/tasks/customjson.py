@@ -6,7 +6,9 @@
 Each line is an array of messages, or an object with a `messages` array (other fields
 are kept on the conversation). The file is UTF-8, with or without a leading byte-order
 mark. Blank lines are skipped; every other line is checked when the file is loaded and a
-bad one is reported as `file:line: reason`.
+bad one is reported as `file:line: reason`. A message holds `role` and `content`; `name` is
+ignored (as the renderer ignores it) and any other key is an error (see
+base.IGNORED_MESSAGE_KEYS): nothing a line says is dropped silently.
 """
 
 from __future__ import annotations
