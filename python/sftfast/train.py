@@ -576,7 +576,8 @@ def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> 
     # attention is already per-conversation, and it keeps FlexAttention from recompiling for
     # every batch width (padded batches are as wide as their longest conversation).
     doc_mask = not args.cross_doc_attention and args.packing == "bestfit"
-    log.print(f"world {info.world_size} | grad_accum {grad_accum} | num_iterations {num_iterations} | loss_norm {args.loss_norm}")
+    bound = " (at most: the run ends when the data is consumed)" if args.num_iterations < 0 else ""
+    log.print(f"world {info.world_size} | grad_accum {grad_accum} | num_iterations {num_iterations}{bound} | loss_norm {args.loss_norm}")
 
     # --- optimizers and resumed state
     optimizers = build_optimizers(model, args.unembedding_lr, args.embedding_lr, args.matrix_lr, args.weight_decay,
@@ -692,7 +693,10 @@ def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> 
         if peak:
             rec["mfu"] = flops_per_token * tok_s / (peak * info.world_size)
             mfu_s = f" | mfu {100 * rec['mfu']:.2f}%"
-        log.print(f"step {step:05d}/{num_iterations:05d} | loss {train_loss:.6f} | lrm {lrm:.4f} | sup tokens {int(n_sup.item()):,}"
+        # a derived num_iterations is only an upper bound (packed rows hold several conversations):
+        # such a run ends when the data is consumed, so show how much of it is
+        where = f"{step:05d} | data {100 * min(progress, 1.0):5.1f}%" if derived else f"{step:05d}/{num_iterations:05d}"
+        log.print(f"step {where} | loss {train_loss:.6f} | lrm {lrm:.4f} | sup tokens {int(n_sup.item()):,}"
                   f" | {tok_s:,.0f} tok/s{mfu_s} | {1000 * dt:.0f} ms")
         log.record("step", rec)
         if log.bar is not None:
