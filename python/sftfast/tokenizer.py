@@ -53,6 +53,8 @@ SPECIAL_TOKENS = [
 NANOCHAT_SPLIT_PATTERN: str = _core.NANOCHAT_PATTERN
 CL100K_SPLIT_PATTERN: str = _core.CL100K_PATTERN
 O200K_SPLIT_PATTERN: str = _core.O200K_PATTERN
+# Names a command line may give instead of a regex.
+SPLIT_PATTERNS = {"nanochat": NANOCHAT_SPLIT_PATTERN, "cl100k": CL100K_SPLIT_PATTERN, "o200k": O200K_SPLIT_PATTERN}
 
 # A forked child (DataLoader workers, multiprocessing) inherits the rayon pools' memory but
 # none of their threads; drop the pools there so the first parallel call builds new ones.
@@ -293,3 +295,23 @@ def _from_bytes(data: bytes) -> Tokenizer:
 def bundled_text_path() -> Path:
     """The bundled English text (written for this project) used for training and benchmarks."""
     return Path(__file__).parent / "assets" / "english.txt"
+
+
+def load_tokenizer(path, pattern: str | None = None) -> Tokenizer:
+    """Any tokenizer a user may point at: a saved sftfast file (`Tokenizer.load`), nanochat's
+    `tokenizer.pkl` (read without running pickle code), a `.tiktoken` rank file (split with
+    `pattern`: nanochat, cl100k, o200k or a regex; nanochat's by default), or a directory holding
+    `tokenizer.sftfast`, `tokenizer.pkl` or `tokenizer.tiktoken` (first found)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("tokenizer.sftfast", "tokenizer.pkl", "tokenizer.tiktoken"):
+            if (path / name).is_file():
+                return load_tokenizer(path / name, pattern)
+        raise FileNotFoundError(f"tokenizer directory {path} holds no tokenizer.sftfast, tokenizer.pkl or tokenizer.tiktoken")
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer {path} does not exist")
+    if path.suffix == ".pkl":
+        return Tokenizer.from_nanochat(path)
+    if path.suffix == ".tiktoken":
+        return Tokenizer.from_tiktoken_file(path, SPLIT_PATTERNS.get(pattern or "nanochat", pattern))
+    return Tokenizer.load(path)

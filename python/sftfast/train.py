@@ -43,7 +43,6 @@ import torch
 import torch.distributed as dist
 
 from sftfast import checkpoint as ckpt
-from sftfast.model import GPT
 from sftfast.optim import SCHEDULES, build_optimizers, lr_multiplier
 
 
