@@ -45,7 +45,7 @@ from pathlib import Path
 from sftfast import _core
 from sftfast.shards import MANIFEST_FILE, REPORT_FILE, ShardDataset, is_shard
 from sftfast import tokenizer as tokenizer_io
-from sftfast.tokenizer import SPLIT_PATTERNS, Tokenizer
+from sftfast.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERNS, Tokenizer
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
 
@@ -382,17 +382,13 @@ def save_length_plot(data: ShardDataset, path: Path) -> bool:
     return True
 
 
-SPECIAL_NAMES = [
-    "<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-    "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>",
-]
 
 
 def render_inspection(tokenizer, ids, mask, color: bool) -> str:
     """Decoded conversation; trained tokens (mask 1) green, others red, as nanochat's
     visualize_tokenization. Without color, trained spans are wrapped in [[ ]]."""
     specials = {}
-    for name in SPECIAL_NAMES:
+    for name in SPECIAL_TOKENS:
         try:
             specials[tokenizer.special_token_id(name)] = name
         except Exception:  # a tokenizer without that special: it just never matches

@@ -37,17 +37,8 @@ import numpy as np
 
 from sftfast import _core
 
-SPECIAL_TOKENS = [
-    "<|bos|>",
-    "<|user_start|>",
-    "<|user_end|>",
-    "<|assistant_start|>",
-    "<|assistant_end|>",
-    "<|python_start|>",
-    "<|python_end|>",
-    "<|output_start|>",
-    "<|output_end|>",
-]
+# The chat special tokens, appended after the ranks in this order (SPEC 2); defined in rust/src/bpe.rs.
+SPECIAL_TOKENS: list[str] = list(_core.SPECIAL_TOKENS)
 
 # The split patterns live in Rust (rust/src/pretokenize.rs); these are the same strings.
 NANOCHAT_SPLIT_PATTERN: str = _core.NANOCHAT_PATTERN
