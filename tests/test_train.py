@@ -306,6 +306,20 @@ def test_training_from_a_prep_shard_equals_training_from_jsonl(base_dir):
     assert from_shard["losses"] == from_jsonl["losses"]
 
 
+def test_training_data_is_shuffled_deterministically(base_dir):
+    """--train-data is dealt in a fixed seed-42 permutation (not file order), the same on every
+    run and rank; validation data keeps its order."""
+    tok = byte_tokenizer()
+    path = base_dir / "train.jsonl"
+    a, b = train.read_training_data(path, tok), train.read_training_data(path, tok)
+    in_file_order = train.read_jsonl_conversations(path)
+    assert sorted(a.order.tolist()) == list(range(len(in_file_order)))
+    assert a.order.tolist() != list(range(len(in_file_order)))
+    assert [a[i] for i in range(len(a))] == [b[i] for i in range(len(b))]
+    assert a[0] == in_file_order[int(a.order[0])]
+    assert train.read_training_data(path, tok, shuffle=False) == in_file_order
+
+
 def test_read_jsonl_conversations_accepts_a_byte_order_mark(tmp_path):
     convs = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(3)]
     path = tmp_path / "bom.jsonl"

@@ -17,6 +17,7 @@ class ShardError(SftfastError): ...
 
 # --- tokenizer ---
 NANOCHAT_PATTERN: str
+SPECIAL_TOKENS: list[str]
 CL100K_PATTERN: str
 O200K_PATTERN: str
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sftfast.calculator import use_calculator
+from sftfast.tokenizer import load_tokenizer  # noqa: F401  (train, chat and eval find it here)
 
 
 class KVCache:
@@ -252,26 +253,6 @@ class Engine:
             if all(done):
                 break
         return results, masks
-
-
-def load_tokenizer(path: str):
-    """A tokenizer from a saved sftfast tokenizer file (Tokenizer.load), a .tiktoken rank file,
-    nanochat's tokenizer.pkl (read without running pickle code), or a directory holding one."""
-    from sftfast.tokenizer import NANOCHAT_SPLIT_PATTERN, Tokenizer
-
-    if os.path.isdir(path):
-        for name in ("tokenizer.sftfast", "tokenizer.pkl", "tokenizer.tiktoken"):
-            if os.path.isfile(os.path.join(path, name)):
-                return load_tokenizer(os.path.join(path, name))
-        raise FileNotFoundError(f"tokenizer directory {path} holds no tokenizer.sftfast, tokenizer.pkl or tokenizer.tiktoken")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer {path} does not exist")
-    if path.endswith(".tiktoken"):
-        return Tokenizer.from_tiktoken_file(path, NANOCHAT_SPLIT_PATTERN)
-    loader = getattr(Tokenizer, "from_nanochat" if path.endswith(".pkl") else "load", None)
-    if loader is None:
-        raise RuntimeError(f"cannot read {path}: this build's Tokenizer cannot load that format; pass a .tiktoken file")
-    return loader(path)
 
 
 def find_tokenizer(base_dir: str, meta: dict, explicit: str | None = None) -> str:

@@ -46,19 +46,12 @@ from pathlib import Path
 
 from sftfast import _core
 from sftfast.shards import MANIFEST_FILE, REPORT_FILE, ShardDataset, is_shard
-from sftfast.tokenizer import NANOCHAT_SPLIT_PATTERN, Tokenizer
+from sftfast import tokenizer as tokenizer_io
+from sftfast.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERNS, Tokenizer
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
 
-PATTERNS = {
-    "nanochat": NANOCHAT_SPLIT_PATTERN,
-    "cl100k": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
-    "o200k": "|".join([
-        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-        r"""\p{N}{1,3}""", r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""", r"""\s*[\r\n]+""", r"""\s+(?!\S)""", r"""\s+""",
-    ]),
-}
+PATTERNS = SPLIT_PATTERNS  # --pattern names
 INPUT_SUFFIXES = (".jsonl", ".json", ".parquet")
 PY_BATCH = 1024  # records per call into Rust for Python-side sources (datasets, mixtures)
 
@@ -72,24 +65,11 @@ class PrepError(Exception):
 
 
 def load_tokenizer(path, pattern: str | None = None) -> Tokenizer:
-    """A saved sftfast tokenizer file, a nanochat tokenizer dir, or a .tiktoken rank file."""
-    path = Path(path)
-    if not path.exists():
-        raise PrepError(f"--tokenizer {path}: no such file or directory")
-    if path.is_dir() or path.suffix == ".pkl":
-        if path.is_dir() and not (path / "tokenizer.pkl").is_file():
-            raise PrepError(f"--tokenizer {path}: a directory must hold nanochat's tokenizer.pkl")
-        loader = getattr(Tokenizer, "from_nanochat", None)
-        if loader is None:
-            raise PrepError(f"--tokenizer {path}: this build has no Tokenizer.from_nanochat to read nanochat's tokenizer.pkl")
-        return loader(path)
-    if path.suffix == ".tiktoken":
-        pat = PATTERNS.get(pattern or "nanochat", pattern)
-        return Tokenizer.from_tiktoken_file(path, pat)
-    loader = getattr(Tokenizer, "load", None)
-    if loader is None:
-        raise PrepError(f"--tokenizer {path}: not a .tiktoken file, and this build has no Tokenizer.load")
-    return loader(path)
+    """sftfast.tokenizer.load_tokenizer, with its errors as PrepError (one line, exit 1)."""
+    try:
+        return tokenizer_io.load_tokenizer(path, pattern)
+    except (OSError, ValueError) as e:
+        raise PrepError(f"--tokenizer {path}: {e}") from e
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -436,17 +416,13 @@ def save_length_plot(data: ShardDataset, path: Path) -> bool:
     return True
 
 
-SPECIAL_NAMES = [
-    "<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-    "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>",
-]
 
 
 def render_inspection(tokenizer, ids, mask, color: bool) -> str:
     """Decoded conversation; trained tokens (mask 1) green, others red, as nanochat's
     visualize_tokenization. Without color, trained spans are wrapped in [[ ]]."""
     specials = {}
-    for name in SPECIAL_NAMES:
+    for name in SPECIAL_TOKENS:
         try:
             specials[tokenizer.special_token_id(name)] = name
         except Exception:  # a tokenizer without that special: it just never matches

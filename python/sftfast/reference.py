@@ -24,18 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sftfast._core import ConversationError
+from sftfast.tokenizer import SPECIAL_TOKENS
 
-SPECIALS = [
-    "<|bos|>",
-    "<|user_start|>",
-    "<|user_end|>",
-    "<|assistant_start|>",
-    "<|assistant_end|>",
-    "<|python_start|>",
-    "<|python_end|>",
-    "<|output_start|>",
-    "<|output_end|>",
-]
+SPECIALS = SPECIAL_TOKENS  # the oracle renders with the same special tokens, in SPEC order
 
 
 def _err(location, message, reason):

@@ -37,22 +37,15 @@ import numpy as np
 
 from sftfast import _core
 
-SPECIAL_TOKENS = [
-    "<|bos|>",
-    "<|user_start|>",
-    "<|user_end|>",
-    "<|assistant_start|>",
-    "<|assistant_end|>",
-    "<|python_start|>",
-    "<|python_end|>",
-    "<|output_start|>",
-    "<|output_end|>",
-]
+# The chat special tokens, appended after the ranks in this order (SPEC 2); defined in rust/src/bpe.rs.
+SPECIAL_TOKENS: list[str] = list(_core.SPECIAL_TOKENS)
 
 # The split patterns live in Rust (rust/src/pretokenize.rs); these are the same strings.
 NANOCHAT_SPLIT_PATTERN: str = _core.NANOCHAT_PATTERN
 CL100K_SPLIT_PATTERN: str = _core.CL100K_PATTERN
 O200K_SPLIT_PATTERN: str = _core.O200K_PATTERN
+# Names a command line may give instead of a regex.
+SPLIT_PATTERNS = {"nanochat": NANOCHAT_SPLIT_PATTERN, "cl100k": CL100K_SPLIT_PATTERN, "o200k": O200K_SPLIT_PATTERN}
 
 # A forked child (DataLoader workers, multiprocessing) inherits the rayon pools' memory but
 # none of their threads; drop the pools there so the first parallel call builds new ones.
@@ -293,3 +286,23 @@ def _from_bytes(data: bytes) -> Tokenizer:
 def bundled_text_path() -> Path:
     """The bundled English text (written for this project) used for training and benchmarks."""
     return Path(__file__).parent / "assets" / "english.txt"
+
+
+def load_tokenizer(path, pattern: str | None = None) -> Tokenizer:
+    """Any tokenizer a user may point at: a saved sftfast file (`Tokenizer.load`), nanochat's
+    `tokenizer.pkl` (read without running pickle code), a `.tiktoken` rank file (split with
+    `pattern`: nanochat, cl100k, o200k or a regex; nanochat's by default), or a directory holding
+    `tokenizer.sftfast`, `tokenizer.pkl` or `tokenizer.tiktoken` (first found)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("tokenizer.sftfast", "tokenizer.pkl", "tokenizer.tiktoken"):
+            if (path / name).is_file():
+                return load_tokenizer(path / name, pattern)
+        raise FileNotFoundError(f"tokenizer directory {path} holds no tokenizer.sftfast, tokenizer.pkl or tokenizer.tiktoken")
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer {path} does not exist")
+    if path.suffix == ".pkl":
+        return Tokenizer.from_nanochat(path)
+    if path.suffix == ".tiktoken":
+        return Tokenizer.from_tiktoken_file(path, SPLIT_PATTERNS.get(pattern or "nanochat", pattern))
+    return Tokenizer.load(path)

@@ -43,7 +43,6 @@ import torch
 import torch.distributed as dist
 
 from sftfast import checkpoint as ckpt
-from sftfast.model import GPT
 from sftfast.optim import SCHEDULES, build_optimizers, lr_multiplier
 
 
@@ -206,24 +205,44 @@ def grad_accum_steps(args, world_size: int) -> int:
     return args.target_examples_per_step // rows_per_micro
 
 
-def read_training_data(path, tokenizer):
-    """A shard directory written by `python -m sftfast.prep` (checked against the tokenizer), or
-    a JSONL file of conversations."""
+class Shuffled:
+    """A fixed permutation of a dataset (seed 42, as nanochat's TaskMixture): a file or shard
+    built from several sources in order must not be trained source after source under a
+    decaying learning rate. Same order on every rank; the loader then deals rank r of W
+    positions r, r+W, ... of it."""
+
+    def __init__(self, dataset, seed: int = 42):
+        self.dataset = dataset
+        self.order = np.random.default_rng(seed).permutation(len(dataset))
+        self.prerendered = getattr(dataset, "prerendered", False)
+        if self.prerendered:
+            self.bos_id = dataset.bos_id  # the padding id of a pre-rendered source
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i):
+        return self.dataset[int(self.order[i])]
+
+
+def read_training_data(path, tokenizer, shuffle: bool = True):
+    """A shard directory written by `python -m sftfast.prep` (checked against the tokenizer,
+    items already rendered), or a JSONL file of conversations; shuffled with seed 42."""
     from sftfast.shards import ShardDataset, is_shard
 
     if is_shard(path):
         data = ShardDataset(path)
         data.check_tokenizer(tokenizer)
-        return data
-    return read_jsonl_conversations(path)
+        data.prerendered = True
+    else:
+        data = read_jsonl_conversations(path)
+    return Shuffled(data) if shuffle else data
 
 
 def make_loader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packing="bestfit", impl="rust", device="cpu"):
     """The Rust loader (sftfast.dataloader.SFTLoader) or, with impl="python", the Python one.
     A preprocessed shard is already rendered: the loader packs its (ids, mask) pairs directly."""
-    from sftfast.shards import ShardDataset
-
-    if isinstance(dataset, ShardDataset):
+    if getattr(dataset, "prerendered", False):
         if impl != "rust":
             raise ValueError("--loader python renders conversations; a preprocessed shard needs --loader rust")
         tokenizer = None
@@ -536,7 +555,7 @@ def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> 
     # --- data
     if train_ds is None and args.train_data:
         train_ds = read_training_data(args.train_data, tokenizer)
-        val_ds = read_training_data(args.val_data, tokenizer) if args.val_data else None
+        val_ds = read_training_data(args.val_data, tokenizer, shuffle=False) if args.val_data else None
     if train_ds is None:
         from sftfast import tasks
 
@@ -553,8 +572,12 @@ def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> 
     T = args.max_seq_len
     train_loader = make_loader(train_ds, tokenizer, args.device_batch_size, T, info.rank, info.world_size, args.packing, args.loader, device)
     token_bytes = token_bytes_tensor(tokenizer, device)
-    doc_mask = not args.cross_doc_attention
-    log.print(f"world {info.world_size} | grad_accum {grad_accum} | num_iterations {num_iterations} | loss_norm {args.loss_norm}")
+    # Only packed rows hold several conversations. A padded row holds one, so plain causal
+    # attention is already per-conversation, and it keeps FlexAttention from recompiling for
+    # every batch width (padded batches are as wide as their longest conversation).
+    doc_mask = not args.cross_doc_attention and args.packing == "bestfit"
+    bound = " (at most: the run ends when the data is consumed)" if args.num_iterations < 0 else ""
+    log.print(f"world {info.world_size} | grad_accum {grad_accum} | num_iterations {num_iterations}{bound} | loss_norm {args.loss_norm}")
 
     # --- optimizers and resumed state
     optimizers = build_optimizers(model, args.unembedding_lr, args.embedding_lr, args.matrix_lr, args.weight_decay,
@@ -670,7 +693,10 @@ def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> 
         if peak:
             rec["mfu"] = flops_per_token * tok_s / (peak * info.world_size)
             mfu_s = f" | mfu {100 * rec['mfu']:.2f}%"
-        log.print(f"step {step:05d}/{num_iterations:05d} | loss {train_loss:.6f} | lrm {lrm:.4f} | sup tokens {int(n_sup.item()):,}"
+        # a derived num_iterations is only an upper bound (packed rows hold several conversations):
+        # such a run ends when the data is consumed, so show how much of it is
+        where = f"{step:05d} | data {100 * min(progress, 1.0):5.1f}%" if derived else f"{step:05d}/{num_iterations:05d}"
+        log.print(f"step {where} | loss {train_loss:.6f} | lrm {lrm:.4f} | sup tokens {int(n_sup.item()):,}"
                   f" | {tok_s:,.0f} tok/s{mfu_s} | {1000 * dt:.0f} ms")
         log.record("step", rec)
         if log.bar is not None:

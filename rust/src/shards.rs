@@ -371,6 +371,10 @@ impl JsonlReader {
             self.bytes_read += n as u64;
             let pos = self.next_line;
             self.next_line += 1;
+            // A UTF-8 byte-order mark (written by some Windows tools) is not part of the record.
+            if pos == 1 && chunk.buf[start..].starts_with(UTF8_BOM) {
+                chunk.buf.drain(start..start + UTF8_BOM.len());
+            }
             // Blank lines are not records (a trailing newline, spacing between records).
             if chunk.buf[start..].iter().all(|b| b.is_ascii_whitespace()) {
                 chunk.buf.truncate(start);
@@ -382,12 +386,15 @@ impl JsonlReader {
     }
 }
 
+const UTF8_BOM: &[u8] = b"\xef\xbb\xbf";
+
 /// Splits a JSON document (an array of conversations, or one conversation) into records
 /// positioned by index. The whole file is parsed: JSON arrays do not stream.
 pub fn read_json_file(path: &Path) -> Result<Vec<Value>> {
     let mut text = Vec::new();
     File::open(path).map_err(|e| io_err(path, e))?.read_to_end(&mut text)?;
-    let value: Value = serde_json::from_slice(&text).map_err(|e| Error::Record {
+    let body = text.strip_prefix(UTF8_BOM).unwrap_or(&text);
+    let value: Value = serde_json::from_slice(body).map_err(|e| Error::Record {
         location: format!("{}:{}", path.display(), e.line()),
         reason: format!("invalid JSON: {e}"),
     })?;
@@ -946,6 +953,21 @@ mod tests {
         fs::write(&a, "{\n\"messages\": [}").unwrap();
         let err = read_json_file(&a).unwrap_err().to_string();
         assert!(err.contains("a.json:2"), "{err}");
+    }
+
+    #[test]
+    fn a_leading_byte_order_mark_is_not_part_of_the_first_record() {
+        let d = tmp("bom");
+        let a = d.join("a.json");
+        fs::write(&a, b"\xef\xbb\xbf[{\"messages\": []}]").unwrap();
+        assert_eq!(read_json_file(&a).unwrap().len(), 1);
+        let j = d.join("a.jsonl");
+        fs::write(&j, b"\xef\xbb\xbf{\"messages\": []}\n{\"messages\": []}\n").unwrap();
+        let mut reader = JsonlReader::open(&j).unwrap();
+        let mut chunk = Chunk::default();
+        assert!(reader.read_chunk(&mut chunk, 10, 1 << 20).unwrap());
+        let records: Vec<&[u8]> = chunk.records.iter().map(|&(_, a, b)| &chunk.buf[a..b]).collect();
+        assert_eq!(records, vec![&b"{\"messages\": []}\n"[..], &b"{\"messages\": []}\n"[..]]);
     }
 
     fn byte_bpe(special_base: u32) -> Arc<CoreBPE> {

@@ -360,5 +360,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("NANOCHAT_PATTERN", NANOCHAT_PATTERN)?;
     m.add("CL100K_PATTERN", CL100K_PATTERN)?;
     m.add("O200K_PATTERN", O200K_PATTERN)?;
+    // The chat special tokens in SPEC order: the one list Python uses too.
+    m.add("SPECIAL_TOKENS", crate::bpe::SPECIAL_TOKENS.to_vec())?;
     Ok(())
 }
