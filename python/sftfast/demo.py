@@ -81,7 +81,7 @@ def build_mixtures(scale=1.0):
     from sftfast import tasks
 
     n = lambda k: max(8, int(k * scale))  # noqa: E731  (tests run a scaled-down demo)
-    spec = f"SimpleSpelling:size={n(400)},SpellingBee:size={n(400)},Arithmetic:size={n(600)},identity:stop={n(1000)}*2"
+    spec = f"SimpleSpelling:size={n(400)},SpellingBee:size={n(400)},Arithmetic:size={n(600)},identity:stop={n(320)}"
     train = tasks.build_mixture(spec, split="train").tasks + [FindTheNumber(n(CHOICE_EXAMPLES), "train")]
     val = tasks.build_mixture("demo", split="val").tasks + [FindTheNumber(64, "test")]
     return tasks.TaskMixture(train), tasks.TaskMixture(val)
