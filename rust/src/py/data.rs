@@ -390,18 +390,26 @@ fn slow_item(list: &Bound<'_, PyList>, n: usize, k: usize, what: &str, tag: u64)
 
 fn ids_from_list(list: &Bound<'_, PyList>, what: &str, tag: u64) -> PyResult<Vec<u32>> {
     let n = list.len();
-    let layout = int_layout(list.py());
     let ptr = list.as_ptr();
     let mut v: Vec<u32> = Vec::with_capacity(n);
-    for k in 0..n {
-        // SAFETY: GIL held and k < len (re-checked after any call that can run Python code);
-        // PyList_GET_ITEM returns a borrowed reference, read before anything else runs.
-        let fast = unsafe {
-            let item = ffi::PyList_GET_ITEM(ptr, k as ffi::Py_ssize_t);
-            match layout {
-                Some(l) => small_int(item, l),
-                None => None,
+    // Fast loop: exact small ints read in place, until the first item that is not one.
+    if let Some(layout) = int_layout(list.py()) {
+        for k in 0..n {
+            // SAFETY: GIL held, k < len, no Python code runs in this loop; PyList_GET_ITEM
+            // returns a borrowed reference.
+            let x = unsafe { small_int(ffi::PyList_GET_ITEM(ptr, k as ffi::Py_ssize_t), layout) };
+            match x {
+                Some(x) => v.push(x),
+                None => break,
             }
+        }
+    }
+    // General loop for the rest (bool, NumPy scalars, big ints, errors...).
+    for k in v.len()..n {
+        // SAFETY: as above; `slow_item` re-checks the length after running any Python code.
+        let fast = match int_layout(list.py()) {
+            Some(l) => unsafe { small_int(ffi::PyList_GET_ITEM(ptr, k as ffi::Py_ssize_t), l) },
+            None => None,
         };
         let x = match fast {
             Some(x) => x,
@@ -419,7 +427,8 @@ fn ids_from_list(list: &Bound<'_, PyList>, what: &str, tag: u64) -> PyResult<Vec
 }
 
 fn mask_from_list(list: &Bound<'_, PyList>, tag: u64) -> PyResult<Vec<u8>> {
-    // CPython caches small ints and the bools, so 0/1 items are recognised by pointer.
+    // CPython caches small ints and the bools, so 0/1 items are recognised by pointer: a
+    // branch-free pass first, the general loop only if some item was none of the four.
     let py = list.py();
     let zero = 0i64.into_pyobject(py)?;
     let one = 1i64.into_pyobject(py)?;
@@ -427,9 +436,23 @@ fn mask_from_list(list: &Bound<'_, PyList>, tag: u64) -> PyResult<Vec<u8>> {
     let (f, t) = (pyo3::types::PyBool::new(py, false).as_ptr(), pyo3::types::PyBool::new(py, true).as_ptr());
     let n = list.len();
     let ptr = list.as_ptr();
+    let mut ok = true;
+    let v: Vec<u8> = (0..n)
+        .map(|k| {
+            // SAFETY: GIL held, k < len, no Python code runs here; borrowed reference,
+            // compared by address only.
+            let item = unsafe { ffi::PyList_GET_ITEM(ptr, k as ffi::Py_ssize_t) };
+            let is_one = (item == one) | (item == t);
+            ok &= is_one | (item == zero) | (item == f);
+            is_one as u8
+        })
+        .collect();
+    if ok {
+        return Ok(v);
+    }
     let mut v = Vec::with_capacity(n);
     for k in 0..n {
-        // SAFETY: as in `ids_from_list`.
+        // SAFETY: as above; the length is re-checked after any call that runs Python code.
         let item = unsafe { ffi::PyList_GET_ITEM(ptr, k as ffi::Py_ssize_t) };
         if item == zero || item == f {
             v.push(0);
