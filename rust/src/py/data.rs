@@ -273,24 +273,36 @@ impl PyCoreTokenizer {
 // ---------------------------------------------------------------------------------------------
 // Reading rendered (ids, mask) pairs from Python: the packer's input path.
 //
-// Performance notes (2-core x86_64 EPYC shared with other jobs; `Packer.pack` over the data
-// benchmark's stream: 20,000 rendered conversations, 7.2 M tokens, as render_batch's lists):
+// Performance notes (2-core x86_64 EPYC shared with other jobs, CPython 3.11; `Packer.pack`
+// over the data benchmark's stream: 20,000 rendered conversations, 7.2 M tokens, as
+// render_batch's lists; CPU time, best of 5-12, so that other jobs' load counts less):
 // - Before (PyList_GET_ITEM + PyLong_AsLongLong per id, pointer compares for the mask, the
-//   whole stream fed before packing): 30.7 M tok/s, of which `feed` alone ran at 64 M tok/s.
-//   perf: a quarter of the time in malloc + page faults (all 7.2 M tokens held as Vecs at
-//   once, every page touched fresh), a sixth in PyLong_AsLongLong and its caller.
-// - `pack` now feeds in chunks of PACK_CHUNK conversations and drains the batches each chunk
-//   completes (flush=false, so the batches are the same as feeding everything first): the
-//   packer holds ~PACK_CHUNK conversations, freed Vecs are reused, no fresh pages.
+//   whole stream fed before packing): pack 31-46 M tok/s, `feed` alone 64-110 M tok/s; NumPy
+//   arrays slower than lists (25-33 M tok/s: failed dtype probes and rust-numpy borrow flags
+//   per array). perf: a quarter of the time in malloc + page faults (all 7.2 M tokens held as
+//   Vecs at once, every page touched fresh), a sixth in PyLong_AsLongLong and its caller.
+// - `pack` feeds PACK_CHUNK conversations at a time and drains the batches each chunk
+//   completes (flush=false, so the batches are those of feeding everything first): only a
+//   chunk is held, freed Vecs are reused.
 // - Exact `int`s below 2^30 (every token id) are read straight from the PyLongObject (one
 //   digit) instead of calling PyLong_AsLongLong; the layout is checked against the C API at
-//   import (`detect_int_layout`) and anything unusual (bool, numpy scalars, big or negative
+//   import (`detect_int_layout`), and anything else (bool, NumPy scalars, big or negative
 //   ints, non-ints) takes the C API path, so results and error messages are unchanged.
-// - NumPy arrays: one dtype probe per kind, then a plain slice read (no rust-numpy borrow
-//   flag, no per-element i128): before, failed probes + `readonly()` made 1-D arrays *slower*
-//   than lists (25 M tok/s).
-// - Tried and left: one pass over ids and mask together (no gain: the separate loops are each
-//   branch-predictable; the cost is the cache miss on each int object, paid once either way).
+//   The mask is one branch-free pass of pointer compares (the general loop only on failure).
+// - NumPy arrays: typed probes in order of likelihood, then a plain slice read (no borrow
+//   flag, range check vectorised before the cast).
+// - After: `feed` from lists 100-196 M tok/s, pack from lists 85-99 M tok/s and from NumPy
+//   120-164 M tok/s when malloc reuses its memory; 43-56 M tok/s when every batch's output
+//   lands on fresh pages (a process that has not yet freed a large block: glibc then trims
+//   the 112 MB that a pack returns and faults it back in on the next call; perf: 18-27 k
+//   minor faults per pack, half its time). The list reading is bound by the cache misses on
+//   the int objects: an ids list read from an unpickled (contiguous) copy goes 1.4x faster
+//   than render_batch's own output made in a process with a fragmented heap.
+// - Tried and left out: software prefetch of the int objects 16-64 items ahead (no gain on
+//   scattered ints, `feed` a third slower on contiguous ones); writing `pack`'s batches into
+//   shared 4-8 MiB NumPy arrays (a view per batch), hoping for huge pages: none came (still
+//   ~10 k faults), 55 vs 44-53 M tok/s cold but 53 vs 90 M tok/s warm, and a kept batch
+//   would pin its whole group. Not tried: one pass over ids and mask together.
 // The figures after these changes are in docs/BENCHMARKS.md ("Data plane").
 // ---------------------------------------------------------------------------------------------
 
