@@ -147,3 +147,137 @@ def test_empty_supervision_rows_counted():
     (b,) = Packer("padded", 2, 10, BOS).pack(rendered)
     assert b.empty_rows == 1 and b.num_supervised == 3
     assert (b.targets[0] == -1).all()
+
+
+# --- input kinds and bad items (the Python -> Rust input path) ---
+
+ID_KINDS = {
+    "list": lambda ids: list(ids),
+    "tuple": lambda ids: tuple(ids),
+    "int32": lambda ids: np.asarray(ids, np.int32),
+    "uint32": lambda ids: np.asarray(ids, np.uint32),
+    "int64": lambda ids: np.asarray(ids, np.int64),
+    "uint64": lambda ids: np.asarray(ids, np.uint64),
+    "strided int32": lambda ids: np.repeat(np.asarray(ids, np.int32), 2)[::2],
+    "big-endian int32": lambda ids: np.asarray(ids, ">i4"),
+    "list of numpy ints": lambda ids: [np.int64(x) for x in ids],
+    "list of int subclass": lambda ids: [type("Tok", (int,), {})(x) for x in ids],
+}
+MASK_KINDS = {
+    "list": lambda m: list(m),
+    "list of bools": lambda m: [bool(x) for x in m],
+    "uint8": lambda m: np.asarray(m, np.uint8),
+    "bool": lambda m: np.asarray(m, bool),
+    "int32": lambda m: np.asarray(m, np.int32),
+    "int64": lambda m: np.asarray(m, np.int64),
+    "strided uint8": lambda m: np.repeat(np.asarray(m, np.uint8), 2)[::2],
+    "strided bool": lambda m: np.repeat(np.asarray(m, bool), 3)[::3],
+}
+
+
+@pytest.mark.parametrize("id_kind", list(ID_KINDS))
+@pytest.mark.parametrize("mask_kind", list(MASK_KINDS))
+def test_every_input_kind_packs_like_lists(id_kind, mask_kind):
+    rendered = make_rendered(np.random.default_rng(4).integers(1, 60, size=40).tolist(), seed=5)
+    # ids on both sides of the in-place int read's 2^30 limit, and the largest int32 input
+    rendered[3][0][1:4] = [2**30 - 1, 2**30, 2**31 - 1]
+    want = Packer("bestfit", 2, 40, BOS, 8).pack(rendered)
+    assert_same(want, ref.pack_bestfit(rendered, 2, 40, BOS, 8))
+    converted = [(ID_KINDS[id_kind](i), MASK_KINDS[mask_kind](m)) for i, m in rendered]
+    assert_same(Packer("bestfit", 2, 40, BOS, 8).pack(converted), want)
+
+
+def test_pack_streams_long_inputs_with_the_same_batches():
+    # pack feeds in chunks of a few hundred conversations: the batches (and tags) must be
+    # those of feeding everything first, across chunk boundaries
+    lengths = np.random.default_rng(6).integers(1, 120, size=1500).tolist()
+    rendered = make_rendered(lengths, seed=7)
+    got = Packer("bestfit", 3, 100, BOS, 20).pack(rendered)
+    assert_same(got, ref.pack_bestfit(rendered, 3, 100, BOS, 20))
+    p = Packer("bestfit", 3, 100, BOS, 20)
+    p.feed(rendered)
+    whole = []
+    while (b := p.next_batch(flush=True)) is not None:
+        whole.append(b)
+    assert_same(got, whole)
+    assert_same(Packer("padded", 5, 100, BOS).pack(rendered), ref.pack_padded(rendered, 5, 100, BOS))
+
+
+BAD_IDS = [
+    (-1, r"ids\[2\] = -1 is not a non-negative 32-bit int"),
+    (2**32, r"ids\[2\] = 4294967296 is not"),
+    (2**70, r"ids\[2\] = 1180591620717411303424 is not"),
+    (1.5, r"ids\[2\] = 1.5 is not"),
+    ("7", r"ids\[2\] = 7 is not"),
+    (None, r"ids\[2\] = None is not"),
+]
+
+
+@pytest.mark.parametrize("item,msg", BAD_IDS)
+def test_bad_id_item_names_conversation_and_position(item, msg):
+    # conversation 700 lies past pack's first chunk: the index is the absolute one
+    rendered = make_rendered([5] * 800)
+    rendered[700][0][2] = item
+    with pytest.raises(ValueError, match=r"conversation tag 700: " + msg):
+        Packer("bestfit", 2, 16, BOS).pack(rendered)
+
+
+@pytest.mark.parametrize(
+    "ids,msg",
+    [
+        (np.array([BOS, 1, -3], np.int32), r"conversation tag 1: ids\[2\] = -3 is not"),
+        (np.array([BOS, 2**33, 1], np.int64), r"conversation tag 1: ids\[1\] = 8589934592 is not"),
+        (np.array([BOS, 1, -1], np.int8), r"conversation tag 1: ids\[2\] = -1 is not"),
+        (np.array([BOS, 1.0, 2.0]), r"conversation tag 1: ids must be a list of non-negative ints or a 1-D integer array"),
+        (np.array([[BOS, 1, 2]], np.int32), r"conversation tag 1: ids must be a list"),
+        ("abc", r"conversation tag 1: ids must be a list"),
+    ],
+)
+def test_bad_id_arrays(ids, msg):
+    rendered = [([BOS, 1, 2], [0, 1, 1]), (ids, [0, 1, 1])]
+    with pytest.raises(ValueError, match=msg):
+        Packer("padded", 2, 16, BOS).pack(rendered)
+
+
+@pytest.mark.parametrize(
+    "mask,msg",
+    [
+        ([0, 1, 2], r"mask\[2\] = 2 \(must be 0 or 1\)"),
+        ([0, -1, 1], r"mask\[1\] = -1 \(must be 0 or 1\)"),
+        ([0, 1, "1"], r"mask\[2\] = 1 \(must be 0 or 1\)"),
+        ([0, 1, 0.0], r"mask\[2\] = 0.0 \(must be 0 or 1\)"),
+        (np.array([0, 3, 1], np.uint8), r"mask\[1\] = 3 \(must be 0 or 1\)"),
+        (np.array([0, 1, 5], np.int64), r"mask\[2\] = 5 \(must be 0 or 1\)"),
+        (np.array([0, 1, -1], np.int32), r"mask\[2\] = -1 is not a non-negative 32-bit int"),
+    ],
+)
+def test_bad_mask_items(mask, msg):
+    rendered = [([BOS, 1, 2], [0, 1, 1])] * 3 + [([BOS, 1, 2], mask)]
+    with pytest.raises(ValueError, match=r"conversation tag 3: " + msg):
+        Packer("bestfit", 2, 16, BOS).pack(rendered)
+    # tags given to feed name the conversation instead of its position
+    with pytest.raises(ValueError, match=r"conversation tag 42: " + msg):
+        Packer("bestfit", 2, 16, BOS).feed([([BOS, 1, 2], mask)], tags=[42])
+
+
+def test_list_changed_while_read_is_an_error_not_a_crash():
+    ids = [BOS, 1, 2, 3]
+
+    class Shrinks:
+        def __index__(self):
+            ids.clear()
+            return 1
+
+    ids[1] = Shrinks()
+    with pytest.raises(ValueError, match=r"conversation tag 0: ids list changed while it was read"):
+        Packer("bestfit", 1, 16, BOS).feed([(ids, [0, 1, 1, 1])])
+    mask = [0, 1, 1, 1]
+
+    class ShrinksMask:
+        def __index__(self):
+            mask.clear()
+            return 1
+
+    mask[1] = ShrinksMask()
+    with pytest.raises(ValueError, match=r"conversation tag 0: mask list changed while it was read"):
+        Packer("bestfit", 1, 16, BOS).feed([([BOS, 1, 2, 3], mask)])

@@ -7,7 +7,8 @@ Peers, measured in the same run on the same synthetic conversations:
   Rust encoder) vs sftfast's Rust `render_batch(num_threads=1)` (and all threads);
 - best-fit packing: the reference packer (`sftfast.reference.pack_bestfit`) and a
   nanochat-style packer (same picking loop, batch built with `torch.tensor` and vectorised
-  masking, as nanochat's chat_sft does) vs sftfast's `Packer`;
+  masking, as nanochat's chat_sft does) vs sftfast's `Packer.pack` on the rendered lists;
+  also the list-reading step alone (`Packer.feed`) and `pack` from NumPy arrays;
 - the loader end to end (render + pack + tensors, background thread): pinned to one core
   (`sched_setaffinity`) and on all cores, from conversations and from pre-rendered
   (ids, mask) arrays (the preprocessed-shards path).
@@ -265,6 +266,11 @@ def run(args) -> dict:
     small = stream[: max(1, len(stream) // 10)]
     small_tokens = sum(len(i) for i, _ in small)
     t_refp = _best(lambda: ref.pack_bestfit(small, args.batch_size, args.seq_len, tok.bos_id), 1) * packed_tokens / small_tokens
+    # the input path alone (Python lists -> the packer's Vecs, no batch built), and the same
+    # packing from NumPy (ids int32, mask uint8) arrays
+    t_feed = _best(lambda: Packer("bestfit", args.batch_size, args.seq_len, tok.bos_id).feed(stream), args.repeat)
+    np_stream = [(np.asarray(i, np.int32), np.asarray(m, np.uint8)) for i, m in rust_rendered] * (len(stream) // len(rust_rendered))
+    t_pack_np = _best(lambda: Packer("bestfit", args.batch_size, args.seq_len, tok.bos_id).pack(np_stream), args.repeat)
     out["pack_bestfit"] = {
         "tokens": packed_tokens,
         "sftfast_tokens_per_s": packed_tokens / t_pack,
@@ -272,6 +278,8 @@ def run(args) -> dict:
         "reference_python_tokens_per_s": packed_tokens / t_refp,
         "speedup_vs_nanochat_style": t_nano / t_pack,
         "speedup_vs_reference": t_refp / t_pack,
+        "sftfast_feed_lists_only_tokens_per_s": packed_tokens / t_feed,
+        "sftfast_from_numpy_tokens_per_s": packed_tokens / t_pack_np,
         "note": "reference timed on a 10% prefix and scaled (it is per-token Python)",
     }
 

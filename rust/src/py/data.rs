@@ -270,66 +270,297 @@ impl PyCoreTokenizer {
     }
 }
 
-/// ids or mask from a list of ints or a 1-D integer NumPy array. Lists come first and the
-/// array dtypes are probed with `cast` (no Python exception per failed probe: those cost ~1 us
-/// each and dominated packing before).
-fn extract_u32s(obj: &Bound<'_, PyAny>, what: &str, tag: u64) -> PyResult<Vec<u32>> {
-    let bad = |k: usize, x: &dyn std::fmt::Display| {
-        PyValueError::new_err(format!("conversation tag {tag}: {what}[{k}] = {x} is not a non-negative 32-bit int"))
-    };
-    if let Ok(list) = obj.cast::<PyList>() {
-        let n = list.len();
-        let mut v = Vec::with_capacity(n);
-        let ptr = list.as_ptr();
-        for k in 0..n {
-            // SAFETY: GIL held, k < len, and the list is not mutated during this loop (no Python
-            // code runs); PyList_GET_ITEM returns a borrowed reference. This skips PyO3's
-            // per-item incref/decref and error objects: lists of ints convert ~3x faster.
-            let x = unsafe {
-                let item = pyo3::ffi::PyList_GET_ITEM(ptr, k as pyo3::ffi::Py_ssize_t);
-                let x = pyo3::ffi::PyLong_AsLongLong(item);
-                if x == -1 && !pyo3::ffi::PyErr_Occurred().is_null() {
-                    pyo3::ffi::PyErr_Clear();
-                    return Err(bad(k, &list.get_item(k)?));
-                }
-                x
-            };
-            if !(0..=u32::MAX as i64).contains(&x) {
-                return Err(bad(k, &x));
-            }
-            v.push(x as u32);
+// ---------------------------------------------------------------------------------------------
+// Reading rendered (ids, mask) pairs from Python: the packer's input path.
+//
+// Performance notes (2-core x86_64 EPYC shared with other jobs, CPython 3.11; `Packer.pack`
+// over the data benchmark's stream: 20,000 rendered conversations, 7.2 M tokens, as
+// render_batch's lists; CPU time, best of 5-12, so that other jobs' load counts less):
+// - Before (PyList_GET_ITEM + PyLong_AsLongLong per id, pointer compares for the mask, the
+//   whole stream fed before packing): pack 31-46 M tok/s, `feed` alone 64-110 M tok/s; NumPy
+//   arrays slower than lists (25-33 M tok/s: failed dtype probes and rust-numpy borrow flags
+//   per array). perf: a quarter of the time in malloc + page faults (all 7.2 M tokens held as
+//   Vecs at once, every page touched fresh), a sixth in PyLong_AsLongLong and its caller.
+// - `pack` feeds PACK_CHUNK conversations at a time and drains the batches each chunk
+//   completes (flush=false, so the batches are those of feeding everything first): only a
+//   chunk is held, freed Vecs are reused.
+// - Exact `int`s below 2^30 (every token id) are read straight from the PyLongObject (one
+//   digit) instead of calling PyLong_AsLongLong; the layout is checked against the C API at
+//   import (`detect_int_layout`), and anything else (bool, NumPy scalars, big or negative
+//   ints, non-ints) takes the C API path, so results and error messages are unchanged.
+//   The mask is one branch-free pass of pointer compares (the general loop only on failure).
+// - NumPy arrays: typed probes in order of likelihood, then a plain slice read (no borrow
+//   flag, range check vectorised before the cast).
+// - After: `feed` from lists 100-196 M tok/s, pack from lists 85-99 M tok/s and from NumPy
+//   120-164 M tok/s when malloc reuses its memory; 43-56 M tok/s when every batch's output
+//   lands on fresh pages (a process that has not yet freed a large block: glibc then trims
+//   the 112 MB that a pack returns and faults it back in on the next call; perf: 18-27 k
+//   minor faults per pack, half its time). The list reading is bound by the cache misses on
+//   the int objects: an ids list read from an unpickled (contiguous) copy goes 1.4x faster
+//   than render_batch's own output made in a process with a fragmented heap.
+// - Tried and left out: software prefetch of the int objects 16-64 items ahead (no gain on
+//   scattered ints, `feed` a third slower on contiguous ones); writing `pack`'s batches into
+//   shared 4-8 MiB NumPy arrays (a view per batch), hoping for huge pages: none came (still
+//   ~10 k faults), 55 vs 44-53 M tok/s cold but 53 vs 90 M tok/s warm, and a kept batch
+//   would pin its whole group. Not tried: one pass over ids and mask together.
+// The figures after these changes are in docs/BENCHMARKS.md ("Data plane").
+// ---------------------------------------------------------------------------------------------
+
+use pyo3::ffi;
+use std::sync::OnceLock;
+
+/// Conversations fed per step by `Packer.pack` before draining the batches they complete.
+const PACK_CHUNK: usize = 512;
+
+/// How this interpreter lays out an `int` (PyLongObject), for reading small ones in place.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum IntLayout {
+    /// CPython <= 3.11: PyVarObject header, `ob_size` = signed digit count, then 30-bit digits.
+    ObSize,
+    /// CPython >= 3.12: `lv_tag` = digit count << 3 | sign (0 positive, 1 zero, 2 negative).
+    LvTag,
+}
+
+static INT_LAYOUT: OnceLock<Option<IntLayout>> = OnceLock::new();
+
+/// Reads an exact `int` in [0, 2^30) straight from the object; None for anything else
+/// (bigger or negative ints, bool and other subclasses, non-ints): those take the C API.
+///
+/// SAFETY: `item` is a live object and the GIL is held (or the object is otherwise pinned).
+#[inline(always)]
+unsafe fn small_int(item: *mut ffi::PyObject, layout: IntLayout) -> Option<u32> {
+    unsafe {
+        if ffi::Py_TYPE(item) != std::ptr::addr_of_mut!(ffi::PyLong_Type) {
+            return None;
         }
+        let hdr = std::mem::size_of::<ffi::PyObject>();
+        let base = item as *const u8;
+        let tag = std::ptr::read(base.add(hdr) as *const isize);
+        match (layout, tag) {
+            (IntLayout::ObSize, 1) | (IntLayout::LvTag, 8) => {
+                Some(std::ptr::read(base.add(hdr + std::mem::size_of::<isize>()) as *const u32))
+            }
+            (IntLayout::ObSize, 0) | (IntLayout::LvTag, 1) => Some(0),
+            _ => None,
+        }
+    }
+}
+
+/// The layout if this is CPython with 30-bit digits and `small_int` agrees with the C API on
+/// values around every boundary; None (C API only) otherwise.
+fn detect_int_layout(py: Python<'_>) -> Option<IntLayout> {
+    let sys = py.import("sys").ok()?;
+    let name: String = sys.getattr("implementation").ok()?.getattr("name").ok()?.extract().ok()?;
+    let info = sys.getattr("int_info").ok()?;
+    let bits: u32 = info.getattr("bits_per_digit").ok()?.extract().ok()?;
+    let size: u32 = info.getattr("sizeof_digit").ok()?.extract().ok()?;
+    if name != "cpython" || bits != 30 || size != 4 {
+        return None;
+    }
+    let layout = if py.version_info() >= (3, 12) { IntLayout::LvTag } else { IntLayout::ObSize };
+    let values: [i64; 14] = [0, 1, 2, 7, 255, 256, 257, 100_276, (1 << 30) - 1, 1 << 30, 1 << 31, -1, -(1 << 29), 1 << 62];
+    for v in values {
+        let obj = v.into_pyobject(py).ok()?;
+        // SAFETY: `obj` is alive and the GIL is held.
+        let got = unsafe { small_int(obj.as_ptr(), layout) };
+        let want = if (0..1 << 30).contains(&v) { Some(v as u32) } else { None };
+        if got != want {
+            return None;
+        }
+    }
+    let t = pyo3::types::PyBool::new(py, true);
+    // SAFETY: as above.
+    if unsafe { small_int(t.as_ptr(), layout) }.is_some() {
+        return None;
+    }
+    Some(layout)
+}
+
+fn int_layout(py: Python<'_>) -> Option<IntLayout> {
+    *INT_LAYOUT.get_or_init(|| detect_int_layout(py))
+}
+
+fn bad_id(tag: u64, what: &str, k: usize, x: &dyn std::fmt::Display) -> PyErr {
+    PyValueError::new_err(format!("conversation tag {tag}: {what}[{k}] = {x} is not a non-negative 32-bit int"))
+}
+
+fn bad_mask(tag: u64, k: usize, x: &dyn std::fmt::Display) -> PyErr {
+    PyValueError::new_err(format!("conversation tag {tag}: mask[{k}] = {x} (must be 0 or 1)"))
+}
+
+/// The general path for `list[k]` (C API conversion, which may run Python code such as
+/// `__index__`): the item is held by an owned reference, and a list changed meanwhile is an
+/// error rather than a stale length.
+fn slow_item(list: &Bound<'_, PyList>, n: usize, k: usize, what: &str, tag: u64) -> PyResult<i64> {
+    let item = list.get_item(k)?;
+    let x = item.extract::<i64>().map_err(|_| bad_id(tag, what, k, &item))?;
+    if list.len() != n {
+        return Err(PyValueError::new_err(format!("conversation tag {tag}: {what} list changed while it was read")));
+    }
+    Ok(x)
+}
+
+fn ids_from_list(list: &Bound<'_, PyList>, what: &str, tag: u64) -> PyResult<Vec<u32>> {
+    let n = list.len();
+    let ptr = list.as_ptr();
+    let mut v: Vec<u32> = Vec::with_capacity(n);
+    // Fast loop: exact small ints read in place, until the first item that is not one.
+    if let Some(layout) = int_layout(list.py()) {
+        for k in 0..n {
+            // SAFETY: GIL held, k < len, no Python code runs in this loop; PyList_GET_ITEM
+            // returns a borrowed reference.
+            let x = unsafe { small_int(ffi::PyList_GET_ITEM(ptr, k as ffi::Py_ssize_t), layout) };
+            match x {
+                Some(x) => v.push(x),
+                None => break,
+            }
+        }
+    }
+    // General loop for the rest (bool, NumPy scalars, big ints, errors...).
+    for k in v.len()..n {
+        // SAFETY: as above; `slow_item` re-checks the length after running any Python code.
+        let fast = match int_layout(list.py()) {
+            Some(l) => unsafe { small_int(ffi::PyList_GET_ITEM(ptr, k as ffi::Py_ssize_t), l) },
+            None => None,
+        };
+        let x = match fast {
+            Some(x) => x,
+            None => {
+                let x = slow_item(list, n, k, what, tag)?;
+                if !(0..=u32::MAX as i64).contains(&x) {
+                    return Err(bad_id(tag, what, k, &x));
+                }
+                x as u32
+            }
+        };
+        v.push(x);
+    }
+    Ok(v)
+}
+
+fn mask_from_list(list: &Bound<'_, PyList>, tag: u64) -> PyResult<Vec<u8>> {
+    // CPython caches small ints and the bools, so 0/1 items are recognised by pointer: a
+    // branch-free pass first, the general loop only if some item was none of the four.
+    let py = list.py();
+    let zero = 0i64.into_pyobject(py)?;
+    let one = 1i64.into_pyobject(py)?;
+    let (zero, one) = (zero.as_ptr(), one.as_ptr());
+    let (f, t) = (pyo3::types::PyBool::new(py, false).as_ptr(), pyo3::types::PyBool::new(py, true).as_ptr());
+    let n = list.len();
+    let ptr = list.as_ptr();
+    let mut ok = true;
+    let v: Vec<u8> = (0..n)
+        .map(|k| {
+            // SAFETY: GIL held, k < len, no Python code runs here; borrowed reference,
+            // compared by address only.
+            let item = unsafe { ffi::PyList_GET_ITEM(ptr, k as ffi::Py_ssize_t) };
+            let is_one = (item == one) | (item == t);
+            ok &= is_one | (item == zero) | (item == f);
+            is_one as u8
+        })
+        .collect();
+    if ok {
         return Ok(v);
     }
-    if let Ok(a) = obj.cast::<PyArray1<u32>>() {
-        let r = a.readonly();
-        return Ok(r.as_array().to_vec());
+    let mut v = Vec::with_capacity(n);
+    for k in 0..n {
+        // SAFETY: as above; the length is re-checked after any call that runs Python code.
+        let item = unsafe { ffi::PyList_GET_ITEM(ptr, k as ffi::Py_ssize_t) };
+        if item == zero || item == f {
+            v.push(0);
+        } else if item == one || item == t {
+            v.push(1);
+        } else {
+            let item = list.get_item(k)?;
+            match item.extract::<i64>() {
+                Ok(m @ 0..=1) => v.push(m as u8),
+                _ => return Err(bad_mask(tag, k, &item)),
+            }
+            if list.len() != n {
+                return Err(PyValueError::new_err(format!("conversation tag {tag}: mask list changed while it was read")));
+            }
+        }
     }
+    Ok(v)
+}
+
+/// The elements of a 1-D NumPy array as a slice, or None when it is not C-contiguous and
+/// aligned (the caller then copies it with NumPy first).
+///
+/// SAFETY: the caller reads the slice with the GIL held and runs no Python code meanwhile
+/// (a read-only view that skips rust-numpy's borrow flags, which cost more than the read).
+unsafe fn array_slice<'a, T: numpy::Element>(a: &'a Bound<'_, PyArray1<T>>) -> Option<&'a [T]> {
+    let p = a.data();
+    if !a.is_c_contiguous() || (p as usize) % std::mem::align_of::<T>() != 0 {
+        return None;
+    }
+    if a.len() == 0 {
+        return Some(&[]);
+    }
+    Some(unsafe { std::slice::from_raw_parts(p as *const T, a.len()) })
+}
+
+/// 1-D integer arrays -> ids: None if `obj` is not a 1-D integer (or bool) array.
+fn ids_from_array(obj: &Bound<'_, PyAny>, what: &str, tag: u64) -> Option<PyResult<Vec<u32>>> {
     macro_rules! try_np {
         ($t:ty) => {
             if let Ok(a) = obj.cast::<PyArray1<$t>>() {
-                let r = a.readonly();
-                let mut v = Vec::with_capacity(r.len());
-                for (k, &x) in r.as_array().iter().enumerate() {
-                    let x = x as i128;
-                    if x < 0 || x > u32::MAX as i128 {
-                        return Err(bad(k, &x));
-                    }
-                    v.push(x as u32);
+                // SAFETY: see `array_slice`; the slice is dropped before this returns.
+                let s = match unsafe { array_slice(a) } {
+                    Some(s) => s,
+                    None => return Some(contiguous_copy(obj).and_then(|c| extract_u32s(&c, what, tag))),
+                };
+                // Range check first (branch-free, vectorised), then the cast.
+                #[allow(unused_comparisons, clippy::absurd_extreme_comparisons)]
+                let in_range = |x: $t| (x >= 0) & ((x as i128) <= u32::MAX as i128);
+                if !s.iter().fold(true, |ok, &x| ok & in_range(x)) {
+                    let k = s.iter().position(|&x| !in_range(x)).expect("an element is out of range");
+                    return Some(Err(bad_id(tag, what, k, &s[k])));
                 }
-                return Ok(v);
+                return Some(Ok(s.iter().map(|&x| x as u32).collect()));
             }
         };
     }
+    try_np!(u32);
     try_np!(i32);
     try_np!(i64);
+    try_np!(u64);
     try_np!(u16);
+    try_np!(i16);
     try_np!(u8);
     try_np!(i8);
-    try_np!(i16);
-    try_np!(u64);
     if let Ok(a) = obj.cast::<PyArray1<bool>>() {
-        return Ok(a.readonly().as_array().iter().map(|&b| b as u32).collect());
+        return Some(bool_bytes(obj, a).map(|b| b.into_iter().map(u32::from).collect()));
+    }
+    None
+}
+
+/// A bool array's elements as 0/1 bytes (any nonzero byte is True, as in NumPy).
+fn bool_bytes(obj: &Bound<'_, PyAny>, a: &Bound<'_, PyArray1<bool>>) -> PyResult<Vec<u8>> {
+    if !a.is_c_contiguous() {
+        let c = contiguous_copy(obj)?;
+        let a = c.cast::<PyArray1<bool>>()?;
+        return bool_bytes(&c, a);
+    }
+    // Read as bytes, not `bool`s: a bool array viewed from arbitrary bytes may hold values
+    // other than 0 and 1, which would be undefined behaviour as Rust `bool`.
+    // SAFETY: GIL held, contiguous, `len` one-byte elements; no Python code runs meanwhile.
+    let s = unsafe { std::slice::from_raw_parts(a.data() as *const u8, a.len()) };
+    Ok(s.iter().map(|&b| (b != 0) as u8).collect())
+}
+
+fn contiguous_copy<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    obj.call_method0("copy")
+}
+
+/// ids or mask from a list of ints or a 1-D integer NumPy array (anything else that
+/// converts to a sequence of ints, e.g. a tuple, through PyO3).
+fn extract_u32s(obj: &Bound<'_, PyAny>, what: &str, tag: u64) -> PyResult<Vec<u32>> {
+    if let Ok(list) = obj.cast::<PyList>() {
+        return ids_from_list(list, what, tag);
+    }
+    if let Some(r) = ids_from_array(obj, what, tag) {
+        return r;
     }
     obj.extract::<Vec<u32>>().map_err(|_| {
         PyValueError::new_err(format!("conversation tag {tag}: {what} must be a list of non-negative ints or a 1-D integer array"))
@@ -337,46 +568,29 @@ fn extract_u32s(obj: &Bound<'_, PyAny>, what: &str, tag: u64) -> PyResult<Vec<u3
 }
 
 fn extract_mask(obj: &Bound<'_, PyAny>, tag: u64) -> PyResult<Vec<u8>> {
-    // Lists of 0/1 ints (what render_* returns): CPython caches small ints and the bools, so
-    // most items are recognised by pointer; anything else takes the general path below.
     if let Ok(list) = obj.cast::<PyList>() {
-        let py = obj.py();
-        let zero = 0i64.into_pyobject(py)?;
-        let one = 1i64.into_pyobject(py)?;
-        let (zero, one) = (zero.as_ptr(), one.as_ptr());
-        let (f, t) = (pyo3::types::PyBool::new(py, false).as_ptr(), pyo3::types::PyBool::new(py, true).as_ptr());
-        let n = list.len();
-        let mut v = Vec::with_capacity(n);
-        let ptr = list.as_ptr();
-        for k in 0..n {
-            // SAFETY: GIL held, k < len, no Python code runs in this loop; borrowed reference.
-            let item = unsafe { pyo3::ffi::PyList_GET_ITEM(ptr, k as pyo3::ffi::Py_ssize_t) };
-            if item == zero || item == f {
-                v.push(0);
-            } else if item == one || item == t {
-                v.push(1);
-            } else {
-                let x = list.get_item(k)?;
-                match x.extract::<i64>() {
-                    Ok(m @ 0..=1) => v.push(m as u8),
-                    _ => return Err(PyValueError::new_err(format!("conversation tag {tag}: mask[{k}] = {x} (must be 0 or 1)"))),
-                }
+        return mask_from_list(list, tag);
+    }
+    if let Ok(a) = obj.cast::<PyArray1<u8>>() {
+        // SAFETY: see `array_slice`; the slice is dropped before this returns.
+        if let Some(s) = unsafe { array_slice(a) } {
+            if s.iter().fold(true, |ok, &m| ok & (m <= 1)) {
+                return Ok(s.to_vec());
             }
+            let k = s.iter().position(|&m| m > 1).expect("an element is out of range");
+            return Err(bad_mask(tag, k, &s[k]));
         }
-        return Ok(v);
+    }
+    if let Ok(a) = obj.cast::<PyArray1<bool>>() {
+        return bool_bytes(obj, a);
     }
     let v = extract_u32s(obj, "mask", tag)?;
     v.iter()
         .enumerate()
-        .map(|(k, &m)| {
-            if m <= 1 {
-                Ok(m as u8)
-            } else {
-                Err(PyValueError::new_err(format!("conversation tag {tag}: mask[{k}] = {m} (must be 0 or 1)")))
-            }
-        })
+        .map(|(k, &m)| if m <= 1 { Ok(m as u8) } else { Err(bad_mask(tag, k, &m)) })
         .collect()
 }
+
 
 /// One packed batch. Arrays are (num_rows, T): inputs int32, targets int64 (-1 = ignore),
 /// position_ids int32 (restart at each conversation).
@@ -476,6 +690,31 @@ fn slice_mut<'a, T: numpy::Element>(a: &'a mut numpy::PyReadwriteArrayDyn<'_, T>
     a.as_slice_mut().map_err(|_| PyValueError::new_err(format!("out buffer {what} must be C-contiguous")))
 }
 
+impl PyPacker {
+    /// Feeds `rendered[start..end]`; conversation i's tag is `tags[i]`, or i.
+    fn feed_range(&mut self, rendered: &Bound<'_, PyAny>, start: usize, end: usize, tags: Option<&[u64]>) -> PyResult<()> {
+        let list = rendered.cast::<PyList>().ok();
+        for i in start..end {
+            let tag = tags.map_or(i as u64, |t| t[i]);
+            let pair = match list {
+                Some(l) => l.get_item(i)?,
+                None => rendered.get_item(i)?,
+            };
+            let (ids, mask) = match pair.cast::<PyTuple>() {
+                Ok(t) if t.len() == 2 => (t.get_item(0)?, t.get_item(1)?),
+                _ => match (pair.get_item(0), pair.get_item(1), pair.len()) {
+                    (Ok(a), Ok(b), Ok(2)) => (a, b),
+                    _ => return Err(PyValueError::new_err(format!("rendered[{i}] must be an (ids, mask) pair"))),
+                },
+            };
+            let ids = extract_u32s(&ids, "ids", tag)?;
+            let mask = extract_mask(&mask, tag)?;
+            self.inner.feed(ids, mask, tag)?;
+        }
+        Ok(())
+    }
+}
+
 #[pymethods]
 impl PyPacker {
     #[new]
@@ -521,18 +760,7 @@ impl PyPacker {
                 return Err(PyValueError::new_err(format!("tags has {} entries for {n} conversations", t.len())));
             }
         }
-        for i in 0..n {
-            let tag = tags.as_ref().map_or(i as u64, |t| t[i]);
-            let pair = rendered.get_item(i)?;
-            let (ids, mask) = match (pair.get_item(0), pair.get_item(1), pair.len()) {
-                (Ok(a), Ok(b), Ok(2)) => (a, b),
-                _ => return Err(PyValueError::new_err(format!("rendered[{i}] must be an (ids, mask) pair"))),
-            };
-            let ids = extract_u32s(&ids, "ids", tag)?;
-            let mask = extract_mask(&mask, tag)?;
-            self.inner.feed(ids, mask, tag)?;
-        }
-        Ok(())
+        self.feed_range(rendered, 0, n, tags.as_deref())
     }
 
     /// Walks, renders (in parallel, GIL released) and feeds conversation dicts: the loader's
@@ -628,9 +856,21 @@ impl PyPacker {
     }
 
     /// One shot: feeds `rendered` (tags 0..n) and returns every batch (flushing at the end).
+    /// Fed PACK_CHUNK conversations at a time, taking the batches each chunk completes: the
+    /// same batches as feeding everything first (a batch that needs unfed input waits), with
+    /// only a chunk's tokens held in between.
     fn pack(&mut self, py: Python<'_>, rendered: &Bound<'_, PyAny>) -> PyResult<Vec<PyBatch>> {
-        self.feed(rendered, None)?;
+        let n = rendered.len()?;
         let mut out = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let end = (start + PACK_CHUNK).min(n);
+            self.feed_range(rendered, start, end, None)?;
+            while let Some(b) = self.next_batch(py, false, None)? {
+                out.push(b);
+            }
+            start = end;
+        }
         while let Some(b) = self.next_batch(py, true, None)? {
             out.push(b);
         }
@@ -646,6 +886,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Record the importing process now, so a child forked before any parallel call still
     // knows it is a child.
     POOL_PID.get_or_init(std::process::id);
+    int_layout(m.py());
     m.add_class::<PyPacker>()?;
     m.add_class::<PyBatch>()?;
     Ok(())
