@@ -207,3 +207,21 @@ def test_render_batch_after_fork(toks):
         time.sleep(0.05)
     os.kill(pid, 9)
     pytest.fail("render_batch hung in a forked child")
+
+
+def test_lone_surrogates_render_as_tiktoken_encodes_them(toks):
+    """A Python str may hold lone surrogates (not UTF-8). Rendering replaces them as tiktoken's
+    encode does (UTF-16 round trip: pairs joined, lone ones -> U+FFFD) instead of rejecting the
+    conversation, in user text, assistant strings and parts alike."""
+    tok, enc = toks
+    conv = {"messages": [
+        {"role": "system", "content": "sys \ud800"},
+        {"role": "user", "content": "hi \ud83d\ude00 and \udfff there"},
+        {"role": "assistant", "content": "ok \ud800"},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": [{"type": "text", "text": "x\udc00"},
+                                          {"type": "python", "text": "'\ud800'.count('a')"}]},
+    ]}
+    assert tok.render_conversation(conv) == ref.render_conversation(enc, conv)
+    ids, _ = tok.render_conversation(conv)
+    assert "\ufffd" in tok.decode(ids) and "\U0001F600" in tok.decode(ids)

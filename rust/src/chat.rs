@@ -103,7 +103,11 @@ pub struct Conversation {
 }
 
 fn conv_err(location: &str, message: impl ToString, reason: impl Into<String>) -> Error {
-    Error::Conversation { location: location.to_string(), message: message.to_string(), reason: reason.into() }
+    Error::Conversation {
+        location: location.to_string(),
+        message: message.to_string(),
+        reason: reason.into(),
+    }
 }
 
 impl Conversation {
@@ -115,27 +119,55 @@ impl Conversation {
         let offset = usize::from(messages[0].role == Role::System);
         if offset == 1 {
             match messages.get(1) {
-                None => return Err(conv_err(location, 0, "system message is not followed by a user message (conversation ends)")),
+                None => {
+                    return Err(conv_err(
+                        location,
+                        0,
+                        "system message is not followed by a user message (conversation ends)",
+                    ))
+                }
                 Some(m) if m.role != Role::User => {
-                    return Err(conv_err(location, 1, format!("system message must be followed by a user message, got {}", m.role.name())))
+                    return Err(conv_err(
+                        location,
+                        1,
+                        format!(
+                            "system message must be followed by a user message, got {}",
+                            m.role.name()
+                        ),
+                    ))
                 }
                 _ => {}
             }
         }
         for (i, m) in messages.iter().enumerate().skip(offset) {
-            let expected = if (i - offset) % 2 == 0 { Role::User } else { Role::Assistant };
+            let expected = if (i - offset) % 2 == 0 {
+                Role::User
+            } else {
+                Role::Assistant
+            };
             if m.role != expected {
                 return Err(conv_err(
                     location,
                     i,
-                    format!("expected role {} (messages alternate user, assistant, ...), got {}", expected.name(), m.role.name()),
+                    format!(
+                        "expected role {} (messages alternate user, assistant, ...), got {}",
+                        expected.name(),
+                        m.role.name()
+                    ),
                 ));
             }
         }
         for (i, m) in messages.iter().enumerate() {
             if m.role != Role::Assistant {
                 if let Content::Parts(_) = m.content {
-                    return Err(conv_err(location, i, format!("{} content must be a string, got a list of parts", m.role.name())));
+                    return Err(conv_err(
+                        location,
+                        i,
+                        format!(
+                            "{} content must be a string, got a list of parts",
+                            m.role.name()
+                        ),
+                    ));
                 }
             }
         }
@@ -168,21 +200,47 @@ pub fn parse_json_conversation(value: &Value, location: &str) -> Result<Conversa
     let messages = match value {
         Value::Object(obj) => match obj.get("messages") {
             Some(Value::Array(a)) => a,
-            Some(other) => return Err(conv_err(location, "-", format!("\"messages\" must be a list, got {}", type_name(other)))),
+            Some(other) => {
+                return Err(conv_err(
+                    location,
+                    "-",
+                    format!("\"messages\" must be a list, got {}", type_name(other)),
+                ))
+            }
             None => return Err(conv_err(location, "-", "missing field \"messages\"")),
         },
         Value::Array(a) => a,
-        other => return Err(conv_err(location, "-", format!("a conversation must be an object with \"messages\" or a list of messages, got {}", type_name(other)))),
+        other => return Err(conv_err(
+            location,
+            "-",
+            format!(
+                "a conversation must be an object with \"messages\" or a list of messages, got {}",
+                type_name(other)
+            ),
+        )),
     };
     let mut out = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
         let obj = match m {
             Value::Object(o) => o,
-            other => return Err(conv_err(location, i, format!("a message must be an object, got {}", type_name(other)))),
+            other => {
+                return Err(conv_err(
+                    location,
+                    i,
+                    format!("a message must be an object, got {}", type_name(other)),
+                ))
+            }
         };
         let role = match obj.get("role") {
-            Some(Value::String(s)) => Role::parse(s).ok_or_else(|| conv_err(location, i, format!("unknown role {s:?}")))?,
-            Some(other) => return Err(conv_err(location, i, format!("\"role\" must be a string, got {}", type_name(other)))),
+            Some(Value::String(s)) => Role::parse(s)
+                .ok_or_else(|| conv_err(location, i, format!("unknown role {s:?}")))?,
+            Some(other) => {
+                return Err(conv_err(
+                    location,
+                    i,
+                    format!("\"role\" must be a string, got {}", type_name(other)),
+                ))
+            }
             None => return Err(conv_err(location, i, "missing field \"role\"")),
         };
         let content = match obj.get("content") {
@@ -192,7 +250,13 @@ pub fn parse_json_conversation(value: &Value, location: &str) -> Result<Conversa
                 for (j, p) in parts.iter().enumerate() {
                     let po = match p {
                         Value::Object(o) => o,
-                        other => return Err(conv_err(location, i, format!("part {j} must be an object, got {}", type_name(other)))),
+                        other => {
+                            return Err(conv_err(
+                                location,
+                                i,
+                                format!("part {j} must be an object, got {}", type_name(other)),
+                            ))
+                        }
                     };
                     let kind = match po.get("type") {
                         Some(Value::String(s)) => PartKind::parse(s).ok_or_else(|| {
@@ -203,16 +267,43 @@ pub fn parse_json_conversation(value: &Value, location: &str) -> Result<Conversa
                     };
                     let text = match po.get("text") {
                         Some(Value::String(s)) => s.clone(),
-                        Some(other) => return Err(conv_err(location, i, format!("part {j}: \"text\" must be a string, got {}", type_name(other)))),
-                        None => return Err(conv_err(location, i, format!("part {j}: missing field \"text\""))),
+                        Some(other) => {
+                            return Err(conv_err(
+                                location,
+                                i,
+                                format!(
+                                    "part {j}: \"text\" must be a string, got {}",
+                                    type_name(other)
+                                ),
+                            ))
+                        }
+                        None => {
+                            return Err(conv_err(
+                                location,
+                                i,
+                                format!("part {j}: missing field \"text\""),
+                            ))
+                        }
                     };
                     ps.push(Part { kind, text });
                 }
                 Content::Parts(ps)
             }
             Some(other) => {
-                let want = if role == Role::Assistant { "a string or a list of parts" } else { "a string" };
-                return Err(conv_err(location, i, format!("{} content must be {want}, got {}", role.name(), type_name(other))));
+                let want = if role == Role::Assistant {
+                    "a string or a list of parts"
+                } else {
+                    "a string"
+                };
+                return Err(conv_err(
+                    location,
+                    i,
+                    format!(
+                        "{} content must be {want}, got {}",
+                        role.name(),
+                        type_name(other)
+                    ),
+                ));
             }
             None => return Err(conv_err(location, i, "missing field \"content\"")),
         };
@@ -223,7 +314,8 @@ pub fn parse_json_conversation(value: &Value, location: &str) -> Result<Conversa
 
 /// One JSONL line -> conversation; a JSON syntax error is reported at `location` too.
 pub fn parse_json_line(line: &str, location: &str) -> Result<Conversation> {
-    let value: Value = serde_json::from_str(line).map_err(|e| conv_err(location, "-", format!("invalid JSON: {e}")))?;
+    let value: Value = serde_json::from_str(line)
+        .map_err(|e| conv_err(location, "-", format!("invalid JSON: {e}")))?;
     parse_json_conversation(&value, location)
 }
 
@@ -243,7 +335,10 @@ pub struct ChatTokens {
 
 impl ChatTokens {
     pub fn from_bpe(bpe: &CoreBPE) -> Result<Self> {
-        let id = |name: &str| bpe.special_token_id(name).ok_or_else(|| Error::UnknownSpecial(name.to_string()));
+        let id = |name: &str| {
+            bpe.special_token_id(name)
+                .ok_or_else(|| Error::UnknownSpecial(name.to_string()))
+        };
         Ok(Self {
             bos: id("<|bos|>")?,
             user_start: id("<|user_start|>")?,
@@ -292,7 +387,13 @@ pub fn render_into(
             (Role::User, Content::Text(s)) => {
                 push(ids, mask, tokens.user_start, 0);
                 match (i, system) {
-                    (0, Some(Message { content: Content::Text(sys), .. })) => {
+                    (
+                        0,
+                        Some(Message {
+                            content: Content::Text(sys),
+                            ..
+                        }),
+                    ) => {
                         let mut merged = String::with_capacity(sys.len() + 2 + s.len());
                         merged.push_str(sys);
                         merged.push_str("\n\n");
@@ -339,7 +440,11 @@ pub fn render_into(
 }
 
 /// Renders one conversation: (ids, mask), truncated to `max_tokens`.
-pub fn render(bpe: &CoreBPE, conv: &Conversation, max_tokens: usize) -> Result<(Vec<Rank>, Vec<u8>)> {
+pub fn render(
+    bpe: &CoreBPE,
+    conv: &Conversation,
+    max_tokens: usize,
+) -> Result<(Vec<Rank>, Vec<u8>)> {
     let tokens = ChatTokens::from_bpe(bpe)?;
     let mut ids = Vec::new();
     let mut mask = Vec::new();
@@ -349,12 +454,21 @@ pub fn render(bpe: &CoreBPE, conv: &Conversation, max_tokens: usize) -> Result<(
 
 /// Prompt for generation: the conversation without its final assistant message, rendered
 /// (truncated to `max_tokens`, as nanochat does), then `<|assistant_start|>`.
-pub fn render_for_completion(bpe: &CoreBPE, conv: &Conversation, max_tokens: usize, location: &str) -> Result<Vec<Rank>> {
+pub fn render_for_completion(
+    bpe: &CoreBPE,
+    conv: &Conversation,
+    max_tokens: usize,
+    location: &str,
+) -> Result<Vec<Rank>> {
     let tokens = ChatTokens::from_bpe(bpe)?;
     let messages = conv.messages();
     let last = messages.len() - 1;
     if messages[last].role != Role::Assistant {
-        return Err(conv_err(location, last, "render_for_completion needs a conversation that ends with an assistant message"));
+        return Err(conv_err(
+            location,
+            last,
+            "render_for_completion needs a conversation that ends with an assistant message",
+        ));
     }
     let prompt = Conversation::new(messages[..last].to_vec(), location)?;
     let mut ids = Vec::new();
@@ -374,7 +488,11 @@ mod tests {
     /// Byte-level vocabulary (ids 0..256 = bytes) plus the nine specials at 256..265.
     fn bpe() -> CoreBPE {
         let ranks: FxHashMap<Vec<u8>, Rank> = (0u32..256).map(|b| (vec![b as u8], b)).collect();
-        let specials = SPECIAL_TOKENS.iter().enumerate().map(|(i, s)| (s.to_string(), 256 + i as Rank)).collect();
+        let specials = SPECIAL_TOKENS
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.to_string(), 256 + i as Rank))
+            .collect();
         CoreBPE::new(ranks, NANOCHAT_PATTERN, specials).unwrap()
     }
 
@@ -455,8 +573,13 @@ mod tests {
 
     #[test]
     fn completion_prompt() {
-        let conv = parse(r#"[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]"#).unwrap();
-        assert_eq!(render_for_completion(&bpe(), &conv, 2048, "c").unwrap(), vec![BOS, US, b'q' as Rank, UE, AS]);
+        let conv =
+            parse(r#"[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]"#)
+                .unwrap();
+        assert_eq!(
+            render_for_completion(&bpe(), &conv, 2048, "c").unwrap(),
+            vec![BOS, US, b'q' as Rank, UE, AS]
+        );
         let conv = parse(r#"[{"role": "user", "content": "q"}]"#).unwrap();
         assert!(render_for_completion(&bpe(), &conv, 2048, "c").is_err());
     }
@@ -464,21 +587,60 @@ mod tests {
     #[test]
     fn errors_name_location_message_and_reason() {
         let cases: &[(&str, &str)] = &[
-            (r#"{"messages": []}"#, "message -: conversation has no messages"),
+            (
+                r#"{"messages": []}"#,
+                "message -: conversation has no messages",
+            ),
             (r#"{"msgs": []}"#, "missing field \"messages\""),
-            (r#"[{"role": "assistant", "content": "a"}]"#, "message 0: expected role user"),
-            (r#"[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]"#, "message 1: expected role assistant"),
-            (r#"[{"role": "system", "content": "s"}]"#, "message 0: system message is not followed"),
-            (r#"[{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]"#, "message 1: system message must be followed by a user"),
-            (r#"[{"role": "user", "content": ["x"]}]"#, "message 0: user content must be a string, got list"),
-            (r#"[{"role": "user", "content": 3}]"#, "message 0: user content must be a string, got number"),
-            (r#"[{"role": "user"}]"#, "message 0: missing field \"content\""),
+            (
+                r#"[{"role": "assistant", "content": "a"}]"#,
+                "message 0: expected role user",
+            ),
+            (
+                r#"[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]"#,
+                "message 1: expected role assistant",
+            ),
+            (
+                r#"[{"role": "system", "content": "s"}]"#,
+                "message 0: system message is not followed",
+            ),
+            (
+                r#"[{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]"#,
+                "message 1: system message must be followed by a user",
+            ),
+            (
+                r#"[{"role": "user", "content": ["x"]}]"#,
+                "message 0: user content must be a string, got list",
+            ),
+            (
+                r#"[{"role": "user", "content": 3}]"#,
+                "message 0: user content must be a string, got number",
+            ),
+            (
+                r#"[{"role": "user"}]"#,
+                "message 0: missing field \"content\"",
+            ),
             (r#"[{"content": "x"}]"#, "message 0: missing field \"role\""),
-            (r#"[{"role": "bot", "content": "x"}]"#, "message 0: unknown role \"bot\""),
-            (r#"[{"role": "user", "content": "q"}, {"role": "assistant", "content": [{"type": "image", "text": ""}]}]"#, "message 1: part 0: unknown part type \"image\""),
-            (r#"[{"role": "user", "content": "q"}, {"role": "assistant", "content": [{"type": "text"}]}]"#, "message 1: part 0: missing field \"text\""),
-            (r#"[{"role": "user", "content": "q"}, {"role": "user", "content": "q"}, {"role": "system", "content": "s"}]"#, "message 1"),
-            (r#"{"messages": [1]}"#, "message 0: a message must be an object"),
+            (
+                r#"[{"role": "bot", "content": "x"}]"#,
+                "message 0: unknown role \"bot\"",
+            ),
+            (
+                r#"[{"role": "user", "content": "q"}, {"role": "assistant", "content": [{"type": "image", "text": ""}]}]"#,
+                "message 1: part 0: unknown part type \"image\"",
+            ),
+            (
+                r#"[{"role": "user", "content": "q"}, {"role": "assistant", "content": [{"type": "text"}]}]"#,
+                "message 1: part 0: missing field \"text\"",
+            ),
+            (
+                r#"[{"role": "user", "content": "q"}, {"role": "user", "content": "q"}, {"role": "system", "content": "s"}]"#,
+                "message 1",
+            ),
+            (
+                r#"{"messages": [1]}"#,
+                "message 0: a message must be an object",
+            ),
             ("{not json", "invalid JSON"),
         ];
         for (line, want) in cases {

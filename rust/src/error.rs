@@ -9,7 +9,11 @@ pub enum Error {
     Pattern(String),
     /// A malformed vocabulary / rank file: where and why.
     #[error("{path}:{line}: {reason}")]
-    RankFile { path: String, line: usize, reason: String },
+    RankFile {
+        path: String,
+        line: usize,
+        reason: String,
+    },
     /// Vocabulary inconsistencies (duplicate ranks, special ids colliding, ...).
     #[error("invalid vocabulary: {0}")]
     Vocab(String),
@@ -17,10 +21,18 @@ pub enum Error {
     UnknownSpecial(String),
     /// A token id outside the vocabulary, with its position in the input.
     #[error("token id {id} at index {index} is out of range (vocabulary size {n_vocab})")]
-    TokenOutOfRange { id: u32, index: usize, n_vocab: usize },
+    TokenOutOfRange {
+        id: u32,
+        index: usize,
+        n_vocab: usize,
+    },
     /// A malformed conversation: which one (index or file:line), which message, why.
     #[error("{location}: message {message}: {reason}")]
-    Conversation { location: String, message: String, reason: String },
+    Conversation {
+        location: String,
+        message: String,
+        reason: String,
+    },
     /// A preprocessing input record that cannot be parsed or rendered: where and why.
     #[error("{location}: {reason}")]
     Record { location: String, reason: String },

@@ -46,7 +46,9 @@ impl Mode {
         match s {
             "bestfit" => Ok(Mode::BestFit),
             "padded" => Ok(Mode::Padded),
-            _ => Err(Error::Other(format!("unknown packing mode {s:?} (expected \"bestfit\" or \"padded\")"))),
+            _ => Err(Error::Other(format!(
+                "unknown packing mode {s:?} (expected \"bestfit\" or \"padded\")"
+            ))),
         }
     }
 }
@@ -118,7 +120,13 @@ pub struct Packer {
 }
 
 impl Packer {
-    pub fn new(mode: Mode, batch_size: usize, seq_len: usize, bos: u32, buffer_size: usize) -> Result<Self> {
+    pub fn new(
+        mode: Mode,
+        batch_size: usize,
+        seq_len: usize,
+        bos: u32,
+        buffer_size: usize,
+    ) -> Result<Self> {
         if batch_size == 0 {
             return Err(Error::Other("batch_size must be at least 1".into()));
         }
@@ -166,7 +174,9 @@ impl Packer {
             )));
         }
         if ids.is_empty() {
-            return Err(Error::Other(format!("conversation tag {tag}: empty (no tokens, not even <|bos|>)")));
+            return Err(Error::Other(format!(
+                "conversation tag {tag}: empty (no tokens, not even <|bos|>)"
+            )));
         }
         let cap = self.row_capacity();
         let truncated = ids.len() > cap;
@@ -175,7 +185,13 @@ impl Packer {
             ids.truncate(cap);
             mask.truncate(cap);
         }
-        self.pending.push_back(Item { ids, mask, tag, seq: self.next_seq, truncated });
+        self.pending.push_back(Item {
+            ids,
+            mask,
+            tag,
+            seq: self.next_seq,
+            truncated,
+        });
         self.next_seq += 1;
         Ok(())
     }
@@ -183,7 +199,11 @@ impl Packer {
     /// Conversations held (buffer first, then not yet buffered), by tag, in the order a fresh
     /// packer must be fed to continue exactly where this one is.
     pub fn held_tags(&self) -> Vec<u64> {
-        self.buffer.iter().chain(self.pending.iter()).map(|it| it.tag).collect()
+        self.buffer
+            .iter()
+            .chain(self.pending.iter())
+            .map(|it| it.tag)
+            .collect()
     }
 
     pub fn num_held(&self) -> usize {
@@ -210,7 +230,13 @@ impl Packer {
         if n == 0 || (n < self.batch_size && !flush) {
             return None;
         }
-        let max_len = self.pending.iter().take(n).map(|it| it.ids.len()).max().unwrap_or(1);
+        let max_len = self
+            .pending
+            .iter()
+            .take(n)
+            .map(|it| it.ids.len())
+            .max()
+            .unwrap_or(1);
         Some(Plan {
             rows: self.pending.iter().take(n).map(|it| vec![it.seq]).collect(),
             taken_from_pending: n,
@@ -221,7 +247,11 @@ impl Packer {
 
     fn plan_bestfit(&self, flush: bool) -> Option<Plan> {
         let cap = self.row_capacity();
-        let mut buf: Vec<(usize, u64)> = self.buffer.iter().map(|it| (it.ids.len(), it.seq)).collect();
+        let mut buf: Vec<(usize, u64)> = self
+            .buffer
+            .iter()
+            .map(|it| (it.ids.len(), it.seq))
+            .collect();
         let mut next = 0usize;
         let mut rows = Vec::with_capacity(self.batch_size);
         for _ in 0..self.batch_size {
@@ -264,7 +294,12 @@ impl Packer {
         if rows.is_empty() {
             return None;
         }
-        Some(Plan { num_rows: rows.len(), rows, taken_from_pending: next, t: self.seq_len })
+        Some(Plan {
+            num_rows: rows.len(),
+            rows,
+            taken_from_pending: next,
+            t: self.seq_len,
+        })
     }
 
     /// Executes `plan` (from the latest `plan` call, no feed in between that it depends on),
@@ -282,9 +317,15 @@ impl Packer {
             )));
         }
         if plan.taken_from_pending > self.pending.len() {
-            return Err(Error::Other("stale plan: the packer changed since it was made".into()));
+            return Err(Error::Other(
+                "stale plan: the packer changed since it was made".into(),
+            ));
         }
-        let mut info = BatchInfo { num_rows: plan.num_rows, t: plan.t, ..Default::default() };
+        let mut info = BatchInfo {
+            num_rows: plan.num_rows,
+            t: plan.t,
+            ..Default::default()
+        };
         let t = plan.t;
         let cap = t + 1;
         match self.mode {
@@ -326,7 +367,11 @@ impl Packer {
                     for &seq in seqs {
                         let pos = match self.buffer.iter().position(|it| it.seq == seq) {
                             Some(p) => p,
-                            None => return Err(Error::Other("stale plan: conversation no longer buffered".into())),
+                            None => {
+                                return Err(Error::Other(
+                                    "stale plan: conversation no longer buffered".into(),
+                                ))
+                            }
                         };
                         let item = self.buffer.remove(pos);
                         self.count_truncation(&item, &mut info);
@@ -374,7 +419,14 @@ impl Packer {
         };
         let n = plan.num_rows * plan.t;
         let (mut a, mut b, mut c) = (vec![0i32; n], vec![0i64; n], vec![0i32; n]);
-        let info = self.commit(&plan, BatchOut { inputs: &mut a, targets: &mut b, position_ids: &mut c })?;
+        let info = self.commit(
+            &plan,
+            BatchOut {
+                inputs: &mut a,
+                targets: &mut b,
+                position_ids: &mut c,
+            },
+        )?;
         Ok(Some((info, a, b, c)))
     }
 }
@@ -405,7 +457,11 @@ fn write_row(
     // targets[p] = row[p + 1] where supervised, else -1; positions p + 1 >= content are padding.
     let real_targets = content.saturating_sub(1);
     let (next_ids, next_mask) = (&ids[1..=real_targets], &mask[1..=real_targets]);
-    for ((x, &id), &m) in targets[..real_targets].iter_mut().zip(next_ids).zip(next_mask) {
+    for ((x, &id), &m) in targets[..real_targets]
+        .iter_mut()
+        .zip(next_ids)
+        .zip(next_mask)
+    {
         *x = if m != 0 { id as i64 } else { -1 };
     }
     let supervised = next_mask.iter().filter(|&&m| m != 0).count();
@@ -487,7 +543,10 @@ mod tests {
         assert_eq!(&inputs[7..], &[0, 2001, 2002, 2003, 0, 4001, 0]);
         assert_eq!(&targets[7..], &[2001, -1, 2003, -1, 4001, -1, -1]);
         assert_eq!(&pos[7..], &[0, 1, 2, 3, 0, 1, 0]);
-        assert_eq!(info.num_supervised, targets.iter().filter(|&&x| x != -1).count());
+        assert_eq!(
+            info.num_supervised,
+            targets.iter().filter(|&&x| x != -1).count()
+        );
     }
 
     #[test]
@@ -518,7 +577,11 @@ mod tests {
         let flat: Vec<u64> = all.concat();
         let mut sorted = flat.clone();
         sorted.sort();
-        assert_eq!(sorted, (0..lens.len() as u64).collect::<Vec<_>>(), "every conversation exactly once");
+        assert_eq!(
+            sorted,
+            (0..lens.len() as u64).collect::<Vec<_>>(),
+            "every conversation exactly once"
+        );
         // first row: buffer [3,3,6,2] -> 6 (tag 2); refill 3 -> [3,3,2,3], remaining 2 -> 2 (tag 3)
         assert_eq!(&all[0][..2], &[2, 3]);
     }
@@ -546,7 +609,10 @@ mod tests {
         let (i, m) = conv(3, 3);
         p.feed(i, m, 2).unwrap();
         assert!(p.next_batch(false).unwrap().is_some());
-        assert!(p.next_batch(false).unwrap().is_none(), "one conversation is not a batch of 2 yet");
+        assert!(
+            p.next_batch(false).unwrap().is_none(),
+            "one conversation is not a batch of 2 yet"
+        );
         let (info, inputs, targets, pos) = p.next_batch(true).unwrap().unwrap();
         assert_eq!((info.num_rows, info.t), (1, 2));
         assert_eq!(inputs, vec![0, 3001]);

@@ -68,7 +68,9 @@ impl std::str::FromStr for OnError {
         match s {
             "fail" => Ok(OnError::Fail),
             "skip" => Ok(OnError::Skip),
-            _ => Err(Error::Other(format!("on_error must be 'fail' or 'skip', got {s:?}"))),
+            _ => Err(Error::Other(format!(
+                "on_error must be 'fail' or 'skip', got {s:?}"
+            ))),
         }
     }
 }
@@ -131,7 +133,10 @@ fn le_u32_bytes(src: &[u32], buf: &mut Vec<u8>) {
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> Error {
-    Error::Io(std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+    Error::Io(std::io::Error::new(
+        e.kind(),
+        format!("{}: {e}", path.display()),
+    ))
 }
 
 fn create_buffered(path: &Path) -> Result<BufWriter<File>> {
@@ -159,7 +164,12 @@ impl ShardWriter {
     pub fn create(final_dir: &Path) -> Result<Self> {
         let name = final_dir
             .file_name()
-            .ok_or_else(|| Error::Other(format!("{}: output path has no directory name", final_dir.display())))?
+            .ok_or_else(|| {
+                Error::Other(format!(
+                    "{}: output path has no directory name",
+                    final_dir.display()
+                ))
+            })?
             .to_string_lossy()
             .into_owned();
         let parent = match final_dir.parent() {
@@ -245,7 +255,8 @@ impl ShardWriter {
         let manifest_path = self.tmp_dir.join(MANIFEST_FILE);
         {
             let mut f = File::create(&manifest_path).map_err(|e| io_err(&manifest_path, e))?;
-            let text = serde_json::to_string_pretty(manifest).map_err(|e| Error::Other(e.to_string()))?;
+            let text =
+                serde_json::to_string_pretty(manifest).map_err(|e| Error::Other(e.to_string()))?;
             f.write_all(text.as_bytes())?;
             f.write_all(b"\n")?;
             f.sync_all()?;
@@ -269,7 +280,11 @@ impl ShardWriter {
             return Err(io_err(&self.final_dir, e));
         }
         if let Some(parent) = self.final_dir.parent() {
-            if let Ok(d) = File::open(if parent.as_os_str().is_empty() { Path::new(".") } else { parent }) {
+            if let Ok(d) = File::open(if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            }) {
                 let _ = d.sync_all();
             }
         }
@@ -356,13 +371,21 @@ impl JsonlReader {
 
     /// Fills `chunk` with up to `max_records` non-blank lines or about `max_bytes` bytes.
     /// Returns false once the file is exhausted and nothing was read.
-    pub fn read_chunk(&mut self, chunk: &mut Chunk, max_records: usize, max_bytes: usize) -> Result<bool> {
+    pub fn read_chunk(
+        &mut self,
+        chunk: &mut Chunk,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<bool> {
         chunk.clear();
         while !self.done && chunk.len() < max_records && chunk.buf.len() < max_bytes {
             // Lines are read straight into the chunk's buffer (no per-line allocation).
             let start = chunk.buf.len();
             let n = self.reader.read_until(b'\n', &mut chunk.buf).map_err(|e| {
-                Error::Io(std::io::Error::new(e.kind(), format!("{}:{}: {e}", self.path, self.next_line)))
+                Error::Io(std::io::Error::new(
+                    e.kind(),
+                    format!("{}:{}: {e}", self.path, self.next_line),
+                ))
             })?;
             if n == 0 {
                 self.done = true;
@@ -392,7 +415,9 @@ const UTF8_BOM: &[u8] = b"\xef\xbb\xbf";
 /// positioned by index. The whole file is parsed: JSON arrays do not stream.
 pub fn read_json_file(path: &Path) -> Result<Vec<Value>> {
     let mut text = Vec::new();
-    File::open(path).map_err(|e| io_err(path, e))?.read_to_end(&mut text)?;
+    File::open(path)
+        .map_err(|e| io_err(path, e))?
+        .read_to_end(&mut text)?;
     let body = text.strip_prefix(UTF8_BOM).unwrap_or(&text);
     let value: Value = serde_json::from_slice(body).map_err(|e| Error::Record {
         location: format!("{}:{}", path.display(), e.line()),
@@ -435,22 +460,41 @@ impl ChatRenderer {
             return Err(Error::Other("max_tokens must be at least 1".into()));
         }
         let tokens = ChatTokens::from_bpe(&bpe)?;
-        Ok(Self { bpe, tokens, max_tokens })
+        Ok(Self {
+            bpe,
+            tokens,
+            max_tokens,
+        })
     }
-
 }
 
 /// Renders a validated conversation, truncated to `max_tokens`, noting whether it was cut.
-pub fn render_truncating(bpe: &CoreBPE, tokens: &ChatTokens, conv: &Conversation, max_tokens: usize) -> Rendered {
+pub fn render_truncating(
+    bpe: &CoreBPE,
+    tokens: &ChatTokens,
+    conv: &Conversation,
+    max_tokens: usize,
+) -> Rendered {
     // One token past the limit tells truncation apart from an exact fit; `render_into`
     // stops encoding there, so long conversations cost only what is kept.
     let mut ids = Vec::with_capacity(256);
     let mut mask = Vec::with_capacity(256);
-    chat::render_into(bpe, tokens, conv, max_tokens.saturating_add(1), &mut ids, &mut mask);
+    chat::render_into(
+        bpe,
+        tokens,
+        conv,
+        max_tokens.saturating_add(1),
+        &mut ids,
+        &mut mask,
+    );
     let truncated = ids.len() > max_tokens;
     ids.truncate(max_tokens);
     mask.truncate(max_tokens);
-    Rendered { ids, mask, truncated }
+    Rendered {
+        ids,
+        mask,
+        truncated,
+    }
 }
 
 impl RecordRenderer for ChatRenderer {
@@ -465,7 +509,12 @@ impl RecordRenderer for ChatRenderer {
 
     fn render_value(&self, value: &Value, location: &str) -> Result<Rendered> {
         let conv = chat::parse_json_conversation(value, location)?;
-        Ok(render_truncating(&self.bpe, &self.tokens, &conv, self.max_tokens))
+        Ok(render_truncating(
+            &self.bpe,
+            &self.tokens,
+            &conv,
+            self.max_tokens,
+        ))
     }
 }
 
@@ -490,7 +539,8 @@ pub fn renderer_probe(bpe: &CoreBPE) -> Result<Vec<u8>> {
     let mut out = RENDERER_VERSION.as_bytes().to_vec();
     for (i, probe) in PROBES.iter().enumerate() {
         let max_tokens = if i == 3 { 5 } else { 1 << 20 };
-        let value: Value = serde_json::from_str(probe).map_err(|e| Error::Other(format!("renderer probe {i}: {e}")))?;
+        let value: Value = serde_json::from_str(probe)
+            .map_err(|e| Error::Other(format!("renderer probe {i}: {e}")))?;
         let conv = chat::parse_json_conversation(&value, "renderer probe")?;
         let r = render_truncating(bpe, &tokens, &conv, max_tokens);
         out.extend_from_slice(&(r.ids.len() as u64).to_le_bytes());
@@ -514,7 +564,13 @@ pub struct Preprocessor<R: RecordRenderer> {
 }
 
 impl<R: RecordRenderer> Preprocessor<R> {
-    pub fn new(out_dir: &Path, renderer: R, max_tokens: usize, on_error: OnError, num_threads: usize) -> Result<Self> {
+    pub fn new(
+        out_dir: &Path,
+        renderer: R,
+        max_tokens: usize,
+        on_error: OnError,
+        num_threads: usize,
+    ) -> Result<Self> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(num_threads)
             .thread_name(|i| format!("sftfast-prep-{i}"))
@@ -539,7 +595,9 @@ impl<R: RecordRenderer> Preprocessor<R> {
     }
 
     fn writer(&mut self) -> Result<&mut ShardWriter> {
-        self.writer.as_mut().ok_or_else(|| Error::Other("the shard was already finished or aborted".into()))
+        self.writer
+            .as_mut()
+            .ok_or_else(|| Error::Other("the shard was already finished or aborted".into()))
     }
 
     pub fn n_conversations(&self) -> u64 {
@@ -548,22 +606,25 @@ impl<R: RecordRenderer> Preprocessor<R> {
 
     pub fn begin_source(&mut self, name: &str) -> Result<()> {
         let first = self.writer()?.n_conversations();
-        self.sources.push(SourceStats { name: name.to_string(), first, ..Default::default() });
+        self.sources.push(SourceStats {
+            name: name.to_string(),
+            first,
+            ..Default::default()
+        });
         Ok(())
     }
 
     /// Appends rendered results in order; the first error stops (Fail) or is reported (Skip).
-    fn append(
-        &mut self,
-        label: &str,
-        results: Vec<Result<Rendered>>,
-    ) -> Result<BatchStats> {
+    fn append(&mut self, label: &str, results: Vec<Result<Rendered>>) -> Result<BatchStats> {
         if self.sources.is_empty() {
             self.begin_source(label)?;
         }
         let on_error = self.on_error;
         let mut batch = BatchStats::default();
-        let writer = self.writer.as_mut().ok_or_else(|| Error::Other("the shard was already finished".into()))?;
+        let writer = self
+            .writer
+            .as_mut()
+            .ok_or_else(|| Error::Other("the shard was already finished".into()))?;
         let stats = self.sources.last_mut().expect("a source was begun");
         for result in results {
             batch.records += 1;
@@ -580,48 +641,59 @@ impl<R: RecordRenderer> Preprocessor<R> {
                     batch.conversations += 1;
                     batch.tokens += n;
                 }
-                Err(err) => {
-                    match on_error {
-                        OnError::Fail => return Err(err),
-                        OnError::Skip => {
-                            writer.report_bad(&err.to_string())?;
-                            stats.skipped += 1;
-                            batch.skipped += 1;
-                        }
+                Err(err) => match on_error {
+                    OnError::Fail => return Err(err),
+                    OnError::Skip => {
+                        writer.report_bad(&err.to_string())?;
+                        stats.skipped += 1;
+                        batch.skipped += 1;
                     }
-                }
+                },
             }
         }
         Ok(batch)
     }
 
     /// Parses and renders a chunk of raw JSON records in parallel, then appends in order.
-    pub fn process_chunk(&mut self, label: &str, kind: LocKind, chunk: &Chunk) -> Result<BatchStats> {
+    pub fn process_chunk(
+        &mut self,
+        label: &str,
+        kind: LocKind,
+        chunk: &Chunk,
+    ) -> Result<BatchStats> {
         let renderer = &self.renderer;
         let results: Vec<_> = self.pool.install(|| {
             chunk
                 .records
                 .par_iter()
                 .with_min_len(8)
-                .map(|&(pos, s, e)| renderer.render_bytes(&chunk.buf[s..e], &format_location(label, kind, pos)))
+                .map(|&(pos, s, e)| {
+                    renderer.render_bytes(&chunk.buf[s..e], &format_location(label, kind, pos))
+                })
                 .collect()
         });
         self.append(label, results)
     }
 
     /// Renders already-parsed records (JSON files), positioned by `first_pos + i`.
-    pub fn process_values(&mut self, label: &str, kind: LocKind, first_pos: u64, values: &[Value]) -> Result<BatchStats> {
+    pub fn process_values(
+        &mut self,
+        label: &str,
+        kind: LocKind,
+        first_pos: u64,
+        values: &[Value],
+    ) -> Result<BatchStats> {
         let renderer = &self.renderer;
-        let results: Vec<_> = self
-            .pool
-            .install(|| {
-                values
-                    .par_iter()
-                    .enumerate()
-                    .with_min_len(8)
-                    .map(|(i, v)| renderer.render_value(v, &format_location(label, kind, first_pos + i as u64)))
-                    .collect()
-            });
+        let results: Vec<_> = self.pool.install(|| {
+            values
+                .par_iter()
+                .enumerate()
+                .with_min_len(8)
+                .map(|(i, v)| {
+                    renderer.render_value(v, &format_location(label, kind, first_pos + i as u64))
+                })
+                .collect()
+        });
         self.append(label, results)
     }
 
@@ -643,7 +715,10 @@ impl<R: RecordRenderer> Preprocessor<R> {
 
     /// The manifest's own part: format, files, counts, per-source stats.
     pub fn core_manifest(&self) -> Value {
-        let (n_conv, n_tok) = self.writer.as_ref().map_or((0, 0), |w| (w.n_conversations(), w.n_tokens()));
+        let (n_conv, n_tok) = self
+            .writer
+            .as_ref()
+            .map_or((0, 0), |w| (w.n_conversations(), w.n_tokens()));
         let sum = |f: fn(&SourceStats) -> u64| self.sources.iter().map(f).sum::<u64>();
         serde_json::json!({
             "format": "sftfast-shard",
@@ -669,13 +744,18 @@ impl<R: RecordRenderer> Preprocessor<R> {
     /// keys the core does not own) and renames the shard into place.
     pub fn finish(&mut self, extra: &Map<String, Value>) -> Result<(PathBuf, Value)> {
         let mut manifest = self.core_manifest();
-        let obj = manifest.as_object_mut().expect("core manifest is an object");
+        let obj = manifest
+            .as_object_mut()
+            .expect("core manifest is an object");
         for (k, v) in extra {
             if !obj.contains_key(k) {
                 obj.insert(k.clone(), v.clone());
             }
         }
-        let writer = self.writer.take().ok_or_else(|| Error::Other("the shard was already finished".into()))?;
+        let writer = self
+            .writer
+            .take()
+            .ok_or_else(|| Error::Other("the shard was already finished".into()))?;
         let dir = writer.finish(&manifest)?;
         Ok((dir, manifest))
     }
@@ -710,41 +790,70 @@ fn map_file(path: &Path) -> Result<Mmap> {
 }
 
 fn bad_shard(dir: &Path, why: String) -> Error {
-    Error::Shard(format!("{}: not a valid sftfast shard: {why}", dir.display()))
+    Error::Shard(format!(
+        "{}: not a valid sftfast shard: {why}",
+        dir.display()
+    ))
 }
 
 impl Shard {
     pub fn open(dir: &Path) -> Result<Self> {
         if cfg!(target_endian = "big") {
-            return Err(Error::Other("shards are little-endian; big-endian hosts are not supported".into()));
+            return Err(Error::Other(
+                "shards are little-endian; big-endian hosts are not supported".into(),
+            ));
         }
         let manifest_path = dir.join(MANIFEST_FILE);
         let text = fs::read(&manifest_path).map_err(|e| io_err(&manifest_path, e))?;
-        let manifest: Value =
-            serde_json::from_slice(&text).map_err(|e| bad_shard(dir, format!("{MANIFEST_FILE}: {e}")))?;
+        let manifest: Value = serde_json::from_slice(&text)
+            .map_err(|e| bad_shard(dir, format!("{MANIFEST_FILE}: {e}")))?;
         let version = manifest.get("format_version").and_then(Value::as_u64);
         if version != Some(FORMAT_VERSION) {
-            return Err(bad_shard(dir, format!("format_version {version:?}, this build reads {FORMAT_VERSION}")));
+            return Err(bad_shard(
+                dir,
+                format!("format_version {version:?}, this build reads {FORMAT_VERSION}"),
+            ));
         }
         let ids = map_file(&dir.join(IDS_FILE))?;
         let mask = map_file(&dir.join(MASK_FILE))?;
         let offsets = map_file(&dir.join(OFFSETS_FILE))?;
         if ids.len() % 4 != 0 || offsets.len() % 8 != 0 || offsets.is_empty() {
-            return Err(bad_shard(dir, "file sizes are not whole u32 / u64 arrays".into()));
+            return Err(bad_shard(
+                dir,
+                "file sizes are not whole u32 / u64 arrays".into(),
+            ));
         }
         let n_tokens = ids.len() / 4;
         if mask.len() != n_tokens {
-            return Err(bad_shard(dir, format!("{n_tokens} ids but {} mask bytes", mask.len())));
+            return Err(bad_shard(
+                dir,
+                format!("{n_tokens} ids but {} mask bytes", mask.len()),
+            ));
         }
         let len = offsets.len() / 8 - 1;
-        let shard = Self { dir: dir.to_path_buf(), ids, mask, offsets, manifest, len };
+        let shard = Self {
+            dir: dir.to_path_buf(),
+            ids,
+            mask,
+            offsets,
+            manifest,
+            len,
+        };
         let expect = |key: &str| shard.manifest.get(key).and_then(Value::as_u64);
-        if expect("num_conversations") != Some(len as u64) || expect("num_tokens") != Some(n_tokens as u64) {
-            return Err(bad_shard(dir, "manifest counts do not match the files".into()));
+        if expect("num_conversations") != Some(len as u64)
+            || expect("num_tokens") != Some(n_tokens as u64)
+        {
+            return Err(bad_shard(
+                dir,
+                "manifest counts do not match the files".into(),
+            ));
         }
         let offs = shard.offsets();
         if offs[0] != 0 || offs[len] != n_tokens as u64 || offs.windows(2).any(|w| w[0] > w[1]) {
-            return Err(bad_shard(dir, "offsets are not a non-decreasing index of the ids".into()));
+            return Err(bad_shard(
+                dir,
+                "offsets are not a non-decreasing index of the ids".into(),
+            ));
         }
         Ok(shard)
     }
@@ -768,7 +877,9 @@ impl Shard {
     pub fn offsets(&self) -> &[u64] {
         // SAFETY: mmaps are page-aligned, the length is a multiple of 8 (checked in open),
         // and the host is little-endian (checked in open).
-        unsafe { std::slice::from_raw_parts(self.offsets.as_ptr() as *const u64, self.offsets.len() / 8) }
+        unsafe {
+            std::slice::from_raw_parts(self.offsets.as_ptr() as *const u64, self.offsets.len() / 8)
+        }
     }
 
     pub fn all_ids(&self) -> &[u32] {
@@ -783,7 +894,10 @@ impl Shard {
     /// Conversation i: (ids, mask), borrowed from the maps.
     pub fn get(&self, i: usize) -> Result<(&[u32], &[u8])> {
         if i >= self.len {
-            return Err(Error::Shard(format!("conversation index {i} out of range (shard has {})", self.len)));
+            return Err(Error::Shard(format!(
+                "conversation index {i} out of range (shard has {})",
+                self.len
+            )));
         }
         let offs = self.offsets();
         let (s, e) = (offs[i] as usize, offs[i + 1] as usize);
@@ -792,7 +906,10 @@ impl Shard {
 
     /// Length in tokens of every conversation.
     pub fn lengths(&self) -> Vec<u32> {
-        self.offsets().windows(2).map(|w| (w[1] - w[0]) as u32).collect()
+        self.offsets()
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as u32)
+            .collect()
     }
 }
 
@@ -805,12 +922,17 @@ mod tests {
     struct Toy;
     impl RecordRenderer for Toy {
         fn render_bytes(&self, bytes: &[u8], location: &str) -> Result<Rendered> {
-            let v: Value = serde_json::from_slice(bytes)
-                .map_err(|e| Error::Record { location: location.into(), reason: format!("invalid JSON: {e}") })?;
+            let v: Value = serde_json::from_slice(bytes).map_err(|e| Error::Record {
+                location: location.into(),
+                reason: format!("invalid JSON: {e}"),
+            })?;
             self.render_value(&v, location)
         }
         fn render_value(&self, v: &Value, location: &str) -> Result<Rendered> {
-            let bad = |reason: &str| Error::Record { location: location.into(), reason: reason.into() };
+            let bad = |reason: &str| Error::Record {
+                location: location.into(),
+                reason: reason.into(),
+            };
             let arr = v.as_array().ok_or_else(|| bad("not an array"))?;
             let mut ids = Vec::new();
             let mut mask = Vec::new();
@@ -822,12 +944,17 @@ mod tests {
             let truncated = ids.len() > 5;
             ids.truncate(5);
             mask.truncate(5);
-            Ok(Rendered { ids, mask, truncated })
+            Ok(Rendered {
+                ids,
+                mask,
+                truncated,
+            })
         }
     }
 
     fn tmp(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("sftfast-shards-test-{}-{name}", std::process::id()));
+        let d =
+            std::env::temp_dir().join(format!("sftfast-shards-test-{}-{name}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
         fs::create_dir_all(&d).unwrap();
         d
@@ -850,7 +977,15 @@ mod tests {
         let mut p = Preprocessor::new(&out, Toy, 5, OnError::Fail, 2).unwrap();
         p.begin_source("in").unwrap();
         let b = p.process_jsonl(&input).unwrap();
-        assert_eq!(b, BatchStats { records: 3, conversations: 3, tokens: 9, skipped: 0 });
+        assert_eq!(
+            b,
+            BatchStats {
+                records: 3,
+                conversations: 3,
+                tokens: 9,
+                skipped: 0
+            }
+        );
         let (_, m) = p.finish(&Map::new()).unwrap();
         assert_eq!(m["num_truncated"], 1);
         assert_eq!(m["num_supervised_tokens"], 1);
@@ -877,7 +1012,10 @@ mod tests {
         let out = d.join("shard");
         let mut p = Preprocessor::new(&out, Toy, 5, OnError::Fail, 2).unwrap();
         let err = p.process_jsonl(&input).unwrap_err().to_string();
-        assert!(err.starts_with(&format!("{}:2: not an array", input.display())), "{err}");
+        assert!(
+            err.starts_with(&format!("{}:2: not an array", input.display())),
+            "{err}"
+        );
         drop(p);
         assert!(!out.exists());
         assert!(leftovers(&d).is_empty());
@@ -911,9 +1049,11 @@ mod tests {
         let mut p = Preprocessor::new(&out, Toy, 5, OnError::Skip, 2).unwrap();
         p.begin_source("a").unwrap();
         let vals: Vec<Value> = vec![serde_json::json!([1, 2]), serde_json::json!("no")];
-        p.process_values("a.json", LocKind::Index, 0, &vals).unwrap();
+        p.process_values("a.json", LocKind::Index, 0, &vals)
+            .unwrap();
         p.begin_source("b").unwrap();
-        p.process_values("b", LocKind::Index, 10, &[serde_json::json!([-7])]).unwrap();
+        p.process_values("b", LocKind::Index, 10, &[serde_json::json!([-7])])
+            .unwrap();
         let mut extra = Map::new();
         extra.insert("key".into(), Value::from("abc"));
         extra.insert("num_tokens".into(), Value::from(999)); // core-owned: ignored
@@ -934,7 +1074,8 @@ mod tests {
         let d = tmp("bad");
         let out = d.join("shard");
         let mut p = Preprocessor::new(&out, Toy, 5, OnError::Fail, 1).unwrap();
-        p.process_values("x", LocKind::Index, 0, &[serde_json::json!([1, 2, 3])]).unwrap();
+        p.process_values("x", LocKind::Index, 0, &[serde_json::json!([1, 2, 3])])
+            .unwrap();
         p.finish(&Map::new()).unwrap();
         fs::write(out.join(MASK_FILE), [0u8, 1]).unwrap();
         let err = Shard::open(&out).err().unwrap().to_string();
@@ -966,14 +1107,25 @@ mod tests {
         let mut reader = JsonlReader::open(&j).unwrap();
         let mut chunk = Chunk::default();
         assert!(reader.read_chunk(&mut chunk, 10, 1 << 20).unwrap());
-        let records: Vec<&[u8]> = chunk.records.iter().map(|&(_, a, b)| &chunk.buf[a..b]).collect();
-        assert_eq!(records, vec![&b"{\"messages\": []}\n"[..], &b"{\"messages\": []}\n"[..]]);
+        let records: Vec<&[u8]> = chunk
+            .records
+            .iter()
+            .map(|&(_, a, b)| &chunk.buf[a..b])
+            .collect();
+        assert_eq!(
+            records,
+            vec![&b"{\"messages\": []}\n"[..], &b"{\"messages\": []}\n"[..]]
+        );
     }
 
     fn byte_bpe(special_base: u32) -> Arc<CoreBPE> {
         use crate::bpe::SPECIAL_TOKENS;
         let ranks = (0u32..256).map(|b| (vec![b as u8], b)).collect();
-        let specials = SPECIAL_TOKENS.iter().enumerate().map(|(i, s)| (s.to_string(), special_base + i as u32)).collect();
+        let specials = SPECIAL_TOKENS
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.to_string(), special_base + i as u32))
+            .collect();
         Arc::new(CoreBPE::new(ranks, crate::pretokenize::NANOCHAT_PATTERN, specials).unwrap())
     }
 
@@ -986,17 +1138,42 @@ mod tests {
         let (ids, mask) = chat::render(&bpe, &conv, 1 << 20).unwrap();
         let n = ids.len(); // bos us h i ue as y o ae = 9
         assert_eq!(n, 9);
-        let exact = ChatRenderer::new(bpe.clone(), n).unwrap().render_bytes(line, "t:1").unwrap();
-        assert_eq!((exact.ids, exact.mask, exact.truncated), (ids.clone(), mask.clone(), false));
-        let cut = ChatRenderer::new(bpe.clone(), n - 1).unwrap().render_bytes(line, "t:1").unwrap();
-        assert_eq!((&cut.ids[..], &cut.mask[..], cut.truncated), (&ids[..n - 1], &mask[..n - 1], true));
-        let err = ChatRenderer::new(bpe.clone(), 8).unwrap().render_bytes(b"{oops", "f.jsonl:3").unwrap_err();
-        assert!(err.to_string().starts_with("f.jsonl:3: message -: invalid JSON"), "{err}");
+        let exact = ChatRenderer::new(bpe.clone(), n)
+            .unwrap()
+            .render_bytes(line, "t:1")
+            .unwrap();
+        assert_eq!(
+            (exact.ids, exact.mask, exact.truncated),
+            (ids.clone(), mask.clone(), false)
+        );
+        let cut = ChatRenderer::new(bpe.clone(), n - 1)
+            .unwrap()
+            .render_bytes(line, "t:1")
+            .unwrap();
+        assert_eq!(
+            (&cut.ids[..], &cut.mask[..], cut.truncated),
+            (&ids[..n - 1], &mask[..n - 1], true)
+        );
         let err = ChatRenderer::new(bpe.clone(), 8)
             .unwrap()
-            .render_bytes(br#"{"messages": [{"role": "user", "content": 5}]}"#, "f.jsonl:4")
+            .render_bytes(b"{oops", "f.jsonl:3")
             .unwrap_err();
-        assert!(err.to_string().starts_with("f.jsonl:4: message 0:"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("f.jsonl:3: message -: invalid JSON"),
+            "{err}"
+        );
+        let err = ChatRenderer::new(bpe.clone(), 8)
+            .unwrap()
+            .render_bytes(
+                br#"{"messages": [{"role": "user", "content": 5}]}"#,
+                "f.jsonl:4",
+            )
+            .unwrap_err();
+        assert!(
+            err.to_string().starts_with("f.jsonl:4: message 0:"),
+            "{err}"
+        );
         assert!(ChatRenderer::new(bpe, 0).is_err());
     }
 
@@ -1013,7 +1190,11 @@ mod tests {
         let d = tmp("chat");
         let input = d.join("c.jsonl");
         let good = r#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "python", "text": "1+1"}, {"type": "python_output", "text": "2"}]}]}"#;
-        fs::write(&input, format!("{good}\n[{{\"role\": \"assistant\", \"content\": \"x\"}}]\n{good}\n")).unwrap();
+        fs::write(
+            &input,
+            format!("{good}\n[{{\"role\": \"assistant\", \"content\": \"x\"}}]\n{good}\n"),
+        )
+        .unwrap();
         let out = d.join("shard");
         let renderer = ChatRenderer::new(byte_bpe(256), 2048).unwrap();
         let mut p = Preprocessor::new(&out, renderer, 2048, OnError::Skip, 2).unwrap();
@@ -1026,6 +1207,9 @@ mod tests {
         let (ids, mask) = chat::render(&bpe, &conv, 2048).unwrap();
         assert_eq!(s.get(1).unwrap(), (&ids[..], &mask[..]));
         let report = fs::read_to_string(out.join(REPORT_FILE)).unwrap();
-        assert!(report.starts_with(&format!("{}:2: message 0:", input.display())), "{report}");
+        assert!(
+            report.starts_with(&format!("{}:2: message 0:", input.display())),
+            "{report}"
+        );
     }
 }

@@ -50,7 +50,9 @@ pub fn parse_rank_lines(
         if line.is_empty() {
             continue;
         }
-        let mut fields = line.split(|&b| b == b' ' || b == b'\t').filter(|f| !f.is_empty());
+        let mut fields = line
+            .split(|&b| b == b' ' || b == b'\t')
+            .filter(|f| !f.is_empty());
         let (token, rank) = match (fields.next(), fields.next(), fields.next()) {
             (Some(t), Some(r), None) => (t, r),
             _ => {

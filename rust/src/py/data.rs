@@ -17,11 +17,18 @@ use rayon::prelude::*;
 use super::tokenizer::PyCoreTokenizer;
 
 fn conv_err(location: &str, message: impl ToString, reason: impl Into<String>) -> Error {
-    Error::Conversation { location: location.to_string(), message: message.to_string(), reason: reason.into() }
+    Error::Conversation {
+        location: location.to_string(),
+        message: message.to_string(),
+        reason: reason.into(),
+    }
 }
 
 fn py_type_name(obj: &Bound<'_, PyAny>) -> String {
-    obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
+    obj.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".into())
 }
 
 /// `obj[key]` for a dict (fast path) or any mapping; None when the key is absent.
@@ -41,36 +48,89 @@ fn is_mapping(obj: &Bound<'_, PyAny>) -> bool {
 }
 
 fn string(obj: &Bound<'_, PyAny>) -> Option<String> {
-    obj.cast::<PyString>().ok().and_then(|s| s.to_str().ok().map(str::to_owned))
+    let s = obj.cast::<PyString>().ok()?;
+    match s.to_str() {
+        Ok(text) => Some(text.to_owned()),
+        // A str with lone surrogates is not UTF-8. Do what tiktoken's encode does: round-trip
+        // through UTF-16 with "surrogatepass", which joins pairs and turns lone ones into U+FFFD.
+        Err(_) => {
+            let fixed = s
+                .call_method1("encode", ("utf-16", "surrogatepass"))
+                .and_then(|b| b.call_method1("decode", ("utf-16", "replace")))
+                .ok()?;
+            fixed
+                .cast::<PyString>()
+                .ok()?
+                .to_str()
+                .ok()
+                .map(str::to_owned)
+        }
+    }
 }
 
 /// A Python conversation (`{"messages": [...]}`) -> validated Conversation. Errors name
 /// `location` and the message index, as `chat::parse_json_conversation` does.
 pub fn conversation_from_py(obj: &Bound<'_, PyAny>, location: &str) -> PyResult<Conversation> {
     if !is_mapping(obj) {
-        return Err(conv_err(location, "-", format!("a conversation must be a dict with \"messages\", got {}", py_type_name(obj))).into());
+        return Err(conv_err(
+            location,
+            "-",
+            format!(
+                "a conversation must be a dict with \"messages\", got {}",
+                py_type_name(obj)
+            ),
+        )
+        .into());
     }
     let messages = match get(obj, "messages")? {
         Some(m) => m,
         None => return Err(conv_err(location, "-", "missing field \"messages\"").into()),
     };
     if messages.is_instance_of::<PyString>() || messages.is_instance_of::<PyDict>() {
-        return Err(conv_err(location, "-", format!("\"messages\" must be a list, got {}", py_type_name(&messages))).into());
+        return Err(conv_err(
+            location,
+            "-",
+            format!(
+                "\"messages\" must be a list, got {}",
+                py_type_name(&messages)
+            ),
+        )
+        .into());
     }
-    let n = messages
-        .len()
-        .map_err(|_| conv_err(location, "-", format!("\"messages\" must be a list, got {}", py_type_name(&messages))))?;
+    let n = messages.len().map_err(|_| {
+        conv_err(
+            location,
+            "-",
+            format!(
+                "\"messages\" must be a list, got {}",
+                py_type_name(&messages)
+            ),
+        )
+    })?;
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let m = messages.get_item(i)?;
         if !is_mapping(&m) {
-            return Err(conv_err(location, i, format!("a message must be a dict, got {}", py_type_name(&m))).into());
+            return Err(conv_err(
+                location,
+                i,
+                format!("a message must be a dict, got {}", py_type_name(&m)),
+            )
+            .into());
         }
         let role = match get(&m, "role")? {
             None => return Err(conv_err(location, i, "missing field \"role\"").into()),
             Some(r) => match string(&r) {
-                Some(s) => Role::parse(&s).ok_or_else(|| conv_err(location, i, format!("unknown role {s:?}")))?,
-                None => return Err(conv_err(location, i, format!("\"role\" must be a string, got {}", py_type_name(&r))).into()),
+                Some(s) => Role::parse(&s)
+                    .ok_or_else(|| conv_err(location, i, format!("unknown role {s:?}")))?,
+                None => {
+                    return Err(conv_err(
+                        location,
+                        i,
+                        format!("\"role\" must be a string, got {}", py_type_name(&r)),
+                    )
+                    .into())
+                }
             },
         };
         let content = match get(&m, "content")? {
@@ -78,13 +138,20 @@ pub fn conversation_from_py(obj: &Bound<'_, PyAny>, location: &str) -> PyResult<
             Some(c) => {
                 if let Some(s) = string(&c) {
                     Content::Text(s)
-                } else if role == Role::Assistant && (c.is_instance_of::<PyList>() || c.is_instance_of::<PyTuple>()) {
+                } else if role == Role::Assistant
+                    && (c.is_instance_of::<PyList>() || c.is_instance_of::<PyTuple>())
+                {
                     let np = c.len()?;
                     let mut parts = Vec::with_capacity(np);
                     for j in 0..np {
                         let p = c.get_item(j)?;
                         if !is_mapping(&p) {
-                            return Err(conv_err(location, i, format!("part {j} must be a dict, got {}", py_type_name(&p))).into());
+                            return Err(conv_err(
+                                location,
+                                i,
+                                format!("part {j} must be a dict, got {}", py_type_name(&p)),
+                            )
+                            .into());
                         }
                         let kind = match get(&p, "type")? {
                             None => return Err(conv_err(location, i, format!("part {j}: missing field \"type\"")).into()),
@@ -98,17 +165,44 @@ pub fn conversation_from_py(obj: &Bound<'_, PyAny>, location: &str) -> PyResult<
                             },
                         };
                         let text = match get(&p, "text")? {
-                            None => return Err(conv_err(location, i, format!("part {j}: missing field \"text\"")).into()),
+                            None => {
+                                return Err(conv_err(
+                                    location,
+                                    i,
+                                    format!("part {j}: missing field \"text\""),
+                                )
+                                .into())
+                            }
                             Some(t) => string(&t).ok_or_else(|| {
-                                conv_err(location, i, format!("part {j}: \"text\" must be a string, got {}", py_type_name(&t)))
+                                conv_err(
+                                    location,
+                                    i,
+                                    format!(
+                                        "part {j}: \"text\" must be a string, got {}",
+                                        py_type_name(&t)
+                                    ),
+                                )
                             })?,
                         };
                         parts.push(Part { kind, text });
                     }
                     Content::Parts(parts)
                 } else {
-                    let want = if role == Role::Assistant { "a string or a list of parts" } else { "a string" };
-                    return Err(conv_err(location, i, format!("{} content must be {want}, got {}", role.name(), py_type_name(&c))).into());
+                    let want = if role == Role::Assistant {
+                        "a string or a list of parts"
+                    } else {
+                        "a string"
+                    };
+                    return Err(conv_err(
+                        location,
+                        i,
+                        format!(
+                            "{} content must be {want}, got {}",
+                            role.name(),
+                            py_type_name(&c)
+                        ),
+                    )
+                    .into());
                 }
             }
         };
@@ -117,7 +211,11 @@ pub fn conversation_from_py(obj: &Bound<'_, PyAny>, location: &str) -> PyResult<
     Ok(Conversation::new(out, location)?)
 }
 
-fn ids_mask_to_py<'py>(py: Python<'py>, ids: &[Rank], mask: &[u8]) -> PyResult<Bound<'py, PyTuple>> {
+fn ids_mask_to_py<'py>(
+    py: Python<'py>,
+    ids: &[Rank],
+    mask: &[u8],
+) -> PyResult<Bound<'py, PyTuple>> {
     let ids = PyList::new(py, ids)?;
     let mask = PyList::new(py, mask.iter().map(|&m| m as u32))?;
     PyTuple::new(py, [ids.into_any(), mask.into_any()])
@@ -142,7 +240,10 @@ fn parse_many(
     let n = conversations.len()?;
     if let Some(ix) = indices {
         if ix.len() != n {
-            return Err(PyValueError::new_err(format!("indices has {} entries for {n} conversations", ix.len())));
+            return Err(PyValueError::new_err(format!(
+                "indices has {} entries for {n} conversations",
+                ix.len()
+            )));
         }
     }
     let mut ok = Vec::with_capacity(n);
@@ -151,7 +252,12 @@ fn parse_many(
         let obj = conversations.get_item(i)?;
         match conversation_from_py(&obj, &location_of(indices, i)) {
             Ok(c) => ok.push((i, c)),
-            Err(e) if skip && e.is_instance_of::<super::errors::ConversationError>(conversations.py()) => bad.push((i, e)),
+            Err(e)
+                if skip
+                    && e.is_instance_of::<super::errors::ConversationError>(conversations.py()) =>
+            {
+                bad.push((i, e))
+            }
             Err(e) => return Err(e),
         }
     }
@@ -162,34 +268,19 @@ fn parse_on_error(on_error: &str) -> PyResult<bool> {
     match on_error {
         "fail" => Ok(false),
         "skip" => Ok(true),
-        _ => Err(PyValueError::new_err(format!("on_error must be \"fail\" or \"skip\", got {on_error:?}"))),
+        _ => Err(PyValueError::new_err(format!(
+            "on_error must be \"fail\" or \"skip\", got {on_error:?}"
+        ))),
     }
 }
 
-/// The process that first used rayon's global pool. After a fork (DataLoader workers,
-/// torchrun launchers) the child inherits the pool's bookkeeping but not its threads, and
-/// work sent there would never run: as HF tokenizers does, the child uses its own pool.
-static POOL_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-
-/// Runs `f` on `num_threads` rayon threads (None: the global pool, or a fresh pool in a forked
-/// child; 1: this thread).
+/// Runs `f` on sftfast's pool of `num_threads` (None: all CPUs), the fork-safe pools of
+/// `crate::parallel` that encode_batch uses too.
 fn with_threads<T: Send>(num_threads: Option<usize>, f: impl FnOnce() -> T + Send) -> PyResult<T> {
-    let forked = *POOL_PID.get_or_init(std::process::id) != std::process::id();
-    let num_threads = match num_threads {
-        None if forked => Some(std::thread::available_parallelism().map_or(1, |n| n.get())),
-        n => n,
-    };
-    match num_threads {
-        None => Ok(f()),
-        Some(0) => Err(PyValueError::new_err("num_threads must be at least 1")),
-        Some(n) => {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(n)
-                .build()
-                .map_err(|e| PyValueError::new_err(format!("cannot start {n} threads: {e}")))?;
-            Ok(pool.install(f))
-        }
+    if num_threads == Some(0) {
+        return Err(PyValueError::new_err("num_threads must be at least 1"));
     }
+    Ok(crate::parallel::install(num_threads, f)?)
 }
 
 fn render_all(
@@ -209,7 +300,9 @@ fn render_all(
     if num_threads == Some(1) || convs.len() <= 1 {
         return Ok(convs.iter().map(|(_, c)| one(c)).collect());
     }
-    with_threads(num_threads, || convs.par_iter().map(|(_, c)| one(c)).collect())
+    with_threads(num_threads, || {
+        convs.par_iter().map(|(_, c)| one(c)).collect()
+    })
 }
 
 #[pymethods]
@@ -263,7 +356,12 @@ impl PyCoreTokenizer {
 
     /// The prompt for generation: without the final assistant message, plus <|assistant_start|>.
     #[pyo3(signature = (conversation, max_tokens=2048))]
-    fn render_for_completion(&self, py: Python<'_>, conversation: &Bound<'_, PyAny>, max_tokens: usize) -> PyResult<Vec<Rank>> {
+    fn render_for_completion(
+        &self,
+        py: Python<'_>,
+        conversation: &Bound<'_, PyAny>,
+        max_tokens: usize,
+    ) -> PyResult<Vec<Rank>> {
         let conv = conversation_from_py(conversation, "conversation")?;
         let bpe = &*self.inner;
         Ok(py.detach(|| chat::render_for_completion(bpe, &conv, max_tokens, "conversation"))?)
@@ -337,9 +435,9 @@ unsafe fn small_int(item: *mut ffi::PyObject, layout: IntLayout) -> Option<u32> 
         let base = item as *const u8;
         let tag = std::ptr::read(base.add(hdr) as *const isize);
         match (layout, tag) {
-            (IntLayout::ObSize, 1) | (IntLayout::LvTag, 8) => {
-                Some(std::ptr::read(base.add(hdr + std::mem::size_of::<isize>()) as *const u32))
-            }
+            (IntLayout::ObSize, 1) | (IntLayout::LvTag, 8) => Some(std::ptr::read(
+                base.add(hdr + std::mem::size_of::<isize>()) as *const u32,
+            )),
             (IntLayout::ObSize, 0) | (IntLayout::LvTag, 1) => Some(0),
             _ => None,
         }
@@ -350,20 +448,49 @@ unsafe fn small_int(item: *mut ffi::PyObject, layout: IntLayout) -> Option<u32> 
 /// values around every boundary; None (C API only) otherwise.
 fn detect_int_layout(py: Python<'_>) -> Option<IntLayout> {
     let sys = py.import("sys").ok()?;
-    let name: String = sys.getattr("implementation").ok()?.getattr("name").ok()?.extract().ok()?;
+    let name: String = sys
+        .getattr("implementation")
+        .ok()?
+        .getattr("name")
+        .ok()?
+        .extract()
+        .ok()?;
     let info = sys.getattr("int_info").ok()?;
     let bits: u32 = info.getattr("bits_per_digit").ok()?.extract().ok()?;
     let size: u32 = info.getattr("sizeof_digit").ok()?.extract().ok()?;
     if name != "cpython" || bits != 30 || size != 4 {
         return None;
     }
-    let layout = if py.version_info() >= (3, 12) { IntLayout::LvTag } else { IntLayout::ObSize };
-    let values: [i64; 14] = [0, 1, 2, 7, 255, 256, 257, 100_276, (1 << 30) - 1, 1 << 30, 1 << 31, -1, -(1 << 29), 1 << 62];
+    let layout = if py.version_info() >= (3, 12) {
+        IntLayout::LvTag
+    } else {
+        IntLayout::ObSize
+    };
+    let values: [i64; 14] = [
+        0,
+        1,
+        2,
+        7,
+        255,
+        256,
+        257,
+        100_276,
+        (1 << 30) - 1,
+        1 << 30,
+        1 << 31,
+        -1,
+        -(1 << 29),
+        1 << 62,
+    ];
     for v in values {
         let obj = v.into_pyobject(py).ok()?;
         // SAFETY: `obj` is alive and the GIL is held.
         let got = unsafe { small_int(obj.as_ptr(), layout) };
-        let want = if (0..1 << 30).contains(&v) { Some(v as u32) } else { None };
+        let want = if (0..1 << 30).contains(&v) {
+            Some(v as u32)
+        } else {
+            None
+        };
         if got != want {
             return None;
         }
@@ -381,11 +508,15 @@ fn int_layout(py: Python<'_>) -> Option<IntLayout> {
 }
 
 fn bad_id(tag: u64, what: &str, k: usize, x: &dyn std::fmt::Display) -> PyErr {
-    PyValueError::new_err(format!("conversation tag {tag}: {what}[{k}] = {x} is not a non-negative 32-bit int"))
+    PyValueError::new_err(format!(
+        "conversation tag {tag}: {what}[{k}] = {x} is not a non-negative 32-bit int"
+    ))
 }
 
 fn bad_mask(tag: u64, k: usize, x: &dyn std::fmt::Display) -> PyErr {
-    PyValueError::new_err(format!("conversation tag {tag}: mask[{k}] = {x} (must be 0 or 1)"))
+    PyValueError::new_err(format!(
+        "conversation tag {tag}: mask[{k}] = {x} (must be 0 or 1)"
+    ))
 }
 
 /// The general path for `list[k]` (C API conversion, which may run Python code such as
@@ -393,9 +524,13 @@ fn bad_mask(tag: u64, k: usize, x: &dyn std::fmt::Display) -> PyErr {
 /// error rather than a stale length.
 fn slow_item(list: &Bound<'_, PyList>, n: usize, k: usize, what: &str, tag: u64) -> PyResult<i64> {
     let item = list.get_item(k)?;
-    let x = item.extract::<i64>().map_err(|_| bad_id(tag, what, k, &item))?;
+    let x = item
+        .extract::<i64>()
+        .map_err(|_| bad_id(tag, what, k, &item))?;
     if list.len() != n {
-        return Err(PyValueError::new_err(format!("conversation tag {tag}: {what} list changed while it was read")));
+        return Err(PyValueError::new_err(format!(
+            "conversation tag {tag}: {what} list changed while it was read"
+        )));
     }
     Ok(x)
 }
@@ -445,7 +580,10 @@ fn mask_from_list(list: &Bound<'_, PyList>, tag: u64) -> PyResult<Vec<u8>> {
     let zero = 0i64.into_pyobject(py)?;
     let one = 1i64.into_pyobject(py)?;
     let (zero, one) = (zero.as_ptr(), one.as_ptr());
-    let (f, t) = (pyo3::types::PyBool::new(py, false).as_ptr(), pyo3::types::PyBool::new(py, true).as_ptr());
+    let (f, t) = (
+        pyo3::types::PyBool::new(py, false).as_ptr(),
+        pyo3::types::PyBool::new(py, true).as_ptr(),
+    );
     let n = list.len();
     let ptr = list.as_ptr();
     let mut ok = true;
@@ -477,7 +615,9 @@ fn mask_from_list(list: &Bound<'_, PyList>, tag: u64) -> PyResult<Vec<u8>> {
                 _ => return Err(bad_mask(tag, k, &item)),
             }
             if list.len() != n {
-                return Err(PyValueError::new_err(format!("conversation tag {tag}: mask list changed while it was read")));
+                return Err(PyValueError::new_err(format!(
+                    "conversation tag {tag}: mask list changed while it was read"
+                )));
             }
         }
     }
@@ -508,13 +648,18 @@ fn ids_from_array(obj: &Bound<'_, PyAny>, what: &str, tag: u64) -> Option<PyResu
                 // SAFETY: see `array_slice`; the slice is dropped before this returns.
                 let s = match unsafe { array_slice(a) } {
                     Some(s) => s,
-                    None => return Some(contiguous_copy(obj).and_then(|c| extract_u32s(&c, what, tag))),
+                    None => {
+                        return Some(contiguous_copy(obj).and_then(|c| extract_u32s(&c, what, tag)))
+                    }
                 };
                 // Range check first (branch-free, vectorised), then the cast.
                 #[allow(unused_comparisons, clippy::absurd_extreme_comparisons)]
                 let in_range = |x: $t| (x >= 0) & ((x as i128) <= u32::MAX as i128);
                 if !s.iter().fold(true, |ok, &x| ok & in_range(x)) {
-                    let k = s.iter().position(|&x| !in_range(x)).expect("an element is out of range");
+                    let k = s
+                        .iter()
+                        .position(|&x| !in_range(x))
+                        .expect("an element is out of range");
                     return Some(Err(bad_id(tag, what, k, &s[k])));
                 }
                 return Some(Ok(s.iter().map(|&x| x as u32).collect()));
@@ -577,7 +722,10 @@ fn extract_mask(obj: &Bound<'_, PyAny>, tag: u64) -> PyResult<Vec<u8>> {
             if s.iter().fold(true, |ok, &m| ok & (m <= 1)) {
                 return Ok(s.to_vec());
             }
-            let k = s.iter().position(|&m| m > 1).expect("an element is out of range");
+            let k = s
+                .iter()
+                .position(|&m| m > 1)
+                .expect("an element is out of range");
             return Err(bad_mask(tag, k, &s[k]));
         }
     }
@@ -587,10 +735,15 @@ fn extract_mask(obj: &Bound<'_, PyAny>, tag: u64) -> PyResult<Vec<u8>> {
     let v = extract_u32s(obj, "mask", tag)?;
     v.iter()
         .enumerate()
-        .map(|(k, &m)| if m <= 1 { Ok(m as u8) } else { Err(bad_mask(tag, k, &m)) })
+        .map(|(k, &m)| {
+            if m <= 1 {
+                Ok(m as u8)
+            } else {
+                Err(bad_mask(tag, k, &m))
+            }
+        })
         .collect()
 }
-
 
 /// One packed batch. Arrays are (num_rows, T): inputs int32, targets int64 (-1 = ignore),
 /// position_ids int32 (restart at each conversation).
@@ -668,7 +821,12 @@ impl PyBatch {
     fn __repr__(&self) -> String {
         format!(
             "Batch(rows={}, T={}, supervised={}, pad={}, truncated={}, empty_rows={})",
-            self.info.num_rows, self.info.t, self.info.num_supervised, self.info.num_pad, self.info.num_truncated, self.info.empty_rows
+            self.info.num_rows,
+            self.info.t,
+            self.info.num_supervised,
+            self.info.num_pad,
+            self.info.num_truncated,
+            self.info.empty_rows
         )
     }
 }
@@ -682,17 +840,32 @@ pub struct PyPacker {
 /// First `n` elements of a contiguous array, viewed as (rows, t) (Python-level view ops).
 fn view2<'py>(buf: &Bound<'py, PyAny>, rows: usize, t: usize) -> PyResult<Bound<'py, PyAny>> {
     let flat = buf.call_method1("reshape", (-1,))?;
-    let head = flat.get_item(pyo3::types::PySlice::new(buf.py(), 0, (rows * t) as isize, 1))?;
+    let head = flat.get_item(pyo3::types::PySlice::new(
+        buf.py(),
+        0,
+        (rows * t) as isize,
+        1,
+    ))?;
     head.call_method1("reshape", ((rows, t),))
 }
 
-fn slice_mut<'a, T: numpy::Element>(a: &'a mut numpy::PyReadwriteArrayDyn<'_, T>, what: &str) -> PyResult<&'a mut [T]> {
-    a.as_slice_mut().map_err(|_| PyValueError::new_err(format!("out buffer {what} must be C-contiguous")))
+fn slice_mut<'a, T: numpy::Element>(
+    a: &'a mut numpy::PyReadwriteArrayDyn<'_, T>,
+    what: &str,
+) -> PyResult<&'a mut [T]> {
+    a.as_slice_mut()
+        .map_err(|_| PyValueError::new_err(format!("out buffer {what} must be C-contiguous")))
 }
 
 impl PyPacker {
     /// Feeds `rendered[start..end]`; conversation i's tag is `tags[i]`, or i.
-    fn feed_range(&mut self, rendered: &Bound<'_, PyAny>, start: usize, end: usize, tags: Option<&[u64]>) -> PyResult<()> {
+    fn feed_range(
+        &mut self,
+        rendered: &Bound<'_, PyAny>,
+        start: usize,
+        end: usize,
+        tags: Option<&[u64]>,
+    ) -> PyResult<()> {
         let list = rendered.cast::<PyList>().ok();
         for i in start..end {
             let tag = tags.map_or(i as u64, |t| t[i]);
@@ -704,7 +877,11 @@ impl PyPacker {
                 Ok(t) if t.len() == 2 => (t.get_item(0)?, t.get_item(1)?),
                 _ => match (pair.get_item(0), pair.get_item(1), pair.len()) {
                     (Ok(a), Ok(b), Ok(2)) => (a, b),
-                    _ => return Err(PyValueError::new_err(format!("rendered[{i}] must be an (ids, mask) pair"))),
+                    _ => {
+                        return Err(PyValueError::new_err(format!(
+                            "rendered[{i}] must be an (ids, mask) pair"
+                        )))
+                    }
                 },
             };
             let ids = extract_u32s(&ids, "ids", tag)?;
@@ -719,10 +896,23 @@ impl PyPacker {
 impl PyPacker {
     #[new]
     #[pyo3(signature = (mode, batch_size, seq_len, bos_id, buffer_size=100))]
-    fn new(mode: &str, batch_size: usize, seq_len: usize, bos_id: u32, buffer_size: usize) -> PyResult<Self> {
+    fn new(
+        mode: &str,
+        batch_size: usize,
+        seq_len: usize,
+        bos_id: u32,
+        buffer_size: usize,
+    ) -> PyResult<Self> {
         let m = Mode::parse(mode)?;
         let inner = Packer::new(m, batch_size, seq_len, bos_id, buffer_size)?;
-        Ok(Self { inner, mode: if m == Mode::BestFit { "bestfit" } else { "padded" } })
+        Ok(Self {
+            inner,
+            mode: if m == Mode::BestFit {
+                "bestfit"
+            } else {
+                "padded"
+            },
+        })
     }
 
     #[getter]
@@ -757,7 +947,10 @@ impl PyPacker {
         let n = rendered.len()?;
         if let Some(t) = &tags {
             if t.len() != n {
-                return Err(PyValueError::new_err(format!("tags has {} entries for {n} conversations", t.len())));
+                return Err(PyValueError::new_err(format!(
+                    "tags has {} entries for {n} conversations",
+                    t.len()
+                )));
             }
         }
         self.feed_range(rendered, 0, n, tags.as_deref())
@@ -787,9 +980,14 @@ impl PyPacker {
             Err(_) => tokenizer.getattr("_core")?.cast_into::<PyCoreTokenizer>()?,
         };
         if tags.len() != conversations.len()? {
-            return Err(PyValueError::new_err(format!("tags has {} entries for {} conversations", tags.len(), conversations.len()?)));
+            return Err(PyValueError::new_err(format!(
+                "tags has {} entries for {} conversations",
+                tags.len(),
+                conversations.len()?
+            )));
         }
-        let indices: Option<Vec<i64>> = Some(indices.unwrap_or_else(|| tags.iter().map(|&t| t as i64).collect()));
+        let indices: Option<Vec<i64>> =
+            Some(indices.unwrap_or_else(|| tags.iter().map(|&t| t as i64).collect()));
         let (ok, bad) = parse_many(conversations, &indices, skip)?;
         let tok = core.get();
         let rendered = py.detach(|| render_all(tok, &ok, max_tokens, num_threads))?;
@@ -809,7 +1007,12 @@ impl PyPacker {
     /// batch_size * seq_len elements each (e.g. pinned torch tensors' .numpy()); the batch's
     /// arrays are then views of their first rows * T elements.
     #[pyo3(signature = (flush=false, out=None))]
-    fn next_batch(&mut self, py: Python<'_>, flush: bool, out: Option<(Bound<'_, PyAny>, Bound<'_, PyAny>, Bound<'_, PyAny>)>) -> PyResult<Option<PyBatch>> {
+    fn next_batch(
+        &mut self,
+        py: Python<'_>,
+        flush: bool,
+        out: Option<(Bound<'_, PyAny>, Bound<'_, PyAny>, Bound<'_, PyAny>)>,
+    ) -> PyResult<Option<PyBatch>> {
         let plan = match self.inner.plan(flush) {
             Some(p) => p,
             None => return Ok(None),
@@ -821,29 +1024,60 @@ impl PyPacker {
                 let n = rows * t;
                 let (info, a, b, c) = py.detach(|| -> crate::error::Result<_> {
                     let (mut a, mut b, mut c) = (vec![0i32; n], vec![0i64; n], vec![0i32; n]);
-                    let info = inner.commit(&plan, BatchOut { inputs: &mut a, targets: &mut b, position_ids: &mut c })?;
+                    let info = inner.commit(
+                        &plan,
+                        BatchOut {
+                            inputs: &mut a,
+                            targets: &mut b,
+                            position_ids: &mut c,
+                        },
+                    )?;
                     Ok((info, a, b, c))
                 })?;
                 let a = PyArray1::from_vec(py, a).reshape([rows, t])?;
                 let b = PyArray1::from_vec(py, b).reshape([rows, t])?;
                 let c = PyArray1::from_vec(py, c).reshape([rows, t])?;
-                Ok(Some(PyBatch { inputs: a.into_any().unbind(), targets: b.into_any().unbind(), position_ids: c.into_any().unbind(), info }))
+                Ok(Some(PyBatch {
+                    inputs: a.into_any().unbind(),
+                    targets: b.into_any().unbind(),
+                    position_ids: c.into_any().unbind(),
+                    info,
+                }))
             }
             Some((oa, ob, oc)) => {
                 let mut ra = oa
                     .cast::<numpy::PyArrayDyn<i32>>()
-                    .map_err(|_| PyValueError::new_err("out[0] (inputs) must be an int32 numpy array"))?
+                    .map_err(|_| {
+                        PyValueError::new_err("out[0] (inputs) must be an int32 numpy array")
+                    })?
                     .readwrite();
                 let mut rb = ob
                     .cast::<numpy::PyArrayDyn<i64>>()
-                    .map_err(|_| PyValueError::new_err("out[1] (targets) must be an int64 numpy array"))?
+                    .map_err(|_| {
+                        PyValueError::new_err("out[1] (targets) must be an int64 numpy array")
+                    })?
                     .readwrite();
                 let mut rc = oc
                     .cast::<numpy::PyArrayDyn<i32>>()
-                    .map_err(|_| PyValueError::new_err("out[2] (position_ids) must be an int32 numpy array"))?
+                    .map_err(|_| {
+                        PyValueError::new_err("out[2] (position_ids) must be an int32 numpy array")
+                    })?
                     .readwrite();
-                let (sa, sb, sc) = (slice_mut(&mut ra, "inputs")?, slice_mut(&mut rb, "targets")?, slice_mut(&mut rc, "position_ids")?);
-                let info = py.detach(|| inner.commit(&plan, BatchOut { inputs: sa, targets: sb, position_ids: sc }))?;
+                let (sa, sb, sc) = (
+                    slice_mut(&mut ra, "inputs")?,
+                    slice_mut(&mut rb, "targets")?,
+                    slice_mut(&mut rc, "position_ids")?,
+                );
+                let info = py.detach(|| {
+                    inner.commit(
+                        &plan,
+                        BatchOut {
+                            inputs: sa,
+                            targets: sb,
+                            position_ids: sc,
+                        },
+                    )
+                })?;
                 drop((ra, rb, rc));
                 Ok(Some(PyBatch {
                     inputs: view2(&oa, rows, t)?.unbind(),
@@ -878,14 +1112,19 @@ impl PyPacker {
     }
 
     fn __repr__(&self) -> String {
-        format!("Packer(mode={:?}, batch_size={}, seq_len={}, held={})", self.mode, self.inner.batch_size(), self.inner.seq_len(), self.inner.num_held())
+        format!(
+            "Packer(mode={:?}, batch_size={}, seq_len={}, held={})",
+            self.mode,
+            self.inner.batch_size(),
+            self.inner.seq_len(),
+            self.inner.num_held()
+        )
     }
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Record the importing process now, so a child forked before any parallel call still
     // knows it is a child.
-    POOL_PID.get_or_init(std::process::id);
     int_layout(m.py());
     m.add_class::<PyPacker>()?;
     m.add_class::<PyBatch>()?;

@@ -3,19 +3,64 @@
 //! ValueError keep working.
 
 use crate::error::Error;
+use pyo3::create_exception;
 use pyo3::exceptions::{PyIOError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::create_exception;
 
-create_exception!(_core, SftfastError, PyValueError, "Base class of sftfast's errors.");
-create_exception!(_core, PatternError, SftfastError, "A split pattern that does not compile.");
-create_exception!(_core, RankFileError, SftfastError, "A malformed rank/vocabulary file (names the line).");
-create_exception!(_core, VocabError, SftfastError, "An inconsistent vocabulary.");
-create_exception!(_core, UnknownSpecialTokenError, SftfastError, "A special token name that is not in the vocabulary.");
-create_exception!(_core, TokenOutOfRangeError, SftfastError, "A token id outside the vocabulary (names its index).");
-create_exception!(_core, ConversationError, SftfastError, "A malformed conversation (names where and which message).");
-create_exception!(_core, BadRecordError, SftfastError, "A preprocessing input record that cannot be parsed or rendered (names file:line or index).");
-create_exception!(_core, ShardError, SftfastError, "A missing or inconsistent shard directory, or an index outside it.");
+create_exception!(
+    _core,
+    SftfastError,
+    PyValueError,
+    "Base class of sftfast's errors."
+);
+create_exception!(
+    _core,
+    PatternError,
+    SftfastError,
+    "A split pattern that does not compile."
+);
+create_exception!(
+    _core,
+    RankFileError,
+    SftfastError,
+    "A malformed rank/vocabulary file (names the line)."
+);
+create_exception!(
+    _core,
+    VocabError,
+    SftfastError,
+    "An inconsistent vocabulary."
+);
+create_exception!(
+    _core,
+    UnknownSpecialTokenError,
+    SftfastError,
+    "A special token name that is not in the vocabulary."
+);
+create_exception!(
+    _core,
+    TokenOutOfRangeError,
+    SftfastError,
+    "A token id outside the vocabulary (names its index)."
+);
+create_exception!(
+    _core,
+    ConversationError,
+    SftfastError,
+    "A malformed conversation (names where and which message)."
+);
+create_exception!(
+    _core,
+    BadRecordError,
+    SftfastError,
+    "A preprocessing input record that cannot be parsed or rendered (names file:line or index)."
+);
+create_exception!(
+    _core,
+    ShardError,
+    SftfastError,
+    "A missing or inconsistent shard directory, or an index outside it."
+);
 
 impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
@@ -41,8 +86,14 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PatternError", py.get_type::<PatternError>())?;
     m.add("RankFileError", py.get_type::<RankFileError>())?;
     m.add("VocabError", py.get_type::<VocabError>())?;
-    m.add("UnknownSpecialTokenError", py.get_type::<UnknownSpecialTokenError>())?;
-    m.add("TokenOutOfRangeError", py.get_type::<TokenOutOfRangeError>())?;
+    m.add(
+        "UnknownSpecialTokenError",
+        py.get_type::<UnknownSpecialTokenError>(),
+    )?;
+    m.add(
+        "TokenOutOfRangeError",
+        py.get_type::<TokenOutOfRangeError>(),
+    )?;
     m.add("ConversationError", py.get_type::<ConversationError>())?;
     m.add("BadRecordError", py.get_type::<BadRecordError>())?;
     m.add("ShardError", py.get_type::<ShardError>())?;

@@ -30,7 +30,10 @@ pub struct PyJsonlReader {
 impl PyJsonlReader {
     #[new]
     fn new(path: PathBuf) -> PyResult<Self> {
-        Ok(Self { inner: JsonlReader::open(&path)?, chunk: Chunk::default() })
+        Ok(Self {
+            inner: JsonlReader::open(&path)?,
+            chunk: Chunk::default(),
+        })
     }
     #[getter]
     fn path(&self) -> &str {
@@ -60,9 +63,9 @@ pub struct PyShardBuilder {
 
 impl PyShardBuilder {
     fn get(&mut self) -> PyResult<&mut Preprocessor<ChatRenderer>> {
-        self.inner
-            .as_mut()
-            .ok_or_else(|| Error::Other("this ShardBuilder was already finished or aborted".into()).into())
+        self.inner.as_mut().ok_or_else(|| {
+            Error::Other("this ShardBuilder was already finished or aborted".into()).into()
+        })
     }
 
     /// Runs `f` without the GIL; an error aborts the build (nothing half-written remains).
@@ -96,7 +99,8 @@ impl PyShardBuilder {
     ) -> PyResult<Self> {
         let on_error: OnError = on_error.parse()?;
         let renderer = ChatRenderer::new(tokenizer.inner.clone(), max_tokens)?;
-        let inner = py.detach(|| Preprocessor::new(&out_dir, renderer, max_tokens, on_error, num_threads))?;
+        let inner =
+            py.detach(|| Preprocessor::new(&out_dir, renderer, max_tokens, on_error, num_threads))?;
         Ok(Self { inner: Some(inner) })
     }
 
@@ -121,7 +125,11 @@ impl PyShardBuilder {
                 return Ok(None);
             }
             let label = inner.path().to_string();
-            Ok(Some(counts(p.process_chunk(&label, LocKind::Line, chunk)?)))
+            Ok(Some(counts(p.process_chunk(
+                &label,
+                LocKind::Line,
+                chunk,
+            )?)))
         })
     }
 
@@ -146,7 +154,12 @@ impl PyShardBuilder {
     fn feed_json_file(&mut self, py: Python<'_>, path: PathBuf) -> PyResult<Counts> {
         self.run(py, |p| {
             let values = shards::read_json_file(&path)?;
-            Ok(counts(p.process_values(&path.display().to_string(), LocKind::Index, 0, &values)?))
+            Ok(counts(p.process_values(
+                &path.display().to_string(),
+                LocKind::Index,
+                0,
+                &values,
+            )?))
         })
     }
 
@@ -183,10 +196,11 @@ impl PyShardBuilder {
 
     /// The manifest's counts so far, as JSON.
     fn stats_json(&self) -> PyResult<String> {
-        let p = self
-            .inner
-            .as_ref()
-            .ok_or_else(|| PyErr::from(Error::Other("this ShardBuilder was already finished or aborted".into())))?;
+        let p = self.inner.as_ref().ok_or_else(|| {
+            PyErr::from(Error::Other(
+                "this ShardBuilder was already finished or aborted".into(),
+            ))
+        })?;
         Ok(p.core_manifest().to_string())
     }
 }
@@ -201,7 +215,9 @@ pub struct PyShardReader {
 impl PyShardReader {
     #[new]
     fn new(py: Python<'_>, dir: PathBuf) -> PyResult<Self> {
-        Ok(Self { inner: py.detach(|| Shard::open(&dir))? })
+        Ok(Self {
+            inner: py.detach(|| Shard::open(&dir))?,
+        })
     }
 
     fn __len__(&self) -> usize {
@@ -211,7 +227,10 @@ impl PyShardReader {
     /// Conversation i as (ids uint32, mask uint8) arrays (copies).
     fn get<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Arrays<'py>> {
         let (ids, mask) = self.inner.get(i)?;
-        Ok((ids.to_vec().into_pyarray(py), mask.to_vec().into_pyarray(py)))
+        Ok((
+            ids.to_vec().into_pyarray(py),
+            mask.to_vec().into_pyarray(py),
+        ))
     }
 
     /// Length in tokens of every conversation.
@@ -257,7 +276,10 @@ fn identity_bytes(bpe: &CoreBPE) -> Vec<u8> {
 
 /// Canonical bytes of the tokenizer (pattern, ranks, specials), for its fingerprint.
 #[pyfunction]
-fn tokenizer_identity<'py>(py: Python<'py>, tokenizer: &PyCoreTokenizer) -> Bound<'py, pyo3::types::PyBytes> {
+fn tokenizer_identity<'py>(
+    py: Python<'py>,
+    tokenizer: &PyCoreTokenizer,
+) -> Bound<'py, pyo3::types::PyBytes> {
     let bpe = &tokenizer.inner;
     let bytes = py.detach(|| identity_bytes(bpe));
     pyo3::types::PyBytes::new(py, &bytes)
@@ -265,7 +287,10 @@ fn tokenizer_identity<'py>(py: Python<'py>, tokenizer: &PyCoreTokenizer) -> Boun
 
 /// The renderer's version and its output on fixed probe conversations, for the shard key.
 #[pyfunction]
-fn renderer_probe<'py>(py: Python<'py>, tokenizer: &PyCoreTokenizer) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+fn renderer_probe<'py>(
+    py: Python<'py>,
+    tokenizer: &PyCoreTokenizer,
+) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
     let bytes = shards::renderer_probe(&tokenizer.inner)?;
     Ok(pyo3::types::PyBytes::new(py, &bytes))
 }
@@ -278,6 +303,15 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(renderer_probe, m)?)?;
     m.add("SHARD_FORMAT_VERSION", shards::FORMAT_VERSION)?;
     m.add("RENDERER_VERSION", shards::RENDERER_VERSION)?;
-    m.add("SHARD_FILES", (shards::IDS_FILE, shards::MASK_FILE, shards::OFFSETS_FILE, shards::MANIFEST_FILE, shards::REPORT_FILE))?;
+    m.add(
+        "SHARD_FILES",
+        (
+            shards::IDS_FILE,
+            shards::MASK_FILE,
+            shards::OFFSETS_FILE,
+            shards::MANIFEST_FILE,
+            shards::REPORT_FILE,
+        ),
+    )?;
     Ok(())
 }
