@@ -56,25 +56,11 @@ class TrainingDivergedError(RuntimeError):
 # Rust loader (sftfast.dataloader.SFTLoader, the default), and `--loader python` selects it.
 
 def read_jsonl_conversations(path) -> list:
-    """One conversation per line: {"messages": [...]} or a bare list of messages (UTF-8, a
-    leading byte-order mark allowed)."""
-    out = []
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg}") from e
-            if isinstance(obj, list):
-                obj = {"messages": obj}
-            if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
-                raise ValueError(f"{path}:{lineno}: expected an object with a 'messages' list or a list of messages")
-            out.append(obj)
-    if not out:
-        raise ValueError(f"{path}: no conversations")
-    return out
+    """One conversation per line: {"messages": [...]} or a bare list of messages, read and
+    checked as sftfast.tasks.CustomJSON does (a bad line raises naming file:line)."""
+    from sftfast.tasks.customjson import CustomJSON
+
+    return list(CustomJSON(str(path)))
 
 
 @dataclass
