@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from sftfast import checkpoint as ckpt
-from sftfast import train
+from sftfast import train, train_data
 from sftfast.model import GPT, GPTConfig
 from sftfast.optim import Muon, build_optimizers, lr_multiplier, newton_schulz
 from sftfast.tokenizer import NANOCHAT_SPLIT_PATTERN, Tokenizer
@@ -150,7 +150,7 @@ def test_schedules():
 def test_bestfit_rows_masks_and_resume():
     tok = byte_tokenizer()
     data = conversations(40, 3)
-    loader = train.PyPackedLoader(data, tok, 3, 63, buffer_size=5)
+    loader = train_data.PyPackedLoader(data, tok, 3, 63, buffer_size=5)
     b = loader.next()
     assert b.inputs.shape == (3, 63) and b.targets.shape == (3, 63)
     assert (b.inputs[:, 0] == tok.bos_id).all()  # each row starts with a conversation's bos
@@ -159,7 +159,7 @@ def test_bestfit_rows_masks_and_resume():
     assert torch.equal(b.targets[:, :-1][sup[:, :-1]], b.inputs[:, 1:][sup[:, :-1]])
     state = loader.state_dict()
     rest = [loader.next() for _ in range(4)]
-    again = train.PyPackedLoader(data, tok, 3, 63, buffer_size=5)
+    again = train_data.PyPackedLoader(data, tok, 3, 63, buffer_size=5)
     again.load_state_dict(state)
     for x in rest:
         y = again.next()
@@ -171,7 +171,7 @@ def test_rank_sharding_is_disjoint():
     data = conversations(10, 4)
     seen = []
     for r in range(3):
-        ld = train.PyPackedLoader(data, tok, 1, 2000, rank=r, world_size=3, packing="padded")
+        ld = train_data.PyPackedLoader(data, tok, 1, 2000, rank=r, world_size=3, packing="padded")
         seen.append(ld.shard_len)
     assert seen == [4, 3, 3]
 
@@ -311,21 +311,21 @@ def test_training_data_is_shuffled_deterministically(base_dir):
     run and rank; validation data keeps its order."""
     tok = byte_tokenizer()
     path = base_dir / "train.jsonl"
-    a, b = train.read_training_data(path, tok), train.read_training_data(path, tok)
-    in_file_order = train.read_jsonl_conversations(path)
+    a, b = train_data.read_training_data(path, tok), train_data.read_training_data(path, tok)
+    in_file_order = train_data.read_jsonl_conversations(path)
     assert sorted(a.order.tolist()) == list(range(len(in_file_order)))
     assert a.order.tolist() != list(range(len(in_file_order)))
     assert [a[i] for i in range(len(a))] == [b[i] for i in range(len(b))]
     assert a[0] == in_file_order[int(a.order[0])]
-    assert train.read_training_data(path, tok, shuffle=False) == in_file_order
+    assert train_data.read_training_data(path, tok, shuffle=False) == in_file_order
 
 
 def test_read_jsonl_conversations_accepts_a_byte_order_mark(tmp_path):
     convs = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(3)]
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(c) + "\n" for c in convs).encode())
-    assert train.read_jsonl_conversations(path) == convs
+    assert train_data.read_jsonl_conversations(path) == convs
     # only a leading mark: one later in the file is still a bad line, named by line number
     path.write_bytes(json.dumps(convs[0]).encode() + b"\n\xef\xbb\xbf" + json.dumps(convs[1]).encode() + b"\n")
     with pytest.raises(ValueError, match="bom.jsonl:2: invalid JSON"):
-        train.read_jsonl_conversations(path)
+        train_data.read_jsonl_conversations(path)

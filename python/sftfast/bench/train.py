@@ -109,10 +109,10 @@ def _import_sftfast():
 
 
 def _batches(s, loader_impl, vocab, device):
-    """An iterator of train.Batch from the demo mixture, or synthetic ones; and a description."""
+    """An iterator of train_data.Batch from the demo mixture, or synthetic ones; and a description."""
     import torch
 
-    from sftfast import train
+    from sftfast import train_data
 
     if s["synthetic"] or loader_impl is None:
         g = torch.Generator().manual_seed(0)
@@ -124,7 +124,7 @@ def _batches(s, loader_impl, vocab, device):
                 y[torch.rand(y.shape, generator=g) < 0.5] = -1
                 # conversations of 256 tokens, so per-conversation attention has boundaries to respect
                 docs = (torch.arange(s["seq_len"], dtype=torch.int32) // 256).expand(s["batch_size"], -1).contiguous()
-                yield train.Batch(x[:, :-1].contiguous(), y, docs, 0.0)
+                yield train_data.Batch(x[:, :-1].contiguous(), y, docs, 0.0)
 
         return synth(), "synthetic token batches (uniform ids, 50% masked, 256-token conversations)"
     from sftfast import tasks
@@ -134,7 +134,7 @@ def _batches(s, loader_impl, vocab, device):
         tok = Tokenizer.train(f.read().split("\n"), min(vocab, 4096))
     # the demo mixture, oversampled so no epoch ends during the measurement
     mix = tasks.build_mixture("SimpleSpelling:size=2000,SpellingBee:size=2000,Arithmetic:size=4000,identity*4")
-    loader = train.make_loader(mix, tok, s["batch_size"], s["seq_len"], 0, 1, "bestfit", loader_impl, device)
+    loader = train_data.make_loader(mix, tok, s["batch_size"], s["seq_len"], 0, 1, "bestfit", loader_impl, device)
 
     def real():
         while True:

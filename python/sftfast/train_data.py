@@ -1,0 +1,226 @@
+"""The trainer's data: where training conversations come from and how they become batches.
+
+    loader = make_loader(dataset, tokenizer, batch_size, seq_len, rank, world_size)   # Rust SFTLoader
+    batch = loader.next()          # Batch(inputs, targets, doc_ids, progress)
+
+- `read_training_data(path)`: a shard directory from `python -m sftfast.prep` (memory-mapped,
+  already rendered) or a JSONL file, shuffled with seed 42.
+- `RustLoader`: sftfast.dataloader.SFTLoader (Rust rendering and packing on a background thread,
+  pinned buffers on CUDA) behind the trainer's small interface.
+- `PyPackedLoader`: nanochat's data path in plain Python (tiktoken, sftfast.reference rendering,
+  best-fit packing), the baseline `python -m sftfast.bench train` measures; `--loader python`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+# -----------------------------------------------------------------------------
+# The Python data path: tiktoken encoding, sftfast.reference rendering and best-fit packing in
+# plain Python (nanochat's data path). `python -m sftfast.bench train` measures it against the
+# Rust loader (sftfast.dataloader.SFTLoader, the default), and `--loader python` selects it.
+
+def read_jsonl_conversations(path) -> list:
+    """One conversation per line: {"messages": [...]} or a bare list of messages, read and
+    checked as sftfast.tasks.CustomJSON does (a bad line raises naming file:line)."""
+    from sftfast.tasks.customjson import CustomJSON
+
+    return list(CustomJSON(str(path)))
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor  # (B, T) int64
+    targets: torch.Tensor  # (B, T) int64, -1 = ignore
+    doc_ids: torch.Tensor  # (B, T) int32, one label per conversation in the row (padding: its own label)
+    progress: float  # epochs consumed by this rank after this batch
+
+
+class PyPackedLoader:
+    """Rank r of W takes conversations r, r+W, ... of `dataset`; rows of seq_len+1 tokens.
+
+    bestfit: from a buffer of `buffer_size` rendered conversations take the largest that fits the
+    row's remaining space; when none fits, pad the rest (pad id = bos, targets -1). A conversation
+    longer than the row is truncated to it (counted in `n_truncated`). padded: one conversation per
+    row, padded to the longest of the batch (the seed's collate_and_yield).
+    state_dict() holds the cursor and the indices in the buffer, so a resumed loader yields the
+    same batches as one that never stopped.
+    """
+
+    def __init__(self, dataset, tokenizer, batch_size, seq_len, rank=0, world_size=1, packing="bestfit", buffer_size=100):
+        if packing not in ("bestfit", "padded"):
+            raise ValueError(f"unknown packing {packing!r}")
+        self.dataset, self.tokenizer = dataset, tokenizer
+        self.B, self.T = batch_size, seq_len
+        self.rank, self.world = rank, world_size
+        self.packing, self.buffer_size = packing, buffer_size
+        self.shard_len = len(range(rank, len(dataset), world_size))
+        if self.shard_len == 0:
+            raise ValueError(f"dataset of {len(dataset)} conversations leaves rank {rank} of {world_size} nothing")
+        self.bos = tokenizer.special_token_id("<|bos|>")
+        from sftfast import reference
+
+        self._render, self._enc = reference.render_conversation, tokenizer.to_tiktoken()
+        self.cursor, self.consumed, self.n_truncated = 0, 0, 0  # cursor: position within this rank's shard
+        self.buffer: list[tuple[int, list[int], list[int]]] = []  # (shard position, ids, mask)
+
+    def _fetch(self):
+        index = self.rank + (self.cursor % self.shard_len) * self.world
+        ids, mask = self._render(self._enc, self.dataset[index], max_tokens=self.T + 2, location=f"conversation {index}")
+        self.buffer.append((self.cursor, ids, mask))
+        self.cursor += 1
+
+    def _take(self, k):
+        _, ids, mask = self.buffer.pop(k)
+        self.consumed += 1
+        return ids, mask
+
+    def next(self) -> Batch:
+        rows = []
+        if self.packing == "padded":
+            while len(self.buffer) < self.B:
+                self._fetch()
+            rows = [self._take(0) for _ in range(self.B)]
+            self.n_truncated += sum(len(r[0]) > self.T + 1 for r in rows)
+            width = min(self.T + 1, max(len(r[0]) for r in rows))
+        else:
+            width = self.T + 1
+            for _ in range(self.B):
+                row_ids, row_mask, row_docs, space, n_docs = [], [], [], width, 0
+                while True:
+                    while len(self.buffer) < self.buffer_size:
+                        self._fetch()
+                    fits = [(len(b[1]), -k) for k, b in enumerate(self.buffer) if len(b[1]) <= space]
+                    if not fits:
+                        if row_ids:
+                            break
+                        k = 0  # empty row and nothing fits: truncate the oldest conversation to the row
+                        self.n_truncated += 1
+                    else:
+                        k = -max(fits)[1]  # largest that fits; the oldest among equals
+                    ids, mask = self._take(k)
+                    ids, mask = ids[:space], mask[:space]
+                    row_docs.extend([n_docs] * len(ids))
+                    n_docs += 1
+                    row_ids.extend(ids)
+                    row_mask.extend(mask)
+                    space -= len(ids)
+                    if space == 0:
+                        break
+                rows.append((row_ids, row_mask, row_docs))
+        inputs = np.full((self.B, width), self.bos, dtype=np.int64)
+        targets_mask = np.zeros((self.B, width), dtype=bool)
+        doc_ids = np.zeros((self.B, width), dtype=np.int32)
+        for i, row in enumerate(rows):
+            ids, mask = row[0][:width], row[1][:width]
+            n = len(ids)
+            inputs[i, :n] = ids
+            targets_mask[i, :n] = np.asarray(mask, dtype=bool)
+            docs = row[2] if len(row) > 2 else [0] * n
+            doc_ids[i, :n] = docs[:n]
+            doc_ids[i, n:] = (docs[n - 1] + 1) if n else 0  # padding: a conversation of its own
+        targets = np.where(targets_mask[:, 1:], inputs[:, 1:], -1)
+        return Batch(
+            torch.from_numpy(inputs[:, :-1].copy()), torch.from_numpy(targets),
+            torch.from_numpy(doc_ids[:, :-1].copy()), self.consumed / self.shard_len,
+        )
+
+    def state_dict(self) -> dict:
+        return dict(cursor=self.cursor, consumed=self.consumed, n_truncated=self.n_truncated,
+                    buffer=[b[0] for b in self.buffer])
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed, self.n_truncated = int(state["consumed"]), int(state["n_truncated"])
+        self.buffer = []
+        for pos in state["buffer"]:  # re-render the buffered conversations
+            self.cursor = int(pos)
+            self._fetch()
+        self.cursor = int(state["cursor"])
+
+
+class Shuffled:
+    """A fixed permutation of a dataset (seed 42, as nanochat's TaskMixture): a file or shard
+    built from several sources in order must not be trained source after source under a
+    decaying learning rate. Same order on every rank; the loader then deals rank r of W
+    positions r, r+W, ... of it."""
+
+    def __init__(self, dataset, seed: int = 42):
+        self.dataset = dataset
+        self.order = np.random.default_rng(seed).permutation(len(dataset))
+        self.prerendered = getattr(dataset, "prerendered", False)
+        if self.prerendered:
+            self.bos_id = dataset.bos_id  # the padding id of a pre-rendered source
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i):
+        return self.dataset[int(self.order[i])]
+
+
+def read_training_data(path, tokenizer, shuffle: bool = True):
+    """A shard directory written by `python -m sftfast.prep` (checked against the tokenizer,
+    items already rendered), or a JSONL file of conversations; shuffled with seed 42."""
+    from sftfast.shards import ShardDataset, is_shard
+
+    if is_shard(path):
+        data = ShardDataset(path)
+        data.check_tokenizer(tokenizer)
+        data.prerendered = True
+    else:
+        data = read_jsonl_conversations(path)
+    return Shuffled(data) if shuffle else data
+
+
+def make_loader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packing="bestfit", impl="rust", device="cpu"):
+    """The Rust loader (sftfast.dataloader.SFTLoader) or, with impl="python", the Python one.
+    A preprocessed shard is already rendered: the loader packs its (ids, mask) pairs directly."""
+    if getattr(dataset, "prerendered", False):
+        if impl != "rust":
+            raise ValueError("--loader python renders conversations; a preprocessed shard needs --loader rust")
+        tokenizer = None
+    if impl == "python":
+        return PyPackedLoader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packing)
+    if impl != "rust":
+        raise ValueError(f"unknown loader {impl!r}")
+    return RustLoader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packing, device)
+
+
+class RustLoader:
+    """SFTLoader (Rust rendering + packing on a background thread, pinned buffers on CUDA) behind
+    the trainer's interface: next() -> Batch, consumed, shard_len, state_dict/load_state_dict.
+    It runs with num_epochs=None; the trainer decides when the epochs are consumed."""
+
+    def __init__(self, dataset, tokenizer, batch_size, seq_len, rank, world_size, packing, device):
+        from sftfast.dataloader import SFTLoader
+
+        self.loader = SFTLoader(dataset, tokenizer, batch_size=batch_size, seq_len=seq_len, mode=packing, rank=rank,
+                                world_size=world_size, num_epochs=None, device=device)
+        self.shard_len = self.loader.per_epoch
+
+    @property
+    def consumed(self) -> int:
+        return self.loader._consumed
+
+    @property
+    def n_truncated(self) -> int:
+        return self.loader.stats()["truncated"]
+
+    def next(self) -> Batch:
+        b = next(self.loader)
+        # position ids restart at 0 at each conversation (and at a row's padding tail): one label each
+        doc_ids = (b.position_ids == 0).cumsum(dim=1, dtype=torch.int32)
+        return Batch(b.inputs.long(), b.targets, doc_ids, b.epoch)
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+    def close(self) -> None:
+        self.loader.close()
