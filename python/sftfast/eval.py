@@ -94,6 +94,10 @@ def main(argv=None) -> int:
                                   "results": results, "chatcore": score}, indent=2))
             elif score is not None:
                 print(f"ChatCORE over {', '.join(scored)}: {score:.4f}")
+        if distributed:
+            # Both ranks finish before either tears gloo down: a rank that closes its sockets
+            # while the other is still printing can make the other's gloo thread abort.
+            dist.barrier()
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         # User-facing failures (TaskError, CheckpointError, a missing tokenizer or dataset):
         # one clear line and a non-zero status, not a traceback per rank.

@@ -513,6 +513,7 @@ def main(argv=None) -> int:
                 dist.destroy_process_group()
             return 1
     if dist.is_initialized():
+        dist.barrier()  # every rank done before gloo/NCCL is torn down (see sftfast.eval)
         dist.destroy_process_group()
     return 0
 
