@@ -6,10 +6,26 @@ Prompts are rendered by the tokenizer's own (Rust) `render_for_completion`.
 
 import os
 
+import pytest
 import torch
 
 from sftfast import Tokenizer
 from sftfast.model import GPT, GPTConfig
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny matmuls on a shared 2-core box: more torch threads only add contention.
+    Test modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
 
 
 def byte_tokenizer() -> Tokenizer:

@@ -7,22 +7,11 @@ import types
 import pytest
 import torch
 
-from _tasks_support import byte_tokenizer, tiny_model
+from _tasks_support import byte_tokenizer, one_thread, tiny_model, tok  # noqa: F401  (fixtures)
 from sftfast.engine import Engine, KVCache, sample_next_token
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core box: more threads only add contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return byte_tokenizer()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,22 +10,12 @@ import types
 import pytest
 import torch
 
-from _tasks_support import byte_tokenizer, tiny_model
+from _tasks_support import byte_tokenizer, one_thread, tiny_model, tok  # noqa: F401  (fixtures)
 from sftfast.evaluate import centered_accuracy, chatcore, evaluate_task, run_categorical_eval, run_generative_eval
 from sftfast.tasks import Task
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return byte_tokenizer()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ListTask(Task):

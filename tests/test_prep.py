@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sftfast import _core, prep
-from sftfast.reference import SPECIALS, render_conversation
+from sftfast.reference import chat_encoding, render_conversation
 from sftfast.shards import ShardDataset, is_shard
 
 CL100K_FILE = Path(importlib.util.find_spec("tiktoken_ext").submodule_search_locations[0]) / "data" / "cl100k_base.tiktoken"
@@ -33,12 +33,9 @@ PYTHONPATH = str(Path(prep.__file__).resolve().parents[1])
 
 @pytest.fixture(scope="module")
 def enc():
-    import tiktoken
     from tiktoken.load import load_tiktoken_bpe
 
-    ranks = load_tiktoken_bpe(str(CL100K_FILE))
-    specials = {name: len(ranks) + i for i, name in enumerate(SPECIALS)}
-    return tiktoken.Encoding("cl100k_chat", pat_str=prep.PATTERNS["cl100k"], mergeable_ranks=ranks, special_tokens=specials)
+    return chat_encoding(load_tiktoken_bpe(str(CL100K_FILE)), prep.PATTERNS["cl100k"])
 
 
 @pytest.fixture(scope="module")

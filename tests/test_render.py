@@ -6,7 +6,6 @@ import importlib.util
 import os
 
 import pytest
-import tiktoken
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiktoken.load import load_tiktoken_bpe
@@ -28,25 +27,12 @@ def cl100k_path():
 @pytest.fixture(scope="module")
 def toks():
     ranks = load_tiktoken_bpe(cl100k_path())
-    specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
-    enc = tiktoken.Encoding("nanochat-cl100k", pat_str=NANOCHAT_SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+    enc = ref.chat_encoding(ranks, NANOCHAT_SPLIT_PATTERN)
     tok = Tokenizer.from_ranks(ranks, NANOCHAT_SPLIT_PATTERN)
     return tok, enc
 
 
-SEED = {
-    "messages": [
-        {"role": "user", "content": "What is 12/60?"},
-        {
-            "role": "assistant",
-            "content": [
-                {"type": "python", "text": "12/60"},
-                {"type": "python_output", "text": "0.2"},
-                {"type": "text", "text": "The answer is 0.2"},
-            ],
-        },
-    ]
-}
+SEED = ref.SEED_EXAMPLE
 
 
 def test_seed_example_mask_table(toks):

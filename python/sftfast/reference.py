@@ -4,7 +4,7 @@ Written for clarity, not speed, with nanochat's semantics (scripts/chat_sft.py,
 nanochat/tokenizer.py) on top of a `tiktoken.Encoding`:
 
     from sftfast.reference import render_conversation, pack_bestfit, pack_padded
-    enc = tiktoken.Encoding(name, pat_str=..., mergeable_ranks=..., special_tokens=...)
+    enc = chat_encoding(ranks, pattern)     # a tiktoken.Encoding with the chat special tokens
     ids, mask = render_conversation(enc, conversation, max_tokens=2048)
     batches = pack_bestfit(rendered, batch_size=4, seq_len=2048, bos_id=enc._special_tokens["<|bos|>"])
 
@@ -27,6 +27,30 @@ from sftfast._core import ConversationError
 from sftfast.tokenizer import SPECIAL_TOKENS
 
 SPECIALS = SPECIAL_TOKENS  # the oracle renders with the same special tokens, in SPEC order
+
+# The seed document's example (SPEC 2): a calculator call, its output, then the answer.
+SEED_EXAMPLE = {
+    "messages": [
+        {"role": "user", "content": "What is 12/60?"},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "python", "text": "12/60"},
+                {"type": "python_output", "text": "0.2"},
+                {"type": "text", "text": "The answer is 0.2"},
+            ],
+        },
+    ]
+}
+
+
+def chat_encoding(ranks: dict, pattern: str, name: str = "sftfast-reference"):
+    """tiktoken's Encoding of `ranks` split by `pattern`, with the chat special tokens after the
+    ranks in SPEC order: the same vocabulary `sftfast.Tokenizer.from_ranks(ranks, pattern)` builds."""
+    import tiktoken
+
+    specials = {name: len(ranks) + i for i, name in enumerate(SPECIALS)}
+    return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
 
 
 def _err(location, message, reason):
@@ -241,29 +265,13 @@ if __name__ == "__main__":
     import importlib.util
     import os
 
-    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
 
     from sftfast.tokenizer import NANOCHAT_SPLIT_PATTERN
-    from tiktoken.load import load_tiktoken_bpe
 
     spec = importlib.util.find_spec("tiktoken_ext")
     path = os.path.join(list(spec.submodule_search_locations)[0], "data", "cl100k_base.tiktoken")
-    ranks = load_tiktoken_bpe(path)
-    specials = {name: len(ranks) + i for i, name in enumerate(SPECIALS)}
-    enc = tiktoken.Encoding("ref", pat_str=NANOCHAT_SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
-    seed = {
-        "messages": [
-            {"role": "user", "content": "What is 12/60?"},
-            {
-                "role": "assistant",
-                "content": [
-                    {"type": "python", "text": "12/60"},
-                    {"type": "python_output", "text": "0.2"},
-                    {"type": "text", "text": "The answer is 0.2"},
-                ],
-            },
-        ]
-    }
-    ids, mask = render_conversation(enc, seed)
+    enc = chat_encoding(load_tiktoken_bpe(path), NANOCHAT_SPLIT_PATTERN)
+    ids, mask = render_conversation(enc, SEED_EXAMPLE)
     for i, m in zip(ids, mask):
         print(f"{m} {i:>7} {enc.decode([i])!r}")

@@ -102,12 +102,27 @@ pub struct Conversation {
     messages: Vec<Message>,
 }
 
-fn conv_err(location: &str, message: impl ToString, reason: impl Into<String>) -> Error {
+/// A malformed conversation: where it is, which message, why (both input paths use this).
+pub fn conv_err(location: &str, message: impl ToString, reason: impl Into<String>) -> Error {
     Error::Conversation {
         location: location.to_string(),
         message: message.to_string(),
         reason: reason.into(),
     }
+}
+
+/// Message `i`'s content has the wrong type (`got` names it as the input's language does).
+pub fn wrong_content_type(location: &str, i: usize, role: Role, got: &str) -> Error {
+    let want = if role == Role::Assistant {
+        "a string or a list of parts"
+    } else {
+        "a string"
+    };
+    conv_err(
+        location,
+        i,
+        format!("{} content must be {want}, got {got}", role.name()),
+    )
 }
 
 impl Conversation {
@@ -210,14 +225,16 @@ pub fn parse_json_conversation(value: &Value, location: &str) -> Result<Conversa
             None => return Err(conv_err(location, "-", "missing field \"messages\"")),
         },
         Value::Array(a) => a,
-        other => return Err(conv_err(
-            location,
-            "-",
-            format!(
+        other => {
+            return Err(conv_err(
+                location,
+                "-",
+                format!(
                 "a conversation must be an object with \"messages\" or a list of messages, got {}",
                 type_name(other)
             ),
-        )),
+            ))
+        }
     };
     let mut out = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
@@ -289,22 +306,7 @@ pub fn parse_json_conversation(value: &Value, location: &str) -> Result<Conversa
                 }
                 Content::Parts(ps)
             }
-            Some(other) => {
-                let want = if role == Role::Assistant {
-                    "a string or a list of parts"
-                } else {
-                    "a string"
-                };
-                return Err(conv_err(
-                    location,
-                    i,
-                    format!(
-                        "{} content must be {want}, got {}",
-                        role.name(),
-                        type_name(other)
-                    ),
-                ));
-            }
+            Some(other) => return Err(wrong_content_type(location, i, role, type_name(other))),
             None => return Err(conv_err(location, i, "missing field \"content\"")),
         };
         out.push(Message { role, content });

@@ -411,23 +411,27 @@ impl Packer {
         }
     }
 
-    /// Plans and commits into freshly allocated vectors (tests, pure-Rust users).
-    pub fn next_batch(&mut self, flush: bool) -> Result<Option<OwnedBatch>> {
-        let plan = match self.plan(flush) {
-            Some(p) => p,
-            None => return Ok(None),
-        };
+    /// Commits `plan` into freshly allocated (rows * t) vectors: inputs, targets, position ids.
+    pub fn commit_owned(&mut self, plan: &Plan) -> Result<OwnedBatch> {
         let n = plan.num_rows * plan.t;
         let (mut a, mut b, mut c) = (vec![0i32; n], vec![0i64; n], vec![0i32; n]);
         let info = self.commit(
-            &plan,
+            plan,
             BatchOut {
                 inputs: &mut a,
                 targets: &mut b,
                 position_ids: &mut c,
             },
         )?;
-        Ok(Some((info, a, b, c)))
+        Ok((info, a, b, c))
+    }
+
+    /// Plans and commits into freshly allocated vectors (tests, pure-Rust users).
+    pub fn next_batch(&mut self, flush: bool) -> Result<Option<OwnedBatch>> {
+        match self.plan(flush) {
+            Some(plan) => self.commit_owned(&plan).map(Some),
+            None => Ok(None),
+        }
     }
 }
 

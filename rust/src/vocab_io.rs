@@ -265,34 +265,22 @@ mod tests {
             parse_rank_lines(b"YQ== 0\nYg== 1\n", "f", 1).unwrap().len(),
             2
         );
-        assert_eq!(
-            line_of(parse_rank_lines(b"YQ== 0\n\nYg==\n", "f", 1).unwrap_err()),
-            3
-        );
-        assert_eq!(
-            line_of(parse_rank_lines(b"YQ== 0\n!!!! 1\n", "f", 1).unwrap_err()),
-            2
-        );
-        assert_eq!(
-            line_of(parse_rank_lines(b"YQ== 0\nYg== 3000000000\n", "f", 1).unwrap_err()),
-            2
-        );
-        assert_eq!(
-            line_of(parse_rank_lines(b"YQ== x\n", "f", 1).unwrap_err()),
-            1
-        );
-        assert_eq!(
-            line_of(parse_rank_lines(b"YQ== 0\nYg== 0\n", "f", 1).unwrap_err()),
-            2
-        );
-        assert_eq!(
-            line_of(parse_rank_lines(b"YQ== 0\nYQ== 1\n", "f", 1).unwrap_err()),
-            2
-        );
-        assert_eq!(
-            line_of(parse_rank_lines(b"YQ== 0 1\n", "f", 5).unwrap_err()),
-            5
-        );
+        // (file contents, first line number, line the error must name)
+        let bad: [(&[u8], usize, usize); 7] = [
+            (b"YQ== 0\n\nYg==\n", 1, 3),
+            (b"YQ== 0\n!!!! 1\n", 1, 2),
+            (b"YQ== 0\nYg== 3000000000\n", 1, 2),
+            (b"YQ== x\n", 1, 1),
+            (b"YQ== 0\nYg== 0\n", 1, 2),
+            (b"YQ== 0\nYQ== 1\n", 1, 2),
+            (b"YQ== 0 1\n", 5, 5),
+        ];
+        for (text, first, line) in bad {
+            assert_eq!(
+                line_of(parse_rank_lines(text, "f", first).unwrap_err()),
+                line
+            );
+        }
         let msg = parse_rank_lines(b"YQ== -3\n", "vocab.tiktoken", 1)
             .unwrap_err()
             .to_string();

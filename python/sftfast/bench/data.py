@@ -102,17 +102,15 @@ def _cl100k_ranks():
 
 def build_tokenizer(with_tiktoken: bool = False):
     """cl100k ranks + nanochat's pattern + the chat specials (sftfast, and tiktoken peer)."""
-    from sftfast.tokenizer import NANOCHAT_SPLIT_PATTERN, SPECIAL_TOKENS, Tokenizer
+    from sftfast.tokenizer import NANOCHAT_SPLIT_PATTERN, Tokenizer
 
     ranks = _cl100k_ranks()
     tok = Tokenizer.from_ranks(ranks, NANOCHAT_SPLIT_PATTERN)
     if not with_tiktoken:
         return tok
-    import tiktoken
+    from sftfast.reference import chat_encoding
 
-    specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
-    enc = tiktoken.Encoding("nanochat-cl100k", pat_str=NANOCHAT_SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
-    return tok, enc
+    return tok, chat_encoding(ranks, NANOCHAT_SPLIT_PATTERN)
 
 
 def nanochat_style_bestfit(rendered, batch_size, seq_len, bos_id, buffer_size=100):

@@ -200,18 +200,16 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> dict:
-    import tiktoken
     from tiktoken.load import load_tiktoken_bpe
 
     from sftfast.prep import PATTERNS, load_tokenizer
-    from sftfast.reference import SPECIALS, render_conversation
+    from sftfast.reference import chat_encoding, render_conversation
     from sftfast.shards import ShardDataset
 
     tok_path = str(args.tokenizer or _cl100k_file())
     tok = load_tokenizer(tok_path, args.pattern)
     ranks = load_tiktoken_bpe(tok_path)
-    enc = tiktoken.Encoding("bench", pat_str=PATTERNS.get(args.pattern, args.pattern), mergeable_ranks=ranks,
-                            special_tokens={name: len(ranks) + i for i, name in enumerate(SPECIALS)})
+    enc = chat_encoding(ranks, PATTERNS.get(args.pattern, args.pattern))
     ncpu = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)

@@ -116,6 +116,18 @@ def _logits_tile(
 
 
 @triton.jit
+def _grouped_pid(num_m, num_cols, GROUP_M: tl.constexpr):
+    """(row block, column block) of this program in grouped order: GROUP_M row blocks x all
+    column blocks per group, row block fastest, so programs running at the same time read the
+    same W tiles (see module docstring). Program ids as int64 for the pointer arithmetic."""
+    pid = tl.program_id(0).to(tl.int64)
+    per_group = GROUP_M * num_cols
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_m, (pid % per_group) // group_m
+
+
+@triton.jit
 def _lse_fwd_kernel(
     h_ptr, w_ptr, tgt_ptr, max_ptr, sum_ptr, tlogit_ptr,
     n_rows, V, D, num_splits, tiles_per_split,
@@ -125,15 +137,7 @@ def _lse_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    # Grouped order: GROUP_M row blocks x all splits per group, row block fastest, so programs
-    # running at the same time read the same W tiles (see module docstring).
-    num_m = tl.cdiv(n_rows, BLOCK_M)
-    per_group = GROUP_M * num_splits
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_s = (pid % per_group) // group_m
+    pid_m, pid_s = _grouped_pid(tl.cdiv(n_rows, BLOCK_M), num_splits, GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < n_rows
@@ -177,14 +181,7 @@ def _dlogits_kernel(
     EVEN_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dZ for the vocabulary chunk [col_offset, col_offset + n_cols); w_ptr points at its first row."""
-    pid = tl.program_id(0).to(tl.int64)
-    num_m = tl.cdiv(n_rows, BLOCK_M)
-    num_v = tl.cdiv(n_cols, BLOCK_V)
-    per_group = GROUP_M * num_v
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_v = (pid % per_group) // group_m
+    pid_m, pid_v = _grouped_pid(tl.cdiv(n_rows, BLOCK_M), tl.cdiv(n_cols, BLOCK_V), GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)

@@ -6,7 +6,6 @@
 
 use crate::bpe::Rank;
 use crate::chat::{self, ChatTokens, Content, Conversation, Message, Part, PartKind, Role};
-use crate::error::Error;
 use crate::pack::{BatchInfo, BatchOut, Mode, Packer};
 use numpy::{PyArray1, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
@@ -16,13 +15,7 @@ use rayon::prelude::*;
 
 use super::tokenizer::PyCoreTokenizer;
 
-fn conv_err(location: &str, message: impl ToString, reason: impl Into<String>) -> Error {
-    Error::Conversation {
-        location: location.to_string(),
-        message: message.to_string(),
-        reason: reason.into(),
-    }
-}
+use crate::chat::conv_err;
 
 fn py_type_name(obj: &Bound<'_, PyAny>) -> String {
     obj.get_type()
@@ -188,21 +181,9 @@ pub fn conversation_from_py(obj: &Bound<'_, PyAny>, location: &str) -> PyResult<
                     }
                     Content::Parts(parts)
                 } else {
-                    let want = if role == Role::Assistant {
-                        "a string or a list of parts"
-                    } else {
-                        "a string"
-                    };
-                    return Err(conv_err(
-                        location,
-                        i,
-                        format!(
-                            "{} content must be {want}, got {}",
-                            role.name(),
-                            py_type_name(&c)
-                        ),
-                    )
-                    .into());
+                    return Err(
+                        chat::wrong_content_type(location, i, role, &py_type_name(&c)).into(),
+                    );
                 }
             }
         };
@@ -1021,19 +1002,7 @@ impl PyPacker {
         let inner = &mut self.inner;
         match out {
             None => {
-                let n = rows * t;
-                let (info, a, b, c) = py.detach(|| -> crate::error::Result<_> {
-                    let (mut a, mut b, mut c) = (vec![0i32; n], vec![0i64; n], vec![0i32; n]);
-                    let info = inner.commit(
-                        &plan,
-                        BatchOut {
-                            inputs: &mut a,
-                            targets: &mut b,
-                            position_ids: &mut c,
-                        },
-                    )?;
-                    Ok((info, a, b, c))
-                })?;
+                let (info, a, b, c) = py.detach(|| inner.commit_owned(&plan))?;
                 let a = PyArray1::from_vec(py, a).reshape([rows, t])?;
                 let b = PyArray1::from_vec(py, b).reshape([rows, t])?;
                 let c = PyArray1::from_vec(py, c).reshape([rows, t])?;
