@@ -321,6 +321,35 @@ impl<'a> Scanner<'a> {
         self.skip(i, keep)
     }
 
+    /// End of `\p{N}{1,max}` whose first digit ends at `i`.
+    #[inline]
+    fn digit_run(&self, mut i: usize, max: usize) -> usize {
+        for _ in 1..max {
+            if i < self.b.len() {
+                let (k, len) = self.at(i);
+                if k & NU != 0 {
+                    i += len;
+                    continue;
+                }
+            }
+            break;
+        }
+        i
+    }
+
+    /// Where ` ?[^\s\p{L}\p{N}]+` starts its symbol run at `pos` (class `k0`): after an
+    /// optional space when a symbol follows it; None when no symbol run starts here.
+    #[inline]
+    fn symbol_start(&self, pos: usize, k0: u8) -> Option<usize> {
+        if self.b[pos] == b' ' && is_symbol(self.class_at(pos + 1)) {
+            Some(pos + 1)
+        } else if is_symbol(k0) {
+            Some(pos)
+        } else {
+            None
+        }
+    }
+
     /// The end of the longest run of bytes from `i` in `set` (ASCII only).
     #[inline(always)]
     fn skip_bytes(&self, mut i: usize, set: &[u8]) -> usize {
@@ -394,29 +423,11 @@ impl<'a> Scanner<'a> {
         }
         // \p{N}{1,2} / \p{N}{1,3}+
         if k0 & NU != 0 {
-            let mut i = pos + len0;
-            for _ in 1..max_digits {
-                if i < b.len() {
-                    let (k, len) = self.at(i);
-                    if k & NU != 0 {
-                        i += len;
-                        continue;
-                    }
-                }
-                break;
-            }
-            return i;
+            return self.digit_run(pos + len0, max_digits);
         }
         // ` ?[^\s\p{L}\p{N}]++[\r\n]*`: with the space if a symbol follows it; else the
         // space (whitespace) cannot start a symbol run.
-        let symbols = if b[pos] == b' ' && is_symbol(self.class_at(pos + 1)) {
-            Some(pos + 1)
-        } else if is_symbol(k0) {
-            Some(pos)
-        } else {
-            None
-        };
-        if let Some(start) = symbols {
+        if let Some(start) = self.symbol_start(pos, k0) {
             let end = self.skip(start, is_symbol);
             return self.skip_bytes(end, b"\r\n");
         }
@@ -499,28 +510,10 @@ impl<'a> Scanner<'a> {
         }
         // \p{N}{1,3}
         if k0 & NU != 0 {
-            let mut i = pos + len0;
-            for _ in 1..3 {
-                if i < b.len() {
-                    let (k, len) = self.at(i);
-                    if k & NU != 0 {
-                        i += len;
-                        continue;
-                    }
-                }
-                break;
-            }
-            return i;
+            return self.digit_run(pos + len0, 3);
         }
         // ` ?[^\s\p{L}\p{N}]+[\r\n/]*`
-        let symbols = if b[pos] == b' ' && is_symbol(self.class_at(pos + 1)) {
-            Some(pos + 1)
-        } else if is_symbol(k0) {
-            Some(pos)
-        } else {
-            None
-        };
-        if let Some(start) = symbols {
+        if let Some(start) = self.symbol_start(pos, k0) {
             let end = self.skip(start, is_symbol);
             return self.skip_bytes(end, b"\r\n/");
         }
