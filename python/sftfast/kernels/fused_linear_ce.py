@@ -266,17 +266,24 @@ def lse_forward(h, weight, targets, softcap=None, config=None):
         n, V, D, splits, tiles_per_split,
         h.stride(0), h.stride(1), weight.stride(0), weight.stride(1),
         float(softcap) if softcap else 1.0,
-        HAS_SOFTCAP=bool(softcap),
-        BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        EVEN_K=D % cfg["BLOCK_K"] == 0,
-        UPCAST=_interpreting() or h.dtype == torch.float32,
-        DOT_PRECISION=_dot_precision(h.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **_launch_options(cfg, h.dtype, D, softcap),
     )
     m, s, t = part[0], part[1], part[2]  # (splits, n) each
     m_max = m.max(dim=0).values
     lse = m_max + torch.log((s * torch.exp(m - m_max)).sum(dim=0))
     return lse, t.sum(dim=0)
+
+
+def _launch_options(cfg, dtype, D, softcap) -> dict:
+    """The compile-time options and launch sizes both kernels take from a tile config."""
+    return dict(
+        HAS_SOFTCAP=bool(softcap),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        EVEN_K=D % cfg["BLOCK_K"] == 0,
+        UPCAST=_interpreting() or dtype == torch.float32,
+        DOT_PRECISION=_dot_precision(dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
 
 
 def dlogits_chunk(h, w_chunk, targets, lse, scale, col_offset, out, softcap=None, config=None):
@@ -291,12 +298,7 @@ def dlogits_chunk(h, w_chunk, targets, lse, scale, col_offset, out, softcap=None
         n, C, D, col_offset,
         h.stride(0), h.stride(1), w_chunk.stride(0), w_chunk.stride(1), out.stride(0),
         float(softcap) if softcap else 1.0,
-        HAS_SOFTCAP=bool(softcap),
-        BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        EVEN_K=D % cfg["BLOCK_K"] == 0,
-        UPCAST=_interpreting() or h.dtype == torch.float32,
-        DOT_PRECISION=_dot_precision(h.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **_launch_options(cfg, h.dtype, D, softcap),
     )
     return out
 
