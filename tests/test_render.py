@@ -195,6 +195,55 @@ def test_render_batch_after_fork(toks):
     pytest.fail("render_batch hung in a forked child")
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_fork_while_another_thread_renders_and_packs(toks):
+    """Forks taken while a loader-like thread is inside Rust (GIL released, pool threads and the
+    extension's allocator busy) leave children that render and pack correctly: no lock of the
+    parent's threads is inherited held."""
+    import threading
+    import time
+
+    from sftfast import Packer
+
+    tok, _ = toks
+    convs = [SEED] * 48
+    want = tok.render_batch(convs)
+    want_inputs = [b.inputs.tolist() for b in Packer("bestfit", 2, 64, tok.bos_id).pack(want)]
+    stop = threading.Event()
+
+    def busy():
+        while not stop.is_set():
+            Packer("bestfit", 2, 64, tok.bos_id).pack(tok.render_batch(convs, num_threads=2))
+
+    worker = threading.Thread(target=busy, daemon=True)
+    worker.start()
+    try:
+        for k in range(8):
+            time.sleep(0.003 * k)  # land the fork at different points of the worker's loop
+            pid = os.fork()
+            if pid == 0:
+                ok = False
+                try:
+                    got = tok.render_batch(convs, num_threads=2)
+                    ok = got == want and [b.inputs.tolist() for b in Packer("bestfit", 2, 64, tok.bos_id).pack(got)] == want_inputs
+                finally:
+                    os._exit(0 if ok else 1)
+            t0 = time.time()
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    assert os.waitstatus_to_exitcode(status) == 0, f"fork {k}: the child rendered or packed wrongly"
+                    break
+                if time.time() - t0 > 60:
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                    pytest.fail(f"fork {k}: the child hung")
+                time.sleep(0.01)
+    finally:
+        stop.set()
+        worker.join()
+
+
 def test_lone_surrogates_render_as_tiktoken_encodes_them(toks):
     """A Python str may hold lone surrogates (not UTF-8). Rendering replaces them as tiktoken's
     encode does (UTF-16 round trip: pairs joined, lone ones -> U+FFFD) instead of rejecting the

@@ -382,6 +382,12 @@ impl PyCoreTokenizer {
 //   shared 4-8 MiB NumPy arrays (a view per batch), hoping for huge pages: none came (still
 //   ~10 k faults), 55 vs 44-53 M tok/s cold but 53 vs 90 M tok/s warm, and a kept batch
 //   would pin its whole group. Not tried: one pass over ids and mask together.
+// - Then the extension's global allocator became mimalloc (py/mod.rs): freed batch arrays stay
+//   mapped for reuse, so the fault cost above is gone after the first call: pack from lists
+//   67-89 M tok/s wall in the data benchmark (41-50 before, same runs). Also tried: skipping
+//   the zero-fill of `commit_owned`'s vectors (no gain beyond noise, so no unsafe for it);
+//   mimalloc without huge pages (`no_thp`: first call 3x faster, steady state 70-75 instead
+//   of 85-100 M tok/s, with purge-fault bursts).
 // The figures after these changes are in docs/BENCHMARKS.md ("Data plane").
 // ---------------------------------------------------------------------------------------------
 
