@@ -166,6 +166,31 @@ def test_bestfit_rows_masks_and_resume():
         assert torch.equal(x.inputs, y.inputs) and torch.equal(x.targets, y.targets) and torch.equal(x.doc_ids, y.doc_ids)
 
 
+def test_python_baseline_packs_like_the_reference_with_overlong_conversations():
+    """The baseline the train benchmark measures must do nanochat's work: an overlong
+    conversation is cut to the row when it enters the buffer, then picked like any other."""
+    from sftfast import reference as ref
+
+    tok = byte_tokenizer()
+    data = conversations(60, 5) + conversations(10, 6, long_user=True)  # long ones: ~200 bytes > a row
+    random.Random(1).shuffle(data)
+    B, T, buf = 2, 63, 6
+    rendered = [ref.render_conversation(tok.to_tiktoken(), c, T + 2) for c in data]
+    assert sum(len(ids) > T + 1 for ids, _ in rendered) >= 5
+    want = ref.pack_bestfit(rendered, B, T, tok.bos_id, buffer_size=buf)
+    loader = train_data.PyPackedLoader(data, tok, B, T, buffer_size=buf)
+    used = 0
+    for k, w in enumerate(want):
+        used += len(w.tags)
+        if used > len(data) - buf:  # the reference's buffer starts to run dry; the loader's cycles on
+            break
+        got = loader.next()
+        assert got.inputs.tolist() == w.inputs.tolist(), f"batch {k}"
+        assert got.targets.tolist() == w.targets.tolist(), f"batch {k}"
+    assert k >= 5
+    assert loader.n_truncated == sum(w.num_truncated for w in want[:k])
+
+
 def test_rank_sharding_is_disjoint():
     tok = byte_tokenizer()
     data = conversations(10, 4)

@@ -45,7 +45,8 @@ class PyPackedLoader:
 
     bestfit: from a buffer of `buffer_size` rendered conversations take the largest that fits the
     row's remaining space; when none fits, pad the rest (pad id = bos, targets -1). A conversation
-    longer than the row is truncated to it (counted in `n_truncated`). padded: one conversation per
+    longer than the row is truncated to it when it enters the buffer, as nanochat and
+    sftfast.reference.pack_bestfit do (counted in `n_truncated` when it is used). padded: one conversation per
     row, padded to the longest of the batch (the seed's collate_and_yield).
     state_dict() holds the cursor and the indices in the buffer, so a resumed loader yields the
     same batches as one that never stopped.
@@ -66,17 +67,19 @@ class PyPackedLoader:
 
         self._render, self._enc = reference.render_conversation, tokenizer.to_tiktoken()
         self.cursor, self.consumed, self.n_truncated = 0, 0, 0  # cursor: position within this rank's shard
-        self.buffer: list[tuple[int, list[int], list[int]]] = []  # (shard position, ids, mask)
+        self.buffer: list[tuple[int, list[int], list[int], bool]] = []  # (shard position, ids, mask, truncated)
 
     def _fetch(self):
         index = self.rank + (self.cursor % self.shard_len) * self.world
         ids, mask = self._render(self._enc, self.dataset[index], max_tokens=self.T + 2, location=f"conversation {index}")
-        self.buffer.append((self.cursor, ids, mask))
+        row = self.T + 1
+        self.buffer.append((self.cursor, ids[:row], mask[:row], len(ids) > row))
         self.cursor += 1
 
     def _take(self, k):
-        _, ids, mask = self.buffer.pop(k)
+        _, ids, mask, truncated = self.buffer.pop(k)
         self.consumed += 1
+        self.n_truncated += truncated
         return ids, mask
 
     def next(self) -> Batch:
@@ -85,8 +88,7 @@ class PyPackedLoader:
             while len(self.buffer) < self.B:
                 self._fetch()
             rows = [self._take(0) for _ in range(self.B)]
-            self.n_truncated += sum(len(r[0]) > self.T + 1 for r in rows)
-            width = min(self.T + 1, max(len(r[0]) for r in rows))
+            width = max(len(r[0]) for r in rows)
         else:
             width = self.T + 1
             for _ in range(self.B):
@@ -95,15 +97,9 @@ class PyPackedLoader:
                     while len(self.buffer) < self.buffer_size:
                         self._fetch()
                     fits = [(len(b[1]), -k) for k, b in enumerate(self.buffer) if len(b[1]) <= space]
-                    if not fits:
-                        if row_ids:
-                            break
-                        k = 0  # empty row and nothing fits: truncate the oldest conversation to the row
-                        self.n_truncated += 1
-                    else:
-                        k = -max(fits)[1]  # largest that fits; the oldest among equals
-                    ids, mask = self._take(k)
-                    ids, mask = ids[:space], mask[:space]
+                    if not fits:  # never on an empty row: every buffered conversation fits a row
+                        break
+                    ids, mask = self._take(-max(fits)[1])  # largest that fits; the oldest among equals
                     row_docs.extend([n_docs] * len(ids))
                     n_docs += 1
                     row_ids.extend(ids)
