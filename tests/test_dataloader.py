@@ -217,6 +217,54 @@ def test_infinite_and_bad_settings(tok):
         SFTLoader(convs, tok, batch_size=1, seq_len=8, mode="greedy")
 
 
+def _producers():
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "sftfast-loader"]
+
+
+def test_producer_thread_is_gone_when_the_stream_ends(tok):
+    """A producer still freeing its ring of tensors while the interpreter finalizes is killed
+    inside torch's deallocator and aborts the process: the loader joins it at the end."""
+    assert not _producers()
+    loader = SFTLoader(make_convs(30), tok, batch_size=2, seq_len=48)
+    for batch in loader:
+        if batch.last:  # joined before the final batch is handed out, not some time after
+            assert loader._thread is None and not _producers()
+    assert batch.last and not _producers()
+    bad = SFTLoader([{"messages": []}] * 3, tok, batch_size=2, seq_len=48)
+    with pytest.raises(ConversationError):
+        next(bad)
+    assert not _producers()
+
+
+def test_interpreter_exit_with_loaders_running_or_finished(tok, tmp_path):
+    """Exiting with one loader abandoned mid-stream (producer blocked on a full queue) and others
+    run to the end exits cleanly (status 0) every time."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "exit.py"
+    script.write_text(
+        "import sys\n"
+        "from sftfast import Tokenizer\n"
+        "from sftfast.dataloader import SFTLoader\n"
+        "from sftfast.tokenizer import NANOCHAT_SPLIT_PATTERN\n"
+        f"sys.path.insert(0, {str(__import__('os').path.dirname(__file__))!r})\n"
+        "from test_dataloader import make_convs\n"
+        "tok = Tokenizer.from_ranks({bytes([b]): b for b in range(256)}, NANOCHAT_SPLIT_PATTERN)\n"
+        "for k in range(6):\n"
+        "    for b in SFTLoader(make_convs(40, k), tok, batch_size=2, seq_len=48):\n"
+        "        pass\n"
+        "abandoned = SFTLoader(make_convs(400), tok, batch_size=2, seq_len=48, prefetch=2)\n"
+        "next(abandoned)\n"
+        "print('ok')\n"
+    )
+    for _ in range(3):
+        r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_pinned_non_blocking(tok):
     convs = make_convs(200)

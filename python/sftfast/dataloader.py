@@ -40,9 +40,11 @@ Interface (for the trainer):
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +78,17 @@ class _Slot:
         self.position_ids = torch.empty(n, dtype=torch.int32, pin_memory=pin)
         self.numpy = (self.inputs.numpy(), self.targets.numpy(), self.position_ids.numpy())
         self.copied = None  # torch.cuda.Event
+
+
+# Loaders whose producer thread is running: stopped at interpreter exit (atexit runs before
+# finalization), so no daemon producer is caught mid-way through freeing tensors (see _finish).
+_RUNNING: "weakref.WeakSet[SFTLoader]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_running_loaders() -> None:
+    for loader in list(_RUNNING):
+        loader.close()
 
 
 class SFTLoader:
@@ -218,6 +231,7 @@ class SFTLoader:
         self._stop.clear()
         self._thread = threading.Thread(target=self._produce, args=(list(self._held), self._cursor), daemon=True, name="sftfast-loader")
         self._thread.start()
+        _RUNNING.add(self)
 
     # --- iteration ---
     def __iter__(self):
@@ -230,11 +244,11 @@ class SFTLoader:
             self._start()
         kind, payload, last = self._queue.get()
         if kind == "error":
-            self._done = True
+            self._finish()
             raise payload
         if kind == "end":
             self._note_skipped(payload)
-            self._done = True
+            self._finish()
             raise StopIteration
         b, slot, held, cursor, skipped = payload
         self._note_skipped(skipped)
@@ -266,7 +280,7 @@ class SFTLoader:
         tot["empty_rows"] += b.empty_rows
         tot["empty_batches"] += int(b.num_supervised == 0)
         if last:
-            self._done = True
+            self._finish()
         return LoaderBatch(
             inputs, targets, position_ids, cu, b.doc_lens, b.num_supervised, b.num_pad, b.num_truncated, b.empty_rows,
             len(b.tags), self.epoch, last,
@@ -332,6 +346,13 @@ class SFTLoader:
         self._totals = dict(state["totals"])
         self._done = False
 
+    def _finish(self) -> None:
+        """The stream has ended: wait for the producer to exit now. A daemon thread still freeing
+        its ring of tensors when the interpreter finalizes is killed inside torch's deallocator,
+        which aborts the process ("terminate called without an active exception")."""
+        self._done = True
+        self.close()
+
     def close(self) -> None:
         """Stops the background thread (a later next() starts it again from the saved point)."""
         if self._thread is not None:
@@ -342,6 +363,7 @@ class SFTLoader:
                 except queue.Empty:
                     pass
             self._thread = None
+        _RUNNING.discard(self)
 
     def __del__(self):
         try:
