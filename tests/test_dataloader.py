@@ -129,6 +129,29 @@ def test_bad_conversation_fail_and_skip(tok):
     assert loader.epoch == pytest.approx(1.0)
 
 
+def test_rendered_chunk_feeds_like_feed_conversations(tok):
+    """Tokenizer.render_chunk + Packer.feed_rendered (the loader's render-ahead path) give the
+    packer exactly what feed_conversations does, errors included, and a chunk feeds once."""
+    convs = make_convs(30)
+    convs[7] = {"messages": [{"role": "assistant", "content": "first"}]}
+    tags = list(range(100, 130))
+    a, b = Packer("bestfit", 2, 64, tok.bos_id), Packer("bestfit", 2, 64, tok.bos_id)
+    want_errors = a.feed_conversations(tok, convs, tags, 66, None, "skip", list(range(30)))
+    chunk = tok._core.render_chunk(convs, 66, None, "skip", list(range(30)))
+    assert len(chunk) == 30 and chunk.num_tokens > 0
+    assert [i for i, _ in chunk.errors] == [7] and "conversation 7: message 0" in chunk.errors[0][1]
+    assert b.feed_rendered(chunk, tags) == want_errors == [(107, chunk.errors[0][1])]
+    assert chunk.num_tokens == 0 and a.held_tags() == b.held_tags()
+    for x, y in zip(iter(lambda: a.next_batch(flush=True), None), iter(lambda: b.next_batch(flush=True), None)):
+        assert (x.inputs == y.inputs).all() and (x.targets == y.targets).all() and x.tags == y.tags
+    with pytest.raises(ValueError, match="already fed"):
+        b.feed_rendered(chunk, tags)
+    with pytest.raises(ValueError, match="tags has 2 entries for a chunk of 30"):
+        Packer("bestfit", 2, 64, tok.bos_id).feed_rendered(tok._core.render_chunk(convs, 66, on_error="skip"), [0, 1])
+    with pytest.raises(ConversationError, match="conversation 7: message 0"):
+        tok._core.render_chunk(convs, 66)
+
+
 class FlakySource:
     """A sequence whose __getitem__ cannot produce some records, as a task raises TaskError for
     a malformed dataset row."""

@@ -28,6 +28,10 @@ Interface (for the trainer):
   `num_epochs` set, the final batch may have fewer rows.
 - Progress counts a conversation when a batch containing its tokens has been *yielded*
   (consumption, not fetching), so the loader can run ahead without skewing it.
+- Threads: a producer packs batches into a ring of host buffers and queues them (`prefetch`
+  ahead); a helper renders the next `chunk_size` conversations in Rust (all cores unless
+  `num_threads`, GIL released) while the producer packs the current chunk. Both are stopped
+  when the stream ends, by `close()`, and at interpreter exit.
 - On CUDA, batches are written by Rust straight into page-locked host buffers (a ring of
   `prefetch + 3`) and copied with `non_blocking=True`; a slot is reused only after the copy
   out of it has finished (CUDA event). On CPU the tensors are fresh copies.
@@ -45,6 +49,7 @@ import queue
 import threading
 import warnings
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,6 +123,7 @@ class SFTLoader:
         if on_error not in ("fail", "skip"):
             raise ValueError(f'on_error must be "fail" or "skip", got {on_error!r}')
         self.source, self.tokenizer = source, tokenizer
+        self._core = getattr(tokenizer, "_core", tokenizer)  # the extension tokenizer (render_chunk)
         self.batch_size, self.seq_len, self.mode, self.buffer_size = batch_size, seq_len, mode, buffer_size
         self.rank, self.world_size, self.num_epochs = rank, world_size, num_epochs
         # Render one token past the row so the packer sees (and counts) conversations that do not fit.
@@ -150,9 +156,15 @@ class SFTLoader:
         return None if self.num_epochs is None else self.num_epochs * self.per_epoch
 
     # --- the background producer ---
-    def _feed(self, packer, tags):
-        """Fetches and feeds the items of `tags`; returns [(tag, message)] of the skipped ones."""
-        items, fed_tags, failed = [], [], []
+    # Chunks of `chunk_size` stream positions go through two stages: _prepare (fetch from the
+    # source, walk and render in Rust) runs one chunk ahead on a helper thread, _commit (feed
+    # the packer) on the producer thread, so rendering the next chunk overlaps packing the
+    # current one and the consumer's work. Errors surface at _commit, in stream order.
+
+    def _prepare(self, tags):
+        """Fetches and renders the items of `tags`: (fed tags, payload, [(tag, message)] the
+        source could not produce, the error to raise after feeding the records before it)."""
+        items, fed_tags, failed, error = [], [], [], None
         for t in tags:
             i = self._source_index(t)
             try:
@@ -162,34 +174,47 @@ class SFTLoader:
                 if self.on_error == "fail":
                     # The records before it go first, so the first bad record in stream order is
                     # the one reported, whichever stage it failed in.
-                    self._feed_items(packer, items, fed_tags)
-                    raise ConversationError(msg) from e
+                    error = ConversationError(msg)
+                    error.__cause__ = e
+                    break
                 failed.append((t, msg))
                 continue
             items.append(item)
             fed_tags.append(t)
-        skipped = self._feed_items(packer, items, fed_tags) + failed
-        return sorted(skipped, key=lambda x: x[0])  # stream order, as the render errors come
+        if self.tokenizer is not None and items:
+            # errors name the source index, not the stream tag
+            indices = [self._source_index(t) for t in fed_tags]
+            items = self._core.render_chunk(items, self.max_tokens, self.num_threads, self.on_error, indices)
+        return fed_tags, items, failed, error
 
-    def _feed_items(self, packer, items, tags):
-        if not items:
-            return []
-        if self.tokenizer is None:
-            packer.feed(items, tags=tags)
-            return []
-        # errors name the source index, not the stream tag
-        indices = [self._source_index(t) for t in tags]
-        return packer.feed_conversations(self.tokenizer, items, tags, self.max_tokens, self.num_threads, self.on_error, indices)
+    def _commit(self, packer, prepared):
+        """Feeds a prepared chunk; returns [(tag, message)] of its skipped records."""
+        fed_tags, items, failed, error = prepared
+        skipped = []
+        if fed_tags:
+            if self.tokenizer is None:
+                packer.feed(items, tags=fed_tags)
+            else:
+                skipped = packer.feed_rendered(items, fed_tags)
+        if error is not None:
+            raise error
+        return sorted(skipped + failed, key=lambda x: x[0])  # stream order
 
     def _produce(self, held, cursor):
         q, stop = self._queue, self._stop
+        render_ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sftfast-render")
         try:
             packer = Packer(self.mode, self.batch_size, self.seq_len, self._bos_id(), self.buffer_size)
             ring = [_Slot(self.batch_size * self.seq_len, self._pin) for _ in range(self.prefetch + 3)]
             if held:
-                if self._feed(packer, held):
+                if self._commit(packer, self._prepare(held)):
                     raise RuntimeError("a conversation that rendered before the checkpoint fails now: the source changed")
             total = self._total_tags()
+
+            def chunk_from(c):  # the stream positions of the chunk starting at c
+                return list(range(c, c + (self.chunk_size if total is None else min(self.chunk_size, total - c))))
+
+            ahead = None  # the next chunk, being prepared on the helper thread
             pending = None  # held back one batch, so the final one can be flagged `last`
             skipped = []
             k = 0
@@ -202,10 +227,11 @@ class SFTLoader:
                 if b is None:
                     if exhausted:
                         break
-                    n = self.chunk_size if total is None else min(self.chunk_size, total - cursor)
-                    tags = list(range(cursor, cursor + n))
-                    cursor += n
-                    skipped += self._feed(packer, tags)
+                    tags = chunk_from(cursor)
+                    current = ahead if ahead is not None else render_ahead.submit(self._prepare, tags)
+                    cursor += len(tags)
+                    ahead = render_ahead.submit(self._prepare, chunk_from(cursor)) if total is None or cursor < total else None
+                    skipped += self._commit(packer, current.result())
                     continue
                 k += 1
                 item = (b, slot, packer.held_tags(), cursor, skipped)
@@ -218,6 +244,8 @@ class SFTLoader:
             q.put(("end", skipped, None))
         except BaseException as e:  # surfaced to the consumer by __next__
             q.put(("error", e, None))
+        finally:
+            render_ahead.shutdown(wait=True, cancel_futures=True)
 
     def _bos_id(self):
         if self.tokenizer is not None:

@@ -286,8 +286,112 @@ fn render_all(
     })
 }
 
+/// Conversations rendered and held in Rust (no Python lists of tokens): what
+/// `Tokenizer.render_chunk` returns and `Packer.feed_rendered` consumes. The loader renders the
+/// next chunk on a helper thread while the packer works through the current one.
+#[pyclass(name = "RenderedChunk", module = "sftfast._core")]
+pub struct PyRenderedChunk {
+    /// (position in the chunk, ids, mask) of the conversations that rendered, in order.
+    items: Vec<(usize, Vec<Rank>, Vec<u8>)>,
+    /// (position, message) of the bad ones (on_error="skip").
+    errors: Vec<(usize, String)>,
+    /// Conversations given, good and bad.
+    len: usize,
+    /// Set once the items have moved into a packer: a chunk feeds once.
+    fed: bool,
+}
+
+#[pymethods]
+impl PyRenderedChunk {
+    fn __len__(&self) -> usize {
+        self.len
+    }
+    /// Tokens held (0 once fed).
+    #[getter]
+    fn num_tokens(&self) -> usize {
+        self.items.iter().map(|(_, ids, _)| ids.len()).sum()
+    }
+    /// (position in the chunk, message) of the conversations that failed (on_error="skip").
+    #[getter]
+    fn errors(&self) -> Vec<(usize, String)> {
+        self.errors.clone()
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "RenderedChunk(conversations={}, rendered={}, bad={}, fed={})",
+            self.len,
+            self.items.len(),
+            self.errors.len(),
+            self.fed
+        )
+    }
+}
+
+/// Walks `conversations` (GIL held), then renders the good ones with the GIL released.
+fn render_chunk(
+    py: Python<'_>,
+    tok: &PyCoreTokenizer,
+    conversations: &Bound<'_, PyAny>,
+    max_tokens: usize,
+    num_threads: Option<usize>,
+    on_error: &str,
+    indices: Option<Vec<i64>>,
+) -> PyResult<PyRenderedChunk> {
+    let skip = parse_on_error(on_error)?;
+    let (ok, bad) = parse_many(conversations, &indices, skip)?;
+    let rendered = py.detach(|| render_all(tok, &ok, max_tokens, num_threads))?;
+    let len = ok.len() + bad.len();
+    let mut errors = Vec::with_capacity(bad.len());
+    for (i, e) in bad {
+        errors.push((i, e.value(py).str()?.to_string()));
+    }
+    Ok(PyRenderedChunk {
+        items: ok
+            .iter()
+            .zip(rendered)
+            .map(|((i, _), (ids, mask))| (*i, ids, mask))
+            .collect(),
+        errors,
+        len,
+        fed: false,
+    })
+}
+
+/// The extension tokenizer behind either it or the Python `Tokenizer` wrapper (`._core`).
+fn core_tokenizer<'py>(tokenizer: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyCoreTokenizer>> {
+    match tokenizer.cast::<PyCoreTokenizer>() {
+        Ok(c) => Ok(c.clone()),
+        Err(_) => Ok(tokenizer.getattr("_core")?.cast_into::<PyCoreTokenizer>()?),
+    }
+}
+
 #[pymethods]
 impl PyCoreTokenizer {
+    /// Renders `conversations` into a RenderedChunk held in Rust, for `Packer.feed_rendered`
+    /// (walked with the GIL held, rendered in parallel without it). `indices` name the
+    /// conversations in error messages (default: their positions); on_error="skip" keeps the
+    /// bad ones' messages in `chunk.errors` instead of raising at the first.
+    #[pyo3(name = "render_chunk", signature = (conversations, max_tokens=2048, num_threads=None, on_error="fail", indices=None))]
+    fn py_render_chunk(
+        &self,
+        py: Python<'_>,
+        conversations: &Bound<'_, PyAny>,
+        max_tokens: usize,
+        num_threads: Option<usize>,
+        on_error: &str,
+        indices: Option<Vec<i64>>,
+    ) -> PyResult<PyRenderedChunk> {
+        render_chunk(
+            py,
+            self,
+            conversations,
+            max_tokens,
+            num_threads,
+            on_error,
+            indices,
+        )
+    }
+
     /// (ids, mask) of one conversation, truncated to max_tokens.
     #[pyo3(signature = (conversation, max_tokens=2048))]
     fn render_conversation<'py>(
@@ -845,6 +949,34 @@ fn slice_mut<'a, T: numpy::Element>(
 }
 
 impl PyPacker {
+    fn feed_chunk(
+        &mut self,
+        chunk: &mut PyRenderedChunk,
+        tags: &[u64],
+    ) -> PyResult<Vec<(u64, String)>> {
+        if chunk.fed {
+            return Err(PyValueError::new_err(
+                "this RenderedChunk was already fed to a packer",
+            ));
+        }
+        if tags.len() != chunk.len {
+            return Err(PyValueError::new_err(format!(
+                "tags has {} entries for a chunk of {} conversations",
+                tags.len(),
+                chunk.len
+            )));
+        }
+        chunk.fed = true;
+        for (i, ids, mask) in std::mem::take(&mut chunk.items) {
+            self.inner.feed(ids, mask, tags[i])?;
+        }
+        Ok(chunk
+            .errors
+            .iter()
+            .map(|(i, m)| (tags[*i], m.clone()))
+            .collect())
+    }
+
     /// Feeds `rendered[start..end]`; conversation i's tag is `tags[i]`, or i.
     fn feed_range(
         &mut self,
@@ -943,10 +1075,10 @@ impl PyPacker {
         self.feed_range(rendered, 0, n, tags.as_deref())
     }
 
-    /// Walks, renders (in parallel, GIL released) and feeds conversation dicts: the loader's
-    /// path, with no Python lists of tokens in between. Returns [(tag, message)] of the bad
-    /// ones when on_error="skip" (empty otherwise; "fail" raises at the first).
-    /// `indices` (default: the tags) name the conversations in error messages.
+    /// Walks, renders (in parallel, GIL released) and feeds conversation dicts, with no Python
+    /// lists of tokens in between: `tokenizer.render_chunk` + `feed_rendered` in one call.
+    /// Returns [(tag, message)] of the bad ones when on_error="skip" (empty otherwise; "fail"
+    /// raises at the first). `indices` (default: the tags) name the conversations in errors.
     #[pyo3(signature = (tokenizer, conversations, tags, max_tokens=2048, num_threads=None, on_error="fail", indices=None))]
     #[allow(clippy::too_many_arguments)]
     fn feed_conversations(
@@ -960,12 +1092,6 @@ impl PyPacker {
         on_error: &str,
         indices: Option<Vec<i64>>,
     ) -> PyResult<Vec<(u64, String)>> {
-        let skip = parse_on_error(on_error)?;
-        // Accept the Python Tokenizer wrapper too.
-        let core = match tokenizer.cast::<PyCoreTokenizer>() {
-            Ok(c) => c.clone(),
-            Err(_) => tokenizer.getattr("_core")?.cast_into::<PyCoreTokenizer>()?,
-        };
         if tags.len() != conversations.len()? {
             return Err(PyValueError::new_err(format!(
                 "tags has {} entries for {} conversations",
@@ -973,19 +1099,29 @@ impl PyPacker {
                 conversations.len()?
             )));
         }
-        let indices: Option<Vec<i64>> =
-            Some(indices.unwrap_or_else(|| tags.iter().map(|&t| t as i64).collect()));
-        let (ok, bad) = parse_many(conversations, &indices, skip)?;
-        let tok = core.get();
-        let rendered = py.detach(|| render_all(tok, &ok, max_tokens, num_threads))?;
-        for ((i, _), (ids, mask)) in ok.iter().zip(rendered) {
-            self.inner.feed(ids, mask, tags[*i])?;
-        }
-        let mut errors = Vec::with_capacity(bad.len());
-        for (i, e) in bad {
-            errors.push((tags[i], e.value(py).str()?.to_string()));
-        }
-        Ok(errors)
+        let core = core_tokenizer(tokenizer)?;
+        let indices = Some(indices.unwrap_or_else(|| tags.iter().map(|&t| t as i64).collect()));
+        let mut chunk = render_chunk(
+            py,
+            &core.borrow(),
+            conversations,
+            max_tokens,
+            num_threads,
+            on_error,
+            indices,
+        )?;
+        self.feed_chunk(&mut chunk, &tags)
+    }
+
+    /// Feeds a chunk from `Tokenizer.render_chunk`: its conversations move into the packer
+    /// (the chunk is empty afterwards and cannot feed again); `tags[i]` is the tag of the
+    /// chunk's conversation i. Returns [(tag, message)] of its bad ones (on_error="skip").
+    fn feed_rendered(
+        &mut self,
+        chunk: &Bound<'_, PyRenderedChunk>,
+        tags: Vec<u64>,
+    ) -> PyResult<Vec<(u64, String)>> {
+        self.feed_chunk(&mut chunk.borrow_mut(), &tags)
     }
 
     /// The next batch, or None (flush=False: not enough conversations fed yet; flush=True:
@@ -1103,5 +1239,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     int_layout(m.py());
     m.add_class::<PyPacker>()?;
     m.add_class::<PyBatch>()?;
+    m.add_class::<PyRenderedChunk>()?;
     Ok(())
 }
