@@ -291,9 +291,11 @@ class SFTLoader:
             ev.record()
             slot.copied = ev
         else:
-            inputs = slot.inputs[:n].view(rows, t).to(self.device, copy=True)
-            targets = slot.targets[:n].view(rows, t).to(self.device, copy=True)
-            position_ids = slot.position_ids[:n].view(rows, t).to(self.device, copy=True)
+            # the slot is reused: copy out (NumPy's copy + from_numpy: 5 us a tensor, a third of
+            # torch's slice/view/to dispatches, and this runs under the GIL once per batch)
+            inputs, targets, position_ids = (torch.from_numpy(a[:n].reshape(rows, t).copy()) for a in slot.numpy)
+            if self.device.type != "cpu":
+                inputs, targets, position_ids = inputs.to(self.device), targets.to(self.device), position_ids.to(self.device)
         cu = torch.from_numpy(b.cu_seqlens).to(self.device)  # tiny, pageable: a plain copy
         # consumption: these conversations' tokens are now yielded
         self._consumed += len(b.tags)
