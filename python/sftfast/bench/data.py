@@ -11,7 +11,7 @@ Peers, measured in the same run on the same synthetic conversations:
   also the list-reading step alone (`Packer.feed`) and `pack` from NumPy arrays;
 - the loader end to end (render + pack + tensors, background thread): pinned to one core
   (`sched_setaffinity`) and on all cores, from conversations and from pre-rendered
-  (ids, mask) arrays (the preprocessed-shards path).
+  (ids, mask) arrays (the preprocessed-shards path), as many epochs as make ~5 M tokens a run.
 Synthetic conversations: chat (multi-turn, some system prompts), tool use (python parts) and
 multiple-choice shapes, English-like text, lengths from a few dozen to a few thousand tokens.
 """
@@ -175,8 +175,9 @@ def add_arguments(parser):
     parser.add_argument("--device", default="cpu", help="where the loader puts batches (cuda: pinned ring + non_blocking copies)")
 
 
-def _loader_run(source, tok, args, threads, one_core):
-    """Tokens/s of SFTLoader end to end; one_core pins the process to one CPU for the run."""
+def _loader_run(source, tok, args, threads, one_core, epochs=1):
+    """Tokens/s of SFTLoader end to end over `epochs` passes; one_core pins the process to one
+    CPU for the run."""
     from sftfast.dataloader import SFTLoader
 
     saved = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
@@ -185,7 +186,7 @@ def _loader_run(source, tok, args, threads, one_core):
     try:
         best = None
         for _ in range(args.repeat):
-            loader = SFTLoader(source, tok, batch_size=args.batch_size, seq_len=args.seq_len, num_threads=threads, device=args.device)
+            loader = SFTLoader(source, tok, batch_size=args.batch_size, seq_len=args.seq_len, num_threads=threads, device=args.device, num_epochs=epochs)
             t0 = time.perf_counter()
             positions = real = 0
             for b in loader:
@@ -208,6 +209,7 @@ def _loader_run(source, tok, args, threads, one_core):
             threads=threads or os.cpu_count(),
             cores=1 if one_core else len(saved or [0]),
             device=args.device,
+            epochs=epochs,
         )
     finally:
         if one_core and saved:
@@ -284,10 +286,12 @@ def run(args) -> dict:
     # --- loader end to end ---
     if not args.skip_loader:
         shards = _Rendered(rust_rendered, tok.bos_id)
+        # passes enough for ~5 M tokens a run: a run of a few tens of ms is mostly start-up noise
+        epochs = max(1, -(-5_000_000 // max(n_tokens, 1)))
         out["loader"] = {
-            "from_conversations_1_core": _loader_run(convs, tok, args, threads=1, one_core=True),
-            "from_conversations_all_cores": _loader_run(convs, tok, args, threads=None, one_core=False),
-            "from_rendered_1_core": _loader_run(shards, None, args, threads=1, one_core=True),
-            "from_rendered_all_cores": _loader_run(shards, None, args, threads=None, one_core=False),
+            "from_conversations_1_core": _loader_run(convs, tok, args, threads=1, one_core=True, epochs=epochs),
+            "from_conversations_all_cores": _loader_run(convs, tok, args, threads=None, one_core=False, epochs=epochs),
+            "from_rendered_1_core": _loader_run(shards, None, args, threads=1, one_core=True, epochs=epochs),
+            "from_rendered_all_cores": _loader_run(shards, None, args, threads=None, one_core=False, epochs=epochs),
         }
     return out
