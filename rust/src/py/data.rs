@@ -419,22 +419,26 @@ impl PyCoreTokenizer {
         indices: Option<Vec<i64>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let skip = parse_on_error(on_error)?;
-        let (ok, bad) = parse_many(conversations, &indices, skip)?;
-        let rendered = py.detach(|| render_all(self, &ok, max_tokens, num_threads))?;
+        let chunk = render_chunk(
+            py,
+            self,
+            conversations,
+            max_tokens,
+            num_threads,
+            on_error,
+            indices.clone(),
+        )?;
         let out = PyList::empty(py);
-        for (ids, mask) in &rendered {
+        for (_, ids, mask) in &chunk.items {
             out.append(ids_mask_to_py(py, ids, mask)?)?;
         }
         if !skip {
             return Ok(out.into_any());
         }
         let errors = PyList::empty(py);
-        for (i, e) in bad {
-            let idx: i64 = match &indices {
-                Some(ix) => ix[i],
-                None => i as i64,
-            };
-            errors.append((idx, e.value(py).str()?.to_string()))?;
+        for (i, message) in &chunk.errors {
+            let idx = indices.as_ref().map_or(*i as i64, |ix| ix[*i]);
+            errors.append((idx, message))?;
         }
         Ok(PyTuple::new(py, [out.into_any(), errors.into_any()])?.into_any())
     }
