@@ -137,7 +137,7 @@ def test_rendered_chunk_feeds_like_feed_conversations(tok):
     tags = list(range(100, 130))
     a, b = Packer("bestfit", 2, 64, tok.bos_id), Packer("bestfit", 2, 64, tok.bos_id)
     want_errors = a.feed_conversations(tok, convs, tags, 66, None, "skip", list(range(30)))
-    chunk = tok._core.render_chunk(convs, 66, None, "skip", list(range(30)))
+    chunk = tok.render_chunk(convs, 66, None, "skip", list(range(30)))
     assert len(chunk) == 30 and chunk.num_tokens > 0
     assert [i for i, _ in chunk.errors] == [7] and "conversation 7: message 0" in chunk.errors[0][1]
     assert b.feed_rendered(chunk, tags) == want_errors == [(107, chunk.errors[0][1])]
@@ -147,9 +147,9 @@ def test_rendered_chunk_feeds_like_feed_conversations(tok):
     with pytest.raises(ValueError, match="already fed"):
         b.feed_rendered(chunk, tags)
     with pytest.raises(ValueError, match="tags has 2 entries for a chunk of 30"):
-        Packer("bestfit", 2, 64, tok.bos_id).feed_rendered(tok._core.render_chunk(convs, 66, on_error="skip"), [0, 1])
+        Packer("bestfit", 2, 64, tok.bos_id).feed_rendered(tok.render_chunk(convs, 66, on_error="skip"), [0, 1])
     with pytest.raises(ConversationError, match="conversation 7: message 0"):
-        tok._core.render_chunk(convs, 66)
+        tok.render_chunk(convs, 66)
 
 
 class FlakySource:
@@ -214,6 +214,29 @@ class RenderedSource:
         return self.pairs[i]
 
 
+def test_skips_after_the_final_batch_are_counted(tok):
+    """Bad records in the last chunk, fed after the final batch was made, still reach stats(),
+    errors and progress, and the state after the final batch is past them."""
+    convs = make_convs(12, seed=1)
+    for i in (9, 10, 11):
+        convs[i] = {"messages": [{"role": "assistant", "content": "x"}]}
+    loader = SFTLoader(FlakySource(convs, bad=[8]), tok, batch_size=1, seq_len=16, chunk_size=4, buffer_size=1, on_error="skip")
+    with pytest.warns(UserWarning, match="skipping bad conversation"):
+        batches = list(loader)
+    assert batches[-1].last and sum(b.num_conversations for b in batches) == 8
+    assert loader.stats()["skipped"] == 4 and [i for i, _ in loader.errors] == [8, 9, 10, 11]
+    assert loader.epoch == pytest.approx(1.0) and loader.state_dict()["cursor"] == 12
+
+
+def test_fail_mode_yields_every_batch_made_before_the_error(tok):
+    loader = SFTLoader(FlakySource(make_convs(40), bad=[36]), tok, batch_size=1, seq_len=16, chunk_size=4, buffer_size=1)
+    got = []
+    with pytest.raises(ConversationError, match="conversation 36"):
+        for b in loader:
+            got.append(b.num_conversations)
+    assert sum(got) == 36  # one conversation a row here: all that precede the bad record
+
+
 def test_prerendered_source_hook(tok):
     convs = make_convs(120)
     rendered = tok.render_batch(convs, max_tokens=66)
@@ -243,7 +266,7 @@ def test_infinite_and_bad_settings(tok):
 def _producers():
     import threading
 
-    return [t for t in threading.enumerate() if t.name == "sftfast-loader"]
+    return [t for t in threading.enumerate() if t.name.startswith("sftfast-")]  # producer, render helper
 
 
 def test_producer_thread_is_gone_when_the_stream_ends(tok):
@@ -262,8 +285,9 @@ def test_producer_thread_is_gone_when_the_stream_ends(tok):
 
 
 def test_interpreter_exit_with_loaders_running_or_finished(tok, tmp_path):
-    """Exiting with one loader abandoned mid-stream (producer blocked on a full queue) and others
-    run to the end exits cleanly (status 0) every time."""
+    """Exiting with one loader abandoned mid-stream (producer blocked on a full queue), one
+    dropped while its producer still runs (the producer then runs its __del__), and others run
+    to the end exits cleanly (status 0) every time."""
     import subprocess
     import sys
 
@@ -281,6 +305,13 @@ def test_interpreter_exit_with_loaders_running_or_finished(tok, tmp_path):
         "        pass\n"
         "abandoned = SFTLoader(make_convs(400), tok, batch_size=2, seq_len=48, prefetch=2)\n"
         "next(abandoned)\n"
+        "class Slow(list):\n"
+        "    def __getitem__(self, i):\n"
+        "        __import__('time').sleep(0.002)\n"
+        "        return list.__getitem__(self, i)\n"
+        "dropped = SFTLoader(Slow(make_convs(60)), tok, batch_size=2, seq_len=48, prefetch=64, chunk_size=8, buffer_size=4)\n"
+        "next(dropped)\n"
+        "del dropped  # its producer, still running, now holds the last reference\n"
         "print('ok')\n"
     )
     for _ in range(3):

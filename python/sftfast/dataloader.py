@@ -47,6 +47,7 @@ from __future__ import annotations
 import atexit
 import queue
 import threading
+import time
 import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -93,7 +94,7 @@ _RUNNING: "weakref.WeakSet[SFTLoader]" = weakref.WeakSet()
 @atexit.register
 def _close_running_loaders() -> None:
     for loader in list(_RUNNING):
-        loader.close()
+        loader.close(timeout=10.0)  # a source stuck in __getitem__ must not hang the exit
 
 
 class SFTLoader:
@@ -123,7 +124,6 @@ class SFTLoader:
         if on_error not in ("fail", "skip"):
             raise ValueError(f'on_error must be "fail" or "skip", got {on_error!r}')
         self.source, self.tokenizer = source, tokenizer
-        self._core = getattr(tokenizer, "_core", tokenizer)  # the extension tokenizer (render_chunk)
         self.batch_size, self.seq_len, self.mode, self.buffer_size = batch_size, seq_len, mode, buffer_size
         self.rank, self.world_size, self.num_epochs = rank, world_size, num_epochs
         # Render one token past the row so the packer sees (and counts) conversations that do not fit.
@@ -184,7 +184,7 @@ class SFTLoader:
         if self.tokenizer is not None and items:
             # errors name the source index, not the stream tag
             indices = [self._source_index(t) for t in fed_tags]
-            items = self._core.render_chunk(items, self.max_tokens, self.num_threads, self.on_error, indices)
+            items = self.tokenizer.render_chunk(items, self.max_tokens, self.num_threads, self.on_error, indices)
         return fed_tags, items, failed, error
 
     def _commit(self, packer, prepared):
@@ -203,6 +203,7 @@ class SFTLoader:
     def _produce(self, held, cursor):
         q, stop = self._queue, self._stop
         render_ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sftfast-render")
+        pending = None  # held back one batch, so the final one can be flagged `last`
         try:
             packer = Packer(self.mode, self.batch_size, self.seq_len, self._bos_id(), self.buffer_size)
             ring = [_Slot(self.batch_size * self.seq_len, self._pin) for _ in range(self.prefetch + 3)]
@@ -215,7 +216,6 @@ class SFTLoader:
                 return list(range(c, c + (self.chunk_size if total is None else min(self.chunk_size, total - c))))
 
             ahead = None  # the next chunk, being prepared on the helper thread
-            pending = None  # held back one batch, so the final one can be flagged `last`
             skipped = []
             k = 0
             while not stop.is_set():
@@ -240,9 +240,15 @@ class SFTLoader:
                     q.put(("batch", pending, False))
                 pending = item
             if pending is not None and not stop.is_set():
+                # records skipped after the final batch was made, and the final position, go
+                # with it: the consumer stops at `last` and never reads the "end" message
+                b, slot, _, _, before = pending
+                pending, skipped = (b, slot, packer.held_tags(), cursor, before + skipped), []
                 q.put(("batch", pending, True))
             q.put(("end", skipped, None))
         except BaseException as e:  # surfaced to the consumer by __next__
+            if pending is not None and not stop.is_set():
+                q.put(("batch", pending, False))  # a good batch made before the error comes first
             q.put(("error", e, None))
         finally:
             render_ahead.shutdown(wait=True, cancel_futures=True)
@@ -288,7 +294,7 @@ class SFTLoader:
             targets = slot.targets[:n].view(rows, t).to(**nb)
             position_ids = slot.position_ids[:n].view(rows, t).to(**nb)
             ev = torch.cuda.Event()
-            ev.record()
+            ev.record(torch.cuda.current_stream(self.device))  # the stream the copies went on
             slot.copied = ev
         else:
             # the slot is reused: copy out (NumPy's copy + from_numpy: 5 us a tensor, a third of
@@ -383,11 +389,17 @@ class SFTLoader:
         self._done = True
         self.close()
 
-    def close(self) -> None:
-        """Stops the background thread (a later next() starts it again from the saved point)."""
-        if self._thread is not None:
+    def close(self, timeout: float | None = None) -> None:
+        """Stops the background thread (a later next() starts it again from the saved point).
+        `timeout`: give up waiting for it after that many seconds (at interpreter exit)."""
+        if self._thread is threading.current_thread():
+            # The producer dropped the last reference to a loader nobody holds (its target is a
+            # bound method): this is __del__ on the producer itself, which must not wait for itself.
             self._stop.set()
-            while self._thread.is_alive():
+        elif self._thread is not None:
+            self._stop.set()
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._thread.is_alive() and (deadline is None or time.monotonic() < deadline):
                 try:  # unblock a producer waiting on a full queue
                     self._queue.get(timeout=0.05)
                 except queue.Empty:
@@ -405,7 +417,6 @@ class SFTLoader:
 def _demo():
     """python -m sftfast.dataloader: packs synthetic conversations and prints the stats."""
     import argparse
-    import time
 
     from sftfast.bench.data import build_tokenizer, synthetic_conversations
 

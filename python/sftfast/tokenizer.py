@@ -274,6 +274,12 @@ class Tokenizer:
         returns (rendered, [(index, message), ...]); indices name the conversations in errors."""
         return self._core.render_batch(conversations, max_tokens, num_threads, on_error, indices)
 
+    def render_chunk(self, conversations, max_tokens: int = 2048, num_threads=None, on_error: str = "fail", indices=None):
+        """render_batch without Python lists: a RenderedChunk held in Rust, for Packer.feed_rendered
+        (the loader renders the next chunk this way while packing the current one). With
+        on_error="skip", chunk.errors holds (position, message) of the bad ones."""
+        return self._core.render_chunk(conversations, max_tokens, num_threads, on_error, indices)
+
     def render_for_completion(self, conversation: dict, max_tokens: int = 2048) -> list[int]:
         """Prompt ids: the conversation minus its final assistant message, then <|assistant_start|>."""
         return self._core.render_for_completion(conversation, max_tokens)
