@@ -23,12 +23,19 @@ START=$(date +%s)
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 
 "$PY" scripts/device_setup.py --site /tmp/sftfast_site 2>&1 | tee "$OUT/setup.log"
+setup_rc=${PIPESTATUS[0]}
 export PYTHONPATH=$PWD/python:/tmp/sftfast_site${PYTHONPATH:+:$PYTHONPATH}
 {
     "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA")'
-    "$PY" -c 'import sftfast, sftfast._core as c; print("sftfast extension:", c.__file__)' 2>&1 | tail -1
+    ldd --version 2>&1 | head -1
     nproc
 } 2>&1 | tee -a "$OUT/setup.log"
+# Without a loadable, current extension every data and training check measures nothing useful:
+# stop here rather than spend the machine's time.
+if [ "$setup_rc" != 0 ] || ! "$PY" -c 'import sftfast; from sftfast import RenderedChunk; print("sftfast extension:", sftfast._core.__file__)' 2>&1 | tee -a "$OUT/setup.log"; then
+    echo "setup failed (see $OUT/setup.log): no GPU check was run" | tee "$OUT/summary.txt"
+    exit 1
+fi
 
 declare -A EST=([train]=200 [loss]=200 [data]=90 [generate]=90 [prep]=120)
 summary=()
