@@ -31,7 +31,8 @@ Interface (for the trainer):
 - Threads: a producer packs batches into a ring of host buffers and queues them (`prefetch`
   ahead); a helper renders the next `chunk_size` conversations in Rust (all cores unless
   `num_threads`, GIL released) while the producer packs the current chunk. Both are stopped
-  when the stream ends, by `close()`, and at interpreter exit.
+  when the stream ends, by `close()`, when the loader is garbage-collected (they hold no
+  reference to it) and at interpreter exit.
 - On CUDA, batches are written by Rust straight into page-locked host buffers (a ring of
   `prefetch + 3`) and copied with `non_blocking=True`; a slot is reused only after the copy
   out of it has finished (CUDA event). On CPU the tensors are fresh copies.
@@ -84,6 +85,128 @@ class _Slot:
         self.position_ids = torch.empty(n, dtype=torch.int32, pin_memory=pin)
         self.numpy = (self.inputs.numpy(), self.targets.numpy(), self.position_ids.numpy())
         self.copied = None  # torch.cuda.Event
+
+
+def _source_index(rank: int, world_size: int, per_epoch: int, tag: int) -> int:
+    """Source index of stream position `tag` for rank r of W: r, r+W, ... epoch after epoch."""
+    return rank + world_size * (tag % per_epoch)
+
+
+class _Producer:
+    """The loader's background side: fetches, renders and packs into a ring of host buffers and
+    queues the batches. It copies the loader's settings and holds no reference to the loader.
+
+    Chunks of `chunk_size` stream positions go through two stages: prepare (fetch from the
+    source, walk and render in Rust) runs one chunk ahead on a helper thread, commit (feed the
+    packer) on the producer thread, so rendering the next chunk overlaps packing the current
+    one and the consumer's work. Errors surface at commit, in stream order."""
+
+    def __init__(self, loader, held, cursor):
+        self.source, self.tokenizer = loader.source, loader.tokenizer
+        self.mode, self.batch_size, self.seq_len, self.buffer_size = loader.mode, loader.batch_size, loader.seq_len, loader.buffer_size
+        self.rank, self.world_size, self.per_epoch = loader.rank, loader.world_size, loader.per_epoch
+        self.max_tokens, self.num_threads, self.on_error = loader.max_tokens, loader.num_threads, loader.on_error
+        self.chunk_size, self.prefetch, self.pin = loader.chunk_size, loader.prefetch, loader._pin
+        self.total = loader._total_tags()
+        self.bos_id = loader._bos_id()
+        self.held, self.cursor = held, cursor
+        self.queue = queue.Queue(maxsize=loader.prefetch)
+        self.stop = threading.Event()
+
+    def source_index(self, tag: int) -> int:
+        return _source_index(self.rank, self.world_size, self.per_epoch, tag)
+
+    def prepare(self, tags):
+        """Fetches and renders the items of `tags`: (fed tags, payload, [(tag, message)] the
+        source could not produce, the error to raise after feeding the records before it)."""
+        items, fed_tags, failed, error = [], [], [], None
+        for t in tags:
+            i = self.source_index(t)
+            try:
+                item = self.source[i]
+            except ValueError as e:  # the source could not produce record i (e.g. a TaskError)
+                msg = f"conversation {i}: {e}"
+                if self.on_error == "fail":
+                    # The records before it go first, so the first bad record in stream order is
+                    # the one reported, whichever stage it failed in.
+                    error = ConversationError(msg)
+                    error.__cause__ = e
+                    break
+                failed.append((t, msg))
+                continue
+            items.append(item)
+            fed_tags.append(t)
+        if self.tokenizer is not None and items:
+            # errors name the source index, not the stream tag
+            indices = [self.source_index(t) for t in fed_tags]
+            items = self.tokenizer.render_chunk(items, self.max_tokens, self.num_threads, self.on_error, indices)
+        return fed_tags, items, failed, error
+
+    def commit(self, packer, prepared):
+        """Feeds a prepared chunk; returns [(tag, message)] of its skipped records."""
+        fed_tags, items, failed, error = prepared
+        skipped = []
+        if fed_tags:
+            if self.tokenizer is None:
+                packer.feed(items, tags=fed_tags)
+            else:
+                skipped = packer.feed_rendered(items, fed_tags)
+        if error is not None:
+            raise error
+        return sorted(skipped + failed, key=lambda x: x[0])  # stream order
+
+    def run(self):
+        q, stop, held, cursor = self.queue, self.stop, self.held, self.cursor
+        render_ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sftfast-render")
+        pending = None  # held back one batch, so the final one can be flagged `last`
+        try:
+            packer = Packer(self.mode, self.batch_size, self.seq_len, self.bos_id, self.buffer_size)
+            ring = [_Slot(self.batch_size * self.seq_len, self.pin) for _ in range(self.prefetch + 3)]
+            if held:
+                if self.commit(packer, self.prepare(held)):
+                    raise RuntimeError("a conversation that rendered before the checkpoint fails now: the source changed")
+            total = self.total
+
+            def chunk_from(c):  # the stream positions of the chunk starting at c
+                return list(range(c, c + (self.chunk_size if total is None else min(self.chunk_size, total - c))))
+
+            ahead = None  # the next chunk, being prepared on the helper thread
+            skipped = []
+            k = 0
+            while not stop.is_set():
+                slot = ring[k % len(ring)]
+                if slot.copied is not None:
+                    slot.copied.synchronize()  # the H2D copy out of this slot has finished
+                exhausted = total is not None and cursor >= total
+                b = packer.next_batch(flush=exhausted, out=slot.numpy)
+                if b is None:
+                    if exhausted:
+                        break
+                    tags = chunk_from(cursor)
+                    current = ahead if ahead is not None else render_ahead.submit(self.prepare, tags)
+                    cursor += len(tags)
+                    ahead = render_ahead.submit(self.prepare, chunk_from(cursor)) if total is None or cursor < total else None
+                    skipped += self.commit(packer, current.result())
+                    continue
+                k += 1
+                item = (b, slot, packer.held_tags(), cursor, skipped)
+                skipped = []
+                if pending is not None:
+                    q.put(("batch", pending, False))
+                pending = item
+            if pending is not None and not stop.is_set():
+                # records skipped after the final batch was made, and the final position, go
+                # with it: the consumer stops at `last` and never reads the "end" message
+                b, slot, _, _, before = pending
+                pending, skipped = (b, slot, packer.held_tags(), cursor, before + skipped), []
+                q.put(("batch", pending, True))
+            q.put(("end", skipped, None))
+        except BaseException as e:  # surfaced to the consumer by __next__
+            if pending is not None and not stop.is_set():
+                q.put(("batch", pending, False))  # a good batch made before the error comes first
+            q.put(("error", e, None))
+        finally:
+            render_ahead.shutdown(wait=True, cancel_futures=True)
 
 
 # Loaders whose producer thread is running: stopped at interpreter exit (atexit runs before
@@ -144,114 +267,16 @@ class SFTLoader:
         self._consumed = 0
         self._totals = dict(batches=0, rows=0, positions=0, pad=0, supervised=0, truncated=0, empty_rows=0, empty_batches=0, skipped=0)
         self._thread = None
-        self._queue = None
-        self._stop = threading.Event()
+        self._queue = None  # the running producer's queue and stop event
+        self._stop = None
         self._done = False
 
     # --- source order ---
     def _source_index(self, tag: int) -> int:
-        return self.rank + self.world_size * (tag % self.per_epoch)
+        return _source_index(self.rank, self.world_size, self.per_epoch, tag)
 
     def _total_tags(self):
         return None if self.num_epochs is None else self.num_epochs * self.per_epoch
-
-    # --- the background producer ---
-    # Chunks of `chunk_size` stream positions go through two stages: _prepare (fetch from the
-    # source, walk and render in Rust) runs one chunk ahead on a helper thread, _commit (feed
-    # the packer) on the producer thread, so rendering the next chunk overlaps packing the
-    # current one and the consumer's work. Errors surface at _commit, in stream order.
-
-    def _prepare(self, tags):
-        """Fetches and renders the items of `tags`: (fed tags, payload, [(tag, message)] the
-        source could not produce, the error to raise after feeding the records before it)."""
-        items, fed_tags, failed, error = [], [], [], None
-        for t in tags:
-            i = self._source_index(t)
-            try:
-                item = self.source[i]
-            except ValueError as e:  # the source could not produce record i (e.g. a TaskError)
-                msg = f"conversation {i}: {e}"
-                if self.on_error == "fail":
-                    # The records before it go first, so the first bad record in stream order is
-                    # the one reported, whichever stage it failed in.
-                    error = ConversationError(msg)
-                    error.__cause__ = e
-                    break
-                failed.append((t, msg))
-                continue
-            items.append(item)
-            fed_tags.append(t)
-        if self.tokenizer is not None and items:
-            # errors name the source index, not the stream tag
-            indices = [self._source_index(t) for t in fed_tags]
-            items = self.tokenizer.render_chunk(items, self.max_tokens, self.num_threads, self.on_error, indices)
-        return fed_tags, items, failed, error
-
-    def _commit(self, packer, prepared):
-        """Feeds a prepared chunk; returns [(tag, message)] of its skipped records."""
-        fed_tags, items, failed, error = prepared
-        skipped = []
-        if fed_tags:
-            if self.tokenizer is None:
-                packer.feed(items, tags=fed_tags)
-            else:
-                skipped = packer.feed_rendered(items, fed_tags)
-        if error is not None:
-            raise error
-        return sorted(skipped + failed, key=lambda x: x[0])  # stream order
-
-    def _produce(self, held, cursor):
-        q, stop = self._queue, self._stop
-        render_ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sftfast-render")
-        pending = None  # held back one batch, so the final one can be flagged `last`
-        try:
-            packer = Packer(self.mode, self.batch_size, self.seq_len, self._bos_id(), self.buffer_size)
-            ring = [_Slot(self.batch_size * self.seq_len, self._pin) for _ in range(self.prefetch + 3)]
-            if held:
-                if self._commit(packer, self._prepare(held)):
-                    raise RuntimeError("a conversation that rendered before the checkpoint fails now: the source changed")
-            total = self._total_tags()
-
-            def chunk_from(c):  # the stream positions of the chunk starting at c
-                return list(range(c, c + (self.chunk_size if total is None else min(self.chunk_size, total - c))))
-
-            ahead = None  # the next chunk, being prepared on the helper thread
-            skipped = []
-            k = 0
-            while not stop.is_set():
-                slot = ring[k % len(ring)]
-                if slot.copied is not None:
-                    slot.copied.synchronize()  # the H2D copy out of this slot has finished
-                exhausted = total is not None and cursor >= total
-                b = packer.next_batch(flush=exhausted, out=slot.numpy)
-                if b is None:
-                    if exhausted:
-                        break
-                    tags = chunk_from(cursor)
-                    current = ahead if ahead is not None else render_ahead.submit(self._prepare, tags)
-                    cursor += len(tags)
-                    ahead = render_ahead.submit(self._prepare, chunk_from(cursor)) if total is None or cursor < total else None
-                    skipped += self._commit(packer, current.result())
-                    continue
-                k += 1
-                item = (b, slot, packer.held_tags(), cursor, skipped)
-                skipped = []
-                if pending is not None:
-                    q.put(("batch", pending, False))
-                pending = item
-            if pending is not None and not stop.is_set():
-                # records skipped after the final batch was made, and the final position, go
-                # with it: the consumer stops at `last` and never reads the "end" message
-                b, slot, _, _, before = pending
-                pending, skipped = (b, slot, packer.held_tags(), cursor, before + skipped), []
-                q.put(("batch", pending, True))
-            q.put(("end", skipped, None))
-        except BaseException as e:  # surfaced to the consumer by __next__
-            if pending is not None and not stop.is_set():
-                q.put(("batch", pending, False))  # a good batch made before the error comes first
-            q.put(("error", e, None))
-        finally:
-            render_ahead.shutdown(wait=True, cancel_futures=True)
 
     def _bos_id(self):
         if self.tokenizer is not None:
@@ -261,9 +286,11 @@ class SFTLoader:
         return self.source.bos_id
 
     def _start(self):
-        self._queue = queue.Queue(maxsize=self.prefetch)
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._produce, args=(list(self._held), self._cursor), daemon=True, name="sftfast-loader")
+        producer = _Producer(self, list(self._held), self._cursor)
+        self._queue, self._stop = producer.queue, producer.stop
+        # The thread runs the producer, which holds no reference to this loader: a loader nobody
+        # holds any more is collected, and its __del__ stops the thread.
+        self._thread = threading.Thread(target=producer.run, daemon=True, name="sftfast-loader")
         self._thread.start()
         _RUNNING.add(self)
 
@@ -392,11 +419,7 @@ class SFTLoader:
     def close(self, timeout: float | None = None) -> None:
         """Stops the background thread (a later next() starts it again from the saved point).
         `timeout`: give up waiting for it after that many seconds (at interpreter exit)."""
-        if self._thread is threading.current_thread():
-            # The producer dropped the last reference to a loader nobody holds (its target is a
-            # bound method): this is __del__ on the producer itself, which must not wait for itself.
-            self._stop.set()
-        elif self._thread is not None:
+        if self._thread is not None:
             self._stop.set()
             deadline = None if timeout is None else time.monotonic() + timeout
             while self._thread.is_alive() and (deadline is None or time.monotonic() < deadline):
