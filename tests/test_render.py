@@ -198,8 +198,8 @@ def test_render_batch_after_fork(toks):
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_fork_while_another_thread_renders_and_packs(toks):
     """Forks taken while a loader-like thread is inside Rust (GIL released, pool threads and the
-    extension's allocator busy) leave children that render and pack correctly: no lock of the
-    parent's threads is inherited held."""
+    extension's allocator busy) and while threads start and exit leave children that render
+    and pack correctly: no lock of the parent's threads is inherited held."""
     import threading
     import time
 
@@ -214,12 +214,16 @@ def test_fork_while_another_thread_renders_and_packs(toks):
     def busy():
         while not stop.is_set():
             Packer("bestfit", 2, 64, tok.bos_id).pack(tok.render_batch(convs, num_threads=2))
+            # and threads that start, allocate through the extension and exit
+            t = threading.Thread(target=tok.render_batch, args=(convs[:4],), kwargs=dict(num_threads=1))
+            t.start()
+            t.join()
 
     worker = threading.Thread(target=busy, daemon=True)
     worker.start()
     try:
-        for k in range(8):
-            time.sleep(0.003 * k)  # land the fork at different points of the worker's loop
+        for k in range(16):
+            time.sleep(0.002 * (k % 8))  # land the fork at different points of the worker's loop
             pid = os.fork()
             if pid == 0:
                 ok = False
