@@ -492,10 +492,10 @@ impl PyCoreTokenizer {
 //   would pin its whole group. Not tried: one pass over ids and mask together.
 // - Then the extension's global allocator became mimalloc (py/mod.rs): freed batch arrays stay
 //   mapped for reuse, so the fault cost above is gone after the first call: pack from lists
-//   67-89 M tok/s wall in the data benchmark (41-50 before, same runs). Also tried: skipping
-//   the zero-fill of `commit_owned`'s vectors (no gain beyond noise, so no unsafe for it);
-//   mimalloc without huge pages (`no_thp`: first call 3x faster, steady state 70-75 instead
-//   of 85-100 M tok/s, with purge-fault bursts).
+//   67-111 M tok/s wall in the data benchmark (41-50 before). Also tried: skipping the
+//   zero-fill of `commit_owned`'s vectors (no gain beyond noise, so no unsafe for it); mimalloc
+//   3.x, whose arenas take transparent huge pages here (same steady state; the first call 3-5x
+//   slower while the kernel compacts memory for them; more global locks, see py/mod.rs).
 // The figures after these changes are in docs/BENCHMARKS.md ("Data plane").
 // ---------------------------------------------------------------------------------------------
 
