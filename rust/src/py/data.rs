@@ -9,6 +9,7 @@ use crate::chat::{self, ChatTokens, Content, Conversation, Message, Part, PartKi
 use crate::pack::{BatchInfo, BatchOut, Mode, Packer};
 use numpy::{PyArray1, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 use rayon::prelude::*;
@@ -24,8 +25,12 @@ fn py_type_name(obj: &Bound<'_, PyAny>) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-/// `obj[key]` for a dict (fast path) or any mapping; None when the key is absent.
-fn get<'py>(obj: &Bound<'py, PyAny>, key: &str) -> PyResult<Option<Bound<'py, PyAny>>> {
+/// `obj[key]` for a dict (fast path) or any mapping; None when the key is absent. Keys are
+/// interned strings (`intern!`): their hash is cached, so a lookup hashes nothing.
+fn get<'py>(
+    obj: &Bound<'py, PyAny>,
+    key: &Bound<'py, PyString>,
+) -> PyResult<Option<Bound<'py, PyAny>>> {
     if let Ok(d) = obj.cast::<PyDict>() {
         return d.get_item(key);
     }
@@ -75,7 +80,7 @@ pub fn conversation_from_py(obj: &Bound<'_, PyAny>, location: &str) -> PyResult<
         )
         .into());
     }
-    let messages = match get(obj, "messages")? {
+    let messages = match get(obj, intern!(obj.py(), "messages"))? {
         Some(m) => m,
         None => return Err(conv_err(location, "-", "missing field \"messages\"").into()),
     };
@@ -111,7 +116,7 @@ pub fn conversation_from_py(obj: &Bound<'_, PyAny>, location: &str) -> PyResult<
             )
             .into());
         }
-        let role = match get(&m, "role")? {
+        let role = match get(&m, intern!(obj.py(), "role"))? {
             None => return Err(conv_err(location, i, "missing field \"role\"").into()),
             Some(r) => match string(&r) {
                 Some(s) => Role::parse(&s)
@@ -126,7 +131,7 @@ pub fn conversation_from_py(obj: &Bound<'_, PyAny>, location: &str) -> PyResult<
                 }
             },
         };
-        let content = match get(&m, "content")? {
+        let content = match get(&m, intern!(obj.py(), "content"))? {
             None => return Err(conv_err(location, i, "missing field \"content\"").into()),
             Some(c) => {
                 if let Some(s) = string(&c) {
@@ -146,7 +151,7 @@ pub fn conversation_from_py(obj: &Bound<'_, PyAny>, location: &str) -> PyResult<
                             )
                             .into());
                         }
-                        let kind = match get(&p, "type")? {
+                        let kind = match get(&p, intern!(obj.py(), "type"))? {
                             None => return Err(conv_err(location, i, format!("part {j}: missing field \"type\"")).into()),
                             Some(t) => match string(&t) {
                                 Some(s) => PartKind::parse(&s).ok_or_else(|| {
@@ -157,7 +162,7 @@ pub fn conversation_from_py(obj: &Bound<'_, PyAny>, location: &str) -> PyResult<
                                 }
                             },
                         };
-                        let text = match get(&p, "text")? {
+                        let text = match get(&p, intern!(obj.py(), "text"))? {
                             None => {
                                 return Err(conv_err(
                                     location,
