@@ -350,3 +350,32 @@ def test_cuda_pinned_non_blocking(tok):
     for (i, t), c in zip(got, cpu):
         np.testing.assert_array_equal(i, c[0])
         np.testing.assert_array_equal(t, c[1])
+
+
+def test_interpreter_exit_with_a_source_stuck_in_getitem(tmp_path):
+    """A source that never returns (a hung network read) must not hang the exit: the helper
+    threads are daemons and the exit hook stops waiting for the producer after 10 s."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "stuck.py"
+    script.write_text(
+        "import sys, time\n"
+        "from sftfast import Tokenizer\n"
+        "from sftfast.dataloader import SFTLoader\n"
+        "from sftfast.tokenizer import NANOCHAT_SPLIT_PATTERN\n"
+        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        "from test_dataloader import make_convs\n"
+        "tok = Tokenizer.from_ranks({bytes([b]): b for b in range(256)}, NANOCHAT_SPLIT_PATTERN)\n"
+        "class Stuck(list):\n"
+        "    def __getitem__(self, i):\n"
+        "        if i == 12:\n"
+        "            time.sleep(1000)\n"
+        "        return list.__getitem__(self, i)\n"
+        "loader = SFTLoader(Stuck(make_convs(400)), tok, batch_size=2, seq_len=48, prefetch=2, chunk_size=8, buffer_size=4)\n"
+        "next(loader)\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

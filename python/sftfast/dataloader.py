@@ -51,7 +51,6 @@ import threading
 import time
 import warnings
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,6 +84,30 @@ class _Slot:
         self.position_ids = torch.empty(n, dtype=torch.int32, pin_memory=pin)
         self.numpy = (self.inputs.numpy(), self.targets.numpy(), self.position_ids.numpy())
         self.copied = None  # torch.cuda.Event
+
+
+class _Ahead:
+    """fn(*args) on a daemon thread, its result (or exception) taken later with result().
+    Not a ThreadPoolExecutor: its workers are joined at interpreter exit, so a source stuck in
+    __getitem__ would hang the exit; the producer waits for this thread before it ends."""
+
+    def __init__(self, fn, *args):
+        self._out = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True, name="sftfast-render")
+        self._thread.start()
+
+    def _run(self, fn, args):
+        try:
+            self._out = (True, fn(*args))
+        except BaseException as e:
+            self._out = (False, e)
+
+    def result(self):
+        self._thread.join()
+        ok, value = self._out
+        if not ok:
+            raise value
+        return value
 
 
 def _source_index(rank: int, world_size: int, per_epoch: int, tag: int) -> int:
@@ -157,8 +180,8 @@ class _Producer:
 
     def run(self):
         q, stop, held, cursor = self.queue, self.stop, self.held, self.cursor
-        render_ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sftfast-render")
         pending = None  # held back one batch, so the final one can be flagged `last`
+        ahead = None  # the next chunk, being prepared on a helper thread
         try:
             packer = Packer(self.mode, self.batch_size, self.seq_len, self.bos_id, self.buffer_size)
             ring = [_Slot(self.batch_size * self.seq_len, self.pin) for _ in range(self.prefetch + 3)]
@@ -170,7 +193,6 @@ class _Producer:
             def chunk_from(c):  # the stream positions of the chunk starting at c
                 return list(range(c, c + (self.chunk_size if total is None else min(self.chunk_size, total - c))))
 
-            ahead = None  # the next chunk, being prepared on the helper thread
             skipped = []
             k = 0
             while not stop.is_set():
@@ -183,9 +205,9 @@ class _Producer:
                     if exhausted:
                         break
                     tags = chunk_from(cursor)
-                    current = ahead if ahead is not None else render_ahead.submit(self.prepare, tags)
+                    current = ahead if ahead is not None else _Ahead(self.prepare, tags)
                     cursor += len(tags)
-                    ahead = render_ahead.submit(self.prepare, chunk_from(cursor)) if total is None or cursor < total else None
+                    ahead = _Ahead(self.prepare, chunk_from(cursor)) if total is None or cursor < total else None
                     skipped += self.commit(packer, current.result())
                     continue
                 k += 1
@@ -206,7 +228,11 @@ class _Producer:
                 q.put(("batch", pending, False))  # a good batch made before the error comes first
             q.put(("error", e, None))
         finally:
-            render_ahead.shutdown(wait=True, cancel_futures=True)
+            if ahead is not None:  # no helper outlives the producer (and close() waits for that)
+                try:
+                    ahead.result()
+                except BaseException:
+                    pass
 
 
 # Loaders whose producer thread is running: stopped at interpreter exit (atexit runs before
