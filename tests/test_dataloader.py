@@ -284,23 +284,6 @@ def test_producer_thread_is_gone_when_the_stream_ends(tok):
     assert not _producers()
 
 
-def test_a_dropped_loader_stops_its_threads(tok):
-    """The threads hold no reference to the loader: dropping it mid-stream (producer blocked on
-    a full queue) collects it, and its threads and buffers go with it."""
-    import gc
-    import time
-
-    loader = SFTLoader(make_convs(400), tok, batch_size=2, seq_len=48, prefetch=2)
-    next(loader)
-    assert _producers()
-    del loader
-    gc.collect()
-    deadline = time.monotonic() + 10
-    while _producers() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not _producers()
-
-
 def test_interpreter_exit_with_loaders_running_or_finished(tok, tmp_path):
     """Exiting with one loader abandoned mid-stream (producer blocked on a full queue), one
     dropped while its producer still runs (the producer then runs its __del__), and others run

@@ -31,8 +31,8 @@ Interface (for the trainer):
 - Threads: a producer packs batches into a ring of host buffers and queues them (`prefetch`
   ahead); a helper renders the next `chunk_size` conversations in Rust (all cores unless
   `num_threads`, GIL released) while the producer packs the current chunk. Both are stopped
-  when the stream ends, by `close()`, when the loader is garbage-collected (they hold no
-  reference to it) and at interpreter exit.
+  when the stream ends, by `close()` and at interpreter exit (a loader dropped mid-stream
+  keeps its threads until one of those: call close() when you abandon one).
 - On CUDA, batches are written by Rust straight into page-locked host buffers (a ring of
   `prefetch + 3`) and copied with `non_blocking=True`; a slot is reused only after the copy
   out of it has finished (CUDA event). On CPU the tensors are fresh copies.
@@ -117,7 +117,10 @@ def _source_index(rank: int, world_size: int, per_epoch: int, tag: int) -> int:
 
 class _Producer:
     """The loader's background side: fetches, renders and packs into a ring of host buffers and
-    queues the batches. It copies the loader's settings and holds no reference to the loader.
+    queues the batches, with a copy of the loader's settings. It keeps the loader alive while it
+    runs (`keepalive`): a loader collected by the garbage collector on the producer's or the
+    helper's thread would have its __del__ wait for itself. So a loader dropped mid-stream
+    lives until close() or the exit hook; one that ran to the end goes with its producer.
 
     Chunks of `chunk_size` stream positions go through two stages: prepare (fetch from the
     source, walk and render in Rust) runs one chunk ahead on a helper thread, commit (feed the
@@ -135,6 +138,7 @@ class _Producer:
         self.held, self.cursor = held, cursor
         self.queue = queue.Queue(maxsize=loader.prefetch)
         self.stop = threading.Event()
+        self.keepalive = loader
 
     def source_index(self, tag: int) -> int:
         return _source_index(self.rank, self.world_size, self.per_epoch, tag)
@@ -445,7 +449,11 @@ class SFTLoader:
     def close(self, timeout: float | None = None) -> None:
         """Stops the background thread (a later next() starts it again from the saved point).
         `timeout`: give up waiting for it after that many seconds (at interpreter exit)."""
-        if self._thread is not None:
+        if self._thread is threading.current_thread():
+            # The producer released the last reference to a loader nobody else holds, as it
+            # ended: this is __del__ on the producer itself, which must not wait for itself.
+            self._stop.set()
+        elif self._thread is not None:
             self._stop.set()
             deadline = None if timeout is None else time.monotonic() + timeout
             while self._thread.is_alive() and (deadline is None or time.monotonic() < deadline):
