@@ -231,8 +231,13 @@ def test_eval_cli_under_torchrun_matches_one_process(saved_run, tmp_path, capsys
 
     assert eval_cli.main(args[2:]) == 0
     one = json.loads(capsys.readouterr().out)
-    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
-                           env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    multi = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if multi.returncode != 0 and "terminate called without an active exception" in multi.stderr and multi.stdout.strip():
+        # gloo's own threads can abort while the two CPU ranks tear the group down after the
+        # results are printed (seen twice in ~10 CI runs on the loaded 2-core VM, after the
+        # barrier that precedes destroy_process_group). One rerun; any other failure fails.
+        multi = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert multi.returncode == 0, multi.stderr
     two = json.loads(multi.stdout[multi.stdout.index("{"):])
     for name in ("SpellingBee", "ARC-Easy"):
