@@ -1,6 +1,6 @@
 # Type stubs of the compiled extension sftfast._core (checked against the module by tests).
 import os
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -22,6 +22,9 @@ CL100K_PATTERN: str
 O200K_PATTERN: str
 
 def _reset_thread_pools() -> None: ...
+def _rendered_chunk_from_state(
+    len: int, fed: bool, index: bytes, ids: bytes, mask: bytes, errors: list[tuple[int, str]]
+) -> RenderedChunk: ...
 
 class CoreTokenizer:
     @staticmethod
@@ -79,6 +82,7 @@ class CoreTokenizer:
 # --- rendering and packing (data) ---
 class RenderedChunk:
     def __len__(self) -> int: ...
+    def __reduce__(self) -> tuple[Callable[..., RenderedChunk], tuple[int, bool, bytes, bytes, bytes, list[tuple[int, str]]]]: ...
     @property
     def num_tokens(self) -> int: ...
     @property

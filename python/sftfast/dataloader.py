@@ -33,6 +33,11 @@ Interface (for the trainer):
   `num_threads`, GIL released) while the producer packs the current chunk. Both are stopped
   when the stream ends, by `close()` and at interpreter exit (a loader dropped mid-stream
   keeps its threads until one of those: call close() when you abandon one).
+- `num_workers=N`: N processes read the source and render instead of the helper thread (each
+  on one thread unless `num_threads`), so a source whose `__getitem__` is real Python work
+  scales with cores instead of queueing on this process's GIL; the batches are the same for
+  any N. Fork by default on Linux (`multiprocessing_context="spawn"`/`"forkserver"` pickle the
+  source and tokenizer instead). Started at the first next(), stopped with the producer.
 - On CUDA, batches are written by Rust straight into page-locked host buffers (a ring of
   `prefetch + 3`) and copied with `non_blocking=True`; a slot is reused only after the copy
   out of it has finished (CUDA event). On CPU the tensors are fresh copies.
@@ -57,6 +62,7 @@ import numpy as np
 import torch
 
 from sftfast._core import ConversationError, Packer
+from sftfast.loader_workers import ChunkSpec, ThreadPreparer, WorkerPool, prepare
 
 
 @dataclass
@@ -86,35 +92,6 @@ class _Slot:
         self.copied = None  # torch.cuda.Event
 
 
-class _Ahead:
-    """fn(*args) on a daemon thread, its result (or exception) taken later with result().
-    Not a ThreadPoolExecutor: its workers are joined at interpreter exit, so a source stuck in
-    __getitem__ would hang the exit; the producer waits for this thread before it ends."""
-
-    def __init__(self, fn, *args):
-        self._out = None
-        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True, name="sftfast-render")
-        self._thread.start()
-
-    def _run(self, fn, args):
-        try:
-            self._out = (True, fn(*args))
-        except BaseException as e:
-            self._out = (False, e)
-
-    def result(self):
-        self._thread.join()
-        ok, value = self._out
-        if not ok:
-            raise value
-        return value
-
-
-def _source_index(rank: int, world_size: int, per_epoch: int, tag: int) -> int:
-    """Source index of stream position `tag` for rank r of W: r, r+W, ... epoch after epoch."""
-    return rank + world_size * (tag % per_epoch)
-
-
 class _Producer:
     """The loader's background side: fetches, renders and packs into a ring of host buffers and
     queues the batches, with a copy of the loader's settings. It keeps the loader alive while it
@@ -123,51 +100,24 @@ class _Producer:
     lives until close() or the exit hook; one that ran to the end goes with its producer.
 
     Chunks of `chunk_size` stream positions go through two stages: prepare (fetch from the
-    source, walk and render in Rust) runs one chunk ahead on a helper thread, commit (feed the
-    packer) on the producer thread, so rendering the next chunk overlaps packing the current
-    one and the consumer's work. Errors surface at commit, in stream order."""
+    source, walk and render in Rust) runs ahead on helper threads or worker processes
+    (`loader_workers.py`), commit (feed the packer) on the producer thread, so preparing the
+    next chunks overlaps packing the current one and the consumer's work. Errors surface at
+    commit, in stream order."""
 
-    def __init__(self, loader, held, cursor):
+    def __init__(self, loader, held, cursor, workers):
         self.source, self.tokenizer = loader.source, loader.tokenizer
         self.mode, self.batch_size, self.seq_len, self.buffer_size = loader.mode, loader.batch_size, loader.seq_len, loader.buffer_size
-        self.rank, self.world_size, self.per_epoch = loader.rank, loader.world_size, loader.per_epoch
-        self.max_tokens, self.num_threads, self.on_error = loader.max_tokens, loader.num_threads, loader.on_error
+        self.spec = loader._spec()
         self.chunk_size, self.prefetch, self.pin = loader.chunk_size, loader.prefetch, loader._pin
         self.total = loader._total_tags()
-        self.bos_id = loader._bos_id()
+        self.bos_id = loader.bos_id
         self.held, self.cursor = held, cursor
+        # worker processes (num_workers > 0, started by the loader) or helper threads
+        self.preparer = workers if workers is not None else ThreadPreparer(self.source, self.tokenizer, self.spec)
         self.queue = queue.Queue(maxsize=loader.prefetch)
         self.stop = threading.Event()
         self.keepalive = loader
-
-    def source_index(self, tag: int) -> int:
-        return _source_index(self.rank, self.world_size, self.per_epoch, tag)
-
-    def prepare(self, tags):
-        """Fetches and renders the items of `tags`: (fed tags, payload, [(tag, message)] the
-        source could not produce, the error to raise after feeding the records before it)."""
-        items, fed_tags, failed, error = [], [], [], None
-        for t in tags:
-            i = self.source_index(t)
-            try:
-                item = self.source[i]
-            except ValueError as e:  # the source could not produce record i (e.g. a TaskError)
-                msg = f"conversation {i}: {e}"
-                if self.on_error == "fail":
-                    # The records before it go first, so the first bad record in stream order is
-                    # the one reported, whichever stage it failed in.
-                    error = ConversationError(msg)
-                    error.__cause__ = e
-                    break
-                failed.append((t, msg))
-                continue
-            items.append(item)
-            fed_tags.append(t)
-        if self.tokenizer is not None and items:
-            # errors name the source index, not the stream tag
-            indices = [self.source_index(t) for t in fed_tags]
-            items = self.tokenizer.render_chunk(items, self.max_tokens, self.num_threads, self.on_error, indices)
-        return fed_tags, items, failed, error
 
     def commit(self, packer, prepared):
         """Feeds a prepared chunk; returns [(tag, message)] of its skipped records."""
@@ -183,19 +133,16 @@ class _Producer:
         return sorted(skipped + failed, key=lambda x: x[0])  # stream order
 
     def run(self):
-        q, stop, held, cursor = self.queue, self.stop, self.held, self.cursor
+        q, stop, held, cursor, prep = self.queue, self.stop, self.held, self.cursor, self.preparer
         pending = None  # held back one batch, so the final one can be flagged `last`
-        ahead = None  # the next chunk, being prepared on a helper thread
         try:
             packer = Packer(self.mode, self.batch_size, self.seq_len, self.bos_id, self.buffer_size)
             ring = [_Slot(self.batch_size * self.seq_len, self.pin) for _ in range(self.prefetch + 3)]
             if held:
-                if self.commit(packer, self.prepare(held)):
+                if self.commit(packer, prepare(self.source, self.tokenizer, self.spec, held)):
                     raise RuntimeError("a conversation that rendered before the checkpoint fails now: the source changed")
             total = self.total
-
-            def chunk_from(c):  # the stream positions of the chunk starting at c
-                return list(range(c, c + (self.chunk_size if total is None else min(self.chunk_size, total - c))))
+            submitted = cursor  # chunks from `cursor` up to here are being prepared
 
             skipped = []
             k = 0
@@ -208,11 +155,16 @@ class _Producer:
                 if b is None:
                     if exhausted:
                         break
-                    tags = chunk_from(cursor)
-                    current = ahead if ahead is not None else _Ahead(self.prepare, tags)
+                    while len(prep) < prep.depth and (total is None or submitted < total):
+                        n = self.chunk_size if total is None else min(self.chunk_size, total - submitted)
+                        prep.submit(list(range(submitted, submitted + n)))
+                        submitted += n
+                    taken = prep.take(stop)
+                    if taken is None:  # stopped while waiting
+                        break
+                    tags, prepared = taken
                     cursor += len(tags)
-                    ahead = _Ahead(self.prepare, chunk_from(cursor)) if total is None or cursor < total else None
-                    skipped += self.commit(packer, current.result())
+                    skipped += self.commit(packer, prepared)
                     continue
                 k += 1
                 item = (b, slot, packer.held_tags(), cursor, skipped)
@@ -232,11 +184,7 @@ class _Producer:
                 q.put(("batch", pending, False))  # a good batch made before the error comes first
             q.put(("error", e, None))
         finally:
-            if ahead is not None:  # no helper outlives the producer (and close() waits for that)
-                try:
-                    ahead.result()
-                except BaseException:
-                    pass
+            prep.close()  # no helper thread or worker process outlives the producer
 
 
 # Loaders whose producer thread is running: stopped at interpreter exit (atexit runs before
@@ -269,6 +217,8 @@ class SFTLoader:
         chunk_size: int = 256,
         prefetch: int = 4,
         on_error: str = "fail",
+        num_workers: int = 0,
+        multiprocessing_context=None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
@@ -276,6 +226,8 @@ class SFTLoader:
             raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
         if on_error not in ("fail", "skip"):
             raise ValueError(f'on_error must be "fail" or "skip", got {on_error!r}')
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.source, self.tokenizer = source, tokenizer
         self.batch_size, self.seq_len, self.mode, self.buffer_size = batch_size, seq_len, mode, buffer_size
         self.rank, self.world_size, self.num_epochs = rank, world_size, num_epochs
@@ -283,12 +235,14 @@ class SFTLoader:
         self.max_tokens = max_tokens if max_tokens is not None else seq_len + 2
         self.device = torch.device(device)
         self.num_threads, self.chunk_size, self.prefetch, self.on_error = num_threads, chunk_size, prefetch, on_error
+        self.num_workers, self.multiprocessing_context = num_workers, multiprocessing_context
         # conversations this rank sees per epoch: r, r+W, ... < len(source)
         self.per_epoch = len(range(rank, len(source), world_size))
         if self.per_epoch == 0:
             raise ValueError(f"rank {rank} of {world_size} gets no conversations from a source of {len(source)}")
         self.errors: list[tuple[int, str]] = []
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()
+        self.bos_id = self._bos_id()  # the padding id: checked now, not on every next()
         Packer(mode, batch_size, seq_len, 0, buffer_size)  # validate the settings now, not in the thread
         # Position in the stream of tags (tag t = epoch t // per_epoch, item t % per_epoch) and
         # what the packer held after the last *yielded* batch: together, the exact resume point.
@@ -302,8 +256,13 @@ class SFTLoader:
         self._done = False
 
     # --- source order ---
+    def _spec(self) -> ChunkSpec:
+        # in worker processes each renders on one thread unless told: the workers are the parallelism
+        threads = self.num_threads if self.num_threads is not None or self.num_workers == 0 else 1
+        return ChunkSpec(self.rank, self.world_size, self.per_epoch, self.max_tokens, threads, self.on_error)
+
     def _source_index(self, tag: int) -> int:
-        return _source_index(self.rank, self.world_size, self.per_epoch, tag)
+        return self._spec().source_index(tag)
 
     def _total_tags(self):
         return None if self.num_epochs is None else self.num_epochs * self.per_epoch
@@ -316,7 +275,12 @@ class SFTLoader:
         return self.source.bos_id
 
     def _start(self):
-        producer = _Producer(self, list(self._held), self._cursor)
+        # Worker processes start here, on the consumer's thread, before this run's producer
+        # thread exists (fork copies only the calling thread).
+        workers = None
+        if self.num_workers > 0:
+            workers = WorkerPool(self.num_workers, self.source, self.tokenizer, self._spec(), self.multiprocessing_context)
+        producer = _Producer(self, list(self._held), self._cursor, workers)
         self._queue, self._stop = producer.queue, producer.stop
         # The thread runs the producer, which holds no reference to this loader: a loader nobody
         # holds any more is collected, and its __del__ stops the thread.

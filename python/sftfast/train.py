@@ -198,6 +198,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-seq-len", type=int, default=2048)
     g.add_argument("--packing", default="bestfit", choices=["bestfit", "padded"])
     g.add_argument("--loader", default="rust", choices=["rust", "python"], help="data path: Rust SFTLoader or the Python reference")
+    g.add_argument("--loader-workers", type=int, default=0,
+                   help="processes per rank that read and render the training conversations (Rust loader; 0: a "
+                        "helper thread). Worth it when the tasks' __getitem__ bounds the loader (docs/BENCHMARKS.md)")
     g.add_argument("--cross-doc-attention", action="store_true", help="let attention cross conversations in a packed row")
     g = p.add_argument_group("optimisation (seed defaults)")
     g.add_argument("--device-batch-size", type=int, default=4)
@@ -350,7 +353,8 @@ def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> 
     if num_iterations <= 0:
         raise ValueError(f"{len(train_ds)} training conversations give no step of {args.target_examples_per_step} examples")
     T = args.max_seq_len
-    train_loader = make_loader(train_ds, tokenizer, args.device_batch_size, T, info.rank, info.world_size, args.packing, args.loader, device)
+    train_loader = make_loader(train_ds, tokenizer, args.device_batch_size, T, info.rank, info.world_size, args.packing, args.loader, device,
+                               args.loader_workers)
     token_bytes = token_bytes_tensor(tokenizer, device)
     # Only packed rows hold several conversations. A padded row holds one, so plain causal
     # attention is already per-conversation, and it keeps FlexAttention from recompiling for

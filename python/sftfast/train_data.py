@@ -172,9 +172,11 @@ def read_training_data(path, tokenizer, shuffle: bool = True):
     return Shuffled(data) if shuffle else data
 
 
-def make_loader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packing="bestfit", impl="rust", device="cpu"):
+def make_loader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packing="bestfit", impl="rust", device="cpu",
+                num_workers=0):
     """The Rust loader (sftfast.dataloader.SFTLoader) or, with impl="python", the Python one.
-    A preprocessed shard is already rendered: the loader packs its (ids, mask) pairs directly."""
+    A preprocessed shard is already rendered: the loader packs its (ids, mask) pairs directly.
+    num_workers: processes that read and render for the Rust loader (0: a helper thread)."""
     if getattr(dataset, "prerendered", False):
         if impl != "rust":
             raise ValueError("--loader python renders conversations; a preprocessed shard needs --loader rust")
@@ -183,7 +185,7 @@ def make_loader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packi
         return PyPackedLoader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packing)
     if impl != "rust":
         raise ValueError(f"unknown loader {impl!r}")
-    return RustLoader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packing, device)
+    return RustLoader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packing, device, num_workers)
 
 
 class RustLoader:
@@ -191,11 +193,11 @@ class RustLoader:
     the trainer's interface: next() -> Batch, consumed, shard_len, state_dict/load_state_dict.
     It runs with num_epochs=None; the trainer decides when the epochs are consumed."""
 
-    def __init__(self, dataset, tokenizer, batch_size, seq_len, rank, world_size, packing, device):
+    def __init__(self, dataset, tokenizer, batch_size, seq_len, rank, world_size, packing, device, num_workers=0):
         from sftfast.dataloader import SFTLoader
 
         self.loader = SFTLoader(dataset, tokenizer, batch_size=batch_size, seq_len=seq_len, mode=packing, rank=rank,
-                                world_size=world_size, num_epochs=None, device=device)
+                                world_size=world_size, num_epochs=None, device=device, num_workers=num_workers)
         self.shard_len = self.loader.per_epoch
 
     @property

@@ -11,7 +11,11 @@ Peers, measured in the same run on the same synthetic conversations:
   also the list-reading step alone (`Packer.feed`) and `pack` from NumPy arrays;
 - the loader end to end (render + pack + tensors, background thread): pinned to one core
   (`sched_setaffinity`) and on all cores, from conversations and from pre-rendered
-  (ids, mask) arrays (the preprocessed-shards path), as many epochs as make ~5 M tokens a run.
+  (ids, mask) arrays (the preprocessed-shards path), as many epochs as make ~5 M tokens a run;
+  from conversations also with one worker process per core (`num_workers`);
+- the loader over a real task (`loader_task_source`): SmolTalk reading a local JSONL through
+  `datasets`, whose __getitem__ (timed alone too) is Python work under the GIL: helper
+  threads on 1 core and on all cores, then 1, 2, 4, ... worker processes.
 Synthetic conversations: chat (multi-turn, some system prompts), tool use (python parts) and
 multiple-choice shapes, English-like text, lengths from a few dozen to a few thousand tokens.
 """
@@ -19,6 +23,7 @@ multiple-choice shapes, English-like text, lengths from a few dozen to a few tho
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import random
 import time
@@ -172,12 +177,13 @@ def add_arguments(parser):
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-loader", action="store_true")
+    parser.add_argument("--skip-task-source", action="store_true", help="skip the loader over a real task (needs `datasets`)")
     parser.add_argument("--device", default="cpu", help="where the loader puts batches (cuda: pinned ring + non_blocking copies)")
 
 
-def _loader_run(source, tok, args, threads, one_core, epochs=1):
-    """Tokens/s of SFTLoader end to end over `epochs` passes; one_core pins the process to one
-    CPU for the run."""
+def _loader_run(source, tok, args, threads, one_core, epochs=1, workers=0):
+    """Tokens/s of SFTLoader end to end over `epochs` passes (worker processes' start-up
+    included); one_core pins the process to one CPU for the run."""
     from sftfast.dataloader import SFTLoader
 
     saved = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
@@ -186,7 +192,8 @@ def _loader_run(source, tok, args, threads, one_core, epochs=1):
     try:
         best = None
         for _ in range(args.repeat):
-            loader = SFTLoader(source, tok, batch_size=args.batch_size, seq_len=args.seq_len, num_threads=threads, device=args.device, num_epochs=epochs)
+            loader = SFTLoader(source, tok, batch_size=args.batch_size, seq_len=args.seq_len, num_threads=threads, device=args.device,
+                               num_epochs=epochs, num_workers=workers)
             t0 = time.perf_counter()
             positions = real = 0
             for b in loader:
@@ -207,6 +214,7 @@ def _loader_run(source, tok, args, threads, one_core, epochs=1):
             padding_pct=stats["padding_pct"],
             truncated_pct=stats["truncated_pct"],
             threads=threads or os.cpu_count(),
+            workers=workers,
             cores=1 if one_core else len(saved or [0]),
             device=args.device,
             epochs=epochs,
@@ -214,6 +222,41 @@ def _loader_run(source, tok, args, threads, one_core, epochs=1):
     finally:
         if one_core and saved:
             os.sched_setaffinity(0, saved)
+
+
+def _worker_counts(cores: int) -> list[int]:
+    """1, 2, 4, ... up to the core count, and the core count."""
+    counts, n = [], 1
+    while n < cores:
+        counts.append(n)
+        n *= 2
+    return counts + [cores]
+
+
+def _task_source_runs(convs, tok, args, cores) -> dict:
+    """The loader over a real task, as training reads its mixture: SmolTalk over a local JSONL
+    of the chat-shaped synthetic conversations, read through `datasets` (an Arrow row to
+    Python dicts, then validated) at each __getitem__. That Python work holds the GIL, so
+    threads cannot spread it over cores; worker processes can."""
+    import tempfile
+
+    from sftfast.tasks.smoltalk import SmolTalk
+
+    chat = [c for c in convs if all(isinstance(m["content"], str) for m in c["messages"])]
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "train.jsonl"), "w") as f:
+            for c in chat:
+                f.write(json.dumps(c) + "\n")
+        task = SmolTalk("train", source=d)
+        t_get = _best(lambda: [task[i] for i in range(len(task))], args.repeat)
+        n_tokens = sum(len(i) for i, _ in tok.render_batch([task[i] for i in range(len(task))], max_tokens=args.seq_len))
+        epochs = max(1, -(-5_000_000 // max(n_tokens, 1)))
+        out = dict(conversations=len(task), tokens_per_epoch=n_tokens, getitem_us=1e6 * t_get / len(task),
+                   threads_1_core=_loader_run(task, tok, args, threads=1, one_core=True, epochs=epochs),
+                   threads_all_cores=_loader_run(task, tok, args, threads=None, one_core=False, epochs=epochs))
+        for w in _worker_counts(cores):
+            out[f"workers_{w}_all_cores"] = _loader_run(task, tok, args, None, False, epochs, workers=w)
+    return out
 
 
 class _Rendered:
@@ -294,4 +337,11 @@ def run(args) -> dict:
             "from_rendered_1_core": _loader_run(shards, None, args, threads=1, one_core=True, epochs=epochs),
             "from_rendered_all_cores": _loader_run(shards, None, args, threads=None, one_core=False, epochs=epochs),
         }
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        out["loader"]["from_conversations_workers_all_cores"] = _loader_run(convs, tok, args, None, False, epochs, workers=cores)
+        if not args.skip_task_source:
+            if importlib.util.find_spec("datasets") is None:
+                out["loader_task_source"] = {"skipped": "the `datasets` package is not installed"}
+            else:
+                out["loader_task_source"] = _task_source_runs(convs, tok, args, cores)
     return out

@@ -11,7 +11,7 @@ use numpy::{PyArray1, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use rayon::prelude::*;
 
 use super::tokenizer::PyCoreTokenizer;
@@ -297,7 +297,7 @@ fn render_all(
 #[pyclass(name = "RenderedChunk", module = "sftfast._core")]
 pub struct PyRenderedChunk {
     /// (position in the chunk, ids, mask) of the conversations that rendered, in order.
-    items: Vec<(usize, Vec<Rank>, Vec<u8>)>,
+    items: Vec<RenderedItem>,
     /// (position, message) of the bad ones (on_error="skip").
     errors: Vec<(usize, String)>,
     /// Conversations given, good and bad.
@@ -306,10 +306,160 @@ pub struct PyRenderedChunk {
     fed: bool,
 }
 
+/// A rendered conversation held in a chunk: (its position in the chunk, ids, mask).
+type RenderedItem = (usize, Vec<Rank>, Vec<u8>);
+
+/// A chunk's contents as little-endian bytes, each written straight into a new Python bytes
+/// object: the index (position and length of each rendered conversation, u64 pairs), the ids
+/// (u32) and the masks (u8). What pickling sends from a loader worker process to the packer's
+/// process: written at memory speed, no Python object per token.
+fn chunk_to_bytes<'py>(
+    py: Python<'py>,
+    items: &[RenderedItem],
+) -> PyResult<(
+    Bound<'py, PyBytes>,
+    Bound<'py, PyBytes>,
+    Bound<'py, PyBytes>,
+)> {
+    let tokens: usize = items.iter().map(|(_, ids, _)| ids.len()).sum();
+    let index = PyBytes::new_with(py, 16 * items.len(), |buf| {
+        for (entry, (pos, ids, _)) in buf.chunks_exact_mut(16).zip(items) {
+            entry[..8].copy_from_slice(&(*pos as u64).to_le_bytes());
+            entry[8..].copy_from_slice(&(ids.len() as u64).to_le_bytes());
+        }
+        Ok(())
+    })?;
+    let ids = PyBytes::new_with(py, 4 * tokens, |buf| {
+        py.detach(|| {
+            let mut out = buf.chunks_exact_mut(4);
+            for id in items.iter().flat_map(|(_, ids, _)| ids) {
+                out.next()
+                    .expect("sized for every token")
+                    .copy_from_slice(&id.to_le_bytes());
+            }
+        });
+        Ok(())
+    })?;
+    let mask = PyBytes::new_with(py, tokens, |buf| {
+        let mut start = 0;
+        for (_, _, m) in items {
+            buf[start..start + m.len()].copy_from_slice(m);
+            start += m.len();
+        }
+        Ok(())
+    })?;
+    Ok((index, ids, mask))
+}
+
+/// Inverse of `chunk_to_bytes`, checking that the parts agree (a chunk of `len` conversations).
+fn chunk_from_bytes(
+    len: usize,
+    index: &[u8],
+    ids: &[u8],
+    mask: &[u8],
+) -> Result<Vec<RenderedItem>, String> {
+    if index.len() % 16 != 0 || ids.len() % 4 != 0 || ids.len() / 4 != mask.len() {
+        return Err(format!(
+            "index of {} bytes, ids of {} bytes, mask of {} bytes do not fit together",
+            index.len(),
+            ids.len(),
+            mask.len()
+        ));
+    }
+    let u64_at = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize;
+    let mut items = Vec::with_capacity(index.len() / 16);
+    let (mut start, mut last_pos) = (0usize, None);
+    for entry in index.chunks_exact(16) {
+        let (pos, n) = (u64_at(&entry[..8]), u64_at(&entry[8..]));
+        if pos >= len || last_pos.is_some_and(|p| pos <= p) {
+            return Err(format!(
+                "position {pos} out of order or outside a chunk of {len}"
+            ));
+        }
+        let end = start
+            .checked_add(n)
+            .filter(|&e| e <= mask.len())
+            .ok_or_else(|| format!("lengths add up to more than the {} tokens", mask.len()))?;
+        let conv_ids = ids[4 * start..4 * end]
+            .chunks_exact(4)
+            .map(|b| Rank::from_le_bytes(b.try_into().expect("4 bytes")))
+            .collect();
+        items.push((pos, conv_ids, mask[start..end].to_vec()));
+        (start, last_pos) = (end, Some(pos));
+    }
+    if start != mask.len() {
+        return Err(format!(
+            "lengths add up to {start} of the {} tokens",
+            mask.len()
+        ));
+    }
+    Ok(items)
+}
+
+/// Rebuilds a pickled RenderedChunk (see `RenderedChunk.__reduce__`).
+#[pyfunction]
+fn _rendered_chunk_from_state(
+    py: Python<'_>,
+    len: usize,
+    fed: bool,
+    index: &Bound<'_, PyBytes>,
+    ids: &Bound<'_, PyBytes>,
+    mask: &Bound<'_, PyBytes>,
+    errors: Vec<(usize, String)>,
+) -> PyResult<PyRenderedChunk> {
+    let (index, ids, mask) = (index.as_bytes(), ids.as_bytes(), mask.as_bytes());
+    let items = py
+        .detach(|| chunk_from_bytes(len, index, ids, mask))
+        .map_err(|e| PyValueError::new_err(format!("corrupt RenderedChunk state: {e}")))?;
+    if let Some((i, _)) = errors.iter().find(|(i, _)| *i >= len) {
+        return Err(PyValueError::new_err(format!(
+            "corrupt RenderedChunk state: error at position {i} outside a chunk of {len}"
+        )));
+    }
+    if items.len() + errors.len() != len && !fed {
+        return Err(PyValueError::new_err(format!(
+            "corrupt RenderedChunk state: {} rendered + {} bad != {len} conversations",
+            items.len(),
+            errors.len()
+        )));
+    }
+    Ok(PyRenderedChunk {
+        items,
+        errors,
+        len,
+        fed,
+    })
+}
+
 #[pymethods]
 impl PyRenderedChunk {
     fn __len__(&self) -> usize {
         self.len
+    }
+    /// Pickles by value (a loader worker process sends chunks to the packer's process).
+    #[allow(clippy::type_complexity)]
+    fn __reduce__<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<(
+        Bound<'py, PyAny>,
+        (
+            usize,
+            bool,
+            Bound<'py, PyBytes>,
+            Bound<'py, PyBytes>,
+            Bound<'py, PyBytes>,
+            Vec<(usize, String)>,
+        ),
+    )> {
+        let rebuild = py
+            .import(intern!(py, "sftfast._core"))?
+            .getattr(intern!(py, "_rendered_chunk_from_state"))?;
+        let (index, ids, mask) = chunk_to_bytes(py, &self.items)?;
+        Ok((
+            rebuild,
+            (self.len, self.fed, index, ids, mask, self.errors.clone()),
+        ))
     }
     /// Tokens held (0 once fed).
     #[getter]
@@ -1249,5 +1399,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyPacker>()?;
     m.add_class::<PyBatch>()?;
     m.add_class::<PyRenderedChunk>()?;
+    m.add_function(wrap_pyfunction!(_rendered_chunk_from_state, m)?)?;
     Ok(())
 }

@@ -8,55 +8,55 @@ use pyo3::exceptions::{PyIOError, PyValueError};
 use pyo3::prelude::*;
 
 create_exception!(
-    _core,
+    sftfast._core,
     SftfastError,
     PyValueError,
     "Base class of sftfast's errors."
 );
 create_exception!(
-    _core,
+    sftfast._core,
     PatternError,
     SftfastError,
     "A split pattern that does not compile."
 );
 create_exception!(
-    _core,
+    sftfast._core,
     RankFileError,
     SftfastError,
     "A malformed rank/vocabulary file (names the line)."
 );
 create_exception!(
-    _core,
+    sftfast._core,
     VocabError,
     SftfastError,
     "An inconsistent vocabulary."
 );
 create_exception!(
-    _core,
+    sftfast._core,
     UnknownSpecialTokenError,
     SftfastError,
     "A special token name that is not in the vocabulary."
 );
 create_exception!(
-    _core,
+    sftfast._core,
     TokenOutOfRangeError,
     SftfastError,
     "A token id outside the vocabulary (names its index)."
 );
 create_exception!(
-    _core,
+    sftfast._core,
     ConversationError,
     SftfastError,
     "A malformed conversation (names where and which message)."
 );
 create_exception!(
-    _core,
+    sftfast._core,
     BadRecordError,
     SftfastError,
     "A preprocessing input record that cannot be parsed or rendered (names file:line or index)."
 );
 create_exception!(
-    _core,
+    sftfast._core,
     ShardError,
     SftfastError,
     "A missing or inconsistent shard directory, or an index outside it."
