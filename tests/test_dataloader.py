@@ -201,6 +201,26 @@ def test_records_the_source_cannot_produce_are_bad_conversations(tok):
     assert [i for i, _ in loader.errors] == [7, 33] and loader.stats()["skipped"] == 2
 
 
+def test_resume_keeps_the_skipped_conversations(tok):
+    """stats()["skipped"] and loader.errors agree after a resume: the state carries the list."""
+    source = FlakySource(make_convs(120, seed=3), bad=[5, 50, 100])
+    kw = dict(batch_size=2, seq_len=48, chunk_size=8, buffer_size=4, on_error="skip")
+    full = SFTLoader(source, tok, **kw)
+    with pytest.warns(UserWarning):
+        collect(full)
+    first = SFTLoader(source, tok, **kw)
+    with pytest.warns(UserWarning):
+        collect(first, limit=20)
+    state = json.loads(json.dumps(first.state_dict()))
+    first.close()
+    assert [i for i, _ in first.errors] == [i for i, _ in state["errors"]] and first.errors  # some before the cut
+    resumed = SFTLoader(source, tok, **kw)
+    resumed.load_state_dict(state)
+    with pytest.warns(UserWarning):
+        collect(resumed)
+    assert resumed.errors == full.errors and resumed.stats() == full.stats()
+
+
 class RenderedSource:
     """What a preprocessed-shards reader provides: (ids, mask) by index, and the pad id."""
 

@@ -38,6 +38,8 @@ Interface (for the trainer):
   scales with cores instead of queueing on this process's GIL; the batches are the same for
   any N. Fork by default on Linux (`multiprocessing_context="spawn"`/`"forkserver"` pickle the
   source and tokenizer instead). Started at the first next(), stopped with the producer.
+- Like any iterator, one loader is driven from one thread at a time: next(), close(),
+  state_dict() and load_state_dict() are not meant to race each other.
 - On CUDA, batches are written by Rust straight into page-locked host buffers (a ring of
   `prefetch + 3`) and copied with `non_blocking=True`; a slot is reused only after the copy
   out of it has finished (CUDA event). On CPU the tensors are fresh copies.
@@ -383,7 +385,7 @@ class SFTLoader:
         """The resume point after the last yielded batch (plain ints and lists: JSON-safe)."""
         return dict(
             version=1, cursor=self._cursor, held=list(self._held), consumed=self._consumed, totals=dict(self._totals),
-            settings=self._settings(),
+            errors=[[i, msg] for i, msg in self.errors], settings=self._settings(),
         )
 
     def _settings(self):
@@ -401,6 +403,8 @@ class SFTLoader:
         self.close()
         self._cursor, self._held, self._consumed = state["cursor"], list(state["held"]), state["consumed"]
         self._totals = dict(state["totals"])
+        # the skipped conversations so far stay listed (a state saved before errors were kept has none)
+        self.errors = [(int(i), str(msg)) for i, msg in state.get("errors", [])]
         self._done = False
 
     def _finish(self) -> None:

@@ -14,8 +14,9 @@ Peers, measured in the same run on the same synthetic conversations:
   (ids, mask) arrays (the preprocessed-shards path), as many epochs as make ~5 M tokens a run;
   from conversations also with one worker process per core (`num_workers`);
 - the loader over a real task (`loader_task_source`): SmolTalk reading a local JSONL through
-  `datasets`, whose __getitem__ (timed alone too) is Python work under the GIL: helper
-  threads on 1 core and on all cores, then 1, 2, 4, ... worker processes.
+  `datasets` (without it, the JSONL lines parsed at each __getitem__), whose __getitem__ (timed
+  alone too) is Python work under the GIL: helper threads on 1 core and on all cores, then 1,
+  2, 4, ... worker processes up to the core count.
 Synthetic conversations: chat (multi-turn, some system prompts), tool use (python parts) and
 multiple-choice shapes, English-like text, lengths from a few dozen to a few thousand tokens.
 """
@@ -177,7 +178,7 @@ def add_arguments(parser):
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-loader", action="store_true")
-    parser.add_argument("--skip-task-source", action="store_true", help="skip the loader over a real task (needs `datasets`)")
+    parser.add_argument("--skip-task-source", action="store_true", help="skip the loader over a real task")
     parser.add_argument("--device", default="cpu", help="where the loader puts batches (cuda: pinned ring + non_blocking copies)")
 
 
@@ -233,25 +234,47 @@ def _worker_counts(cores: int) -> list[int]:
     return counts + [cores]
 
 
+class _LazyJSONL:
+    """JSONL lines parsed and validated at each __getitem__ (a task reading its file lazily):
+    the task-source benchmark's stand-in where `datasets` is not installed."""
+
+    def __init__(self, path):
+        with open(path) as f:
+            self.lines = f.read().splitlines()
+
+    def __len__(self):
+        return len(self.lines)
+
+    def __getitem__(self, i):
+        from sftfast.tasks.base import validate_messages
+
+        return {"messages": validate_messages(json.loads(self.lines[i])["messages"], f"line {i + 1}")}
+
+
 def _task_source_runs(convs, tok, args, cores) -> dict:
     """The loader over a real task, as training reads its mixture: SmolTalk over a local JSONL
     of the chat-shaped synthetic conversations, read through `datasets` (an Arrow row to
-    Python dicts, then validated) at each __getitem__. That Python work holds the GIL, so
-    threads cannot spread it over cores; worker processes can."""
+    Python dicts, then validated) at each __getitem__; without `datasets`, the same lines
+    parsed and validated at each __getitem__. That Python work holds the GIL, so threads
+    cannot spread it over cores; worker processes can."""
     import tempfile
-
-    from sftfast.tasks.smoltalk import SmolTalk
 
     chat = [c for c in convs if all(isinstance(m["content"], str) for m in c["messages"])]
     with tempfile.TemporaryDirectory() as d:
-        with open(os.path.join(d, "train.jsonl"), "w") as f:
+        path = os.path.join(d, "train.jsonl")
+        with open(path, "w") as f:
             for c in chat:
                 f.write(json.dumps(c) + "\n")
-        task = SmolTalk("train", source=d)
+        if importlib.util.find_spec("datasets") is not None:
+            from sftfast.tasks.smoltalk import SmolTalk
+
+            task, kind = SmolTalk("train", source=d), "SmolTalk task over a local JSONL, through datasets"
+        else:
+            task, kind = _LazyJSONL(path), "JSONL lines parsed and validated at __getitem__ (no datasets installed)"
         t_get = _best(lambda: [task[i] for i in range(len(task))], args.repeat)
         n_tokens = sum(len(i) for i, _ in tok.render_batch([task[i] for i in range(len(task))], max_tokens=args.seq_len))
         epochs = max(1, -(-5_000_000 // max(n_tokens, 1)))
-        out = dict(conversations=len(task), tokens_per_epoch=n_tokens, getitem_us=1e6 * t_get / len(task),
+        out = dict(source=kind, conversations=len(task), tokens_per_epoch=n_tokens, getitem_us=1e6 * t_get / len(task),
                    threads_1_core=_loader_run(task, tok, args, threads=1, one_core=True, epochs=epochs),
                    threads_all_cores=_loader_run(task, tok, args, threads=None, one_core=False, epochs=epochs))
         for w in _worker_counts(cores):
@@ -340,8 +363,5 @@ def run(args) -> dict:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         out["loader"]["from_conversations_workers_all_cores"] = _loader_run(convs, tok, args, None, False, epochs, workers=cores)
         if not args.skip_task_source:
-            if importlib.util.find_spec("datasets") is None:
-                out["loader_task_source"] = {"skipped": "the `datasets` package is not installed"}
-            else:
-                out["loader_task_source"] = _task_source_runs(convs, tok, args, cores)
+            out["loader_task_source"] = _task_source_runs(convs, tok, args, cores)
     return out
