@@ -4,6 +4,7 @@ Also RenderedChunk pickling, which carries the chunks between the processes."""
 
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
@@ -57,6 +58,9 @@ def test_rendered_chunk_rejects_a_corrupt_state(tok):
         ((2, fed, index, ids, mask, errors), "outside a chunk of 2"),
         ((n, fed, index, ids, mask, [(5, "x")]), "error at position 5"),
         ((n + 1, fed, index, ids, mask, errors), "3 rendered \\+ 0 bad != 4"),
+        ((n + 1, fed, index, ids, mask, [(1, "x")]), "position 1 is listed twice"),
+        ((n + 2, fed, index, ids, mask, [(3, "x"), (3, "y")]), "position 3 is listed twice"),
+        ((2**63, True, b"", b"", b"", []), "a chunk of 9223372036854775808"),
     ]:
         with pytest.raises(ValueError, match=f"corrupt RenderedChunk state: .*{what}"):
             rebuild(*args)
@@ -100,14 +104,18 @@ def test_bad_conversations_in_workers(tok):
     convs = make_convs(40)
     convs[30] = {"messages": [{"role": "assistant", "content": "first"}]}  # fails to render
     source = FlakySource(convs, bad=[7, 33])  # the source raises TaskError for these
-    with pytest.raises(ConversationError, match=r"conversation 7: GSM8K train index 107"):
+    with pytest.raises(ConversationError, match=r"conversation 7: GSM8K train index 107") as err:
         list(SFTLoader(source, tok, batch_size=2, seq_len=64, chunk_size=8, num_workers=2))
+    # the worker's traceback, with the source's TaskError, comes along as the cause
+    assert "TaskError: GSM8K train index 107" in str(err.value.__cause__) and "__getitem__" in str(err.value.__cause__)
     with pytest.raises(ConversationError, match=r"conversation 30: message 0"):
         list(SFTLoader(FlakySource(convs, bad=[33]), tok, batch_size=2, seq_len=64, chunk_size=8, num_workers=2))
     threads = SFTLoader(source, tok, batch_size=2, seq_len=64, on_error="skip", chunk_size=8)
     workers = SFTLoader(source, tok, batch_size=2, seq_len=64, on_error="skip", chunk_size=8, num_workers=2)
     with pytest.warns(UserWarning, match="conversation 7: GSM8K train index 107"):
-        want, got = collect(threads), collect(workers)
+        want = collect(threads)
+    with pytest.warns(UserWarning, match="conversation 7: GSM8K train index 107"):
+        got = collect(workers)
     assert_same(got, want)
     assert workers.errors == threads.errors and [i for i, _ in workers.errors] == [7, 30, 33]
     assert workers.stats() == threads.stats()
@@ -132,20 +140,96 @@ class Unpicklable(Exception):
         self.lock = threading.Lock()  # no pickle for this one
 
 
-class RaisesUnpicklable(list):
+class RowError(Exception):
+    """Pickles, but cannot unpickle (its __init__ takes two arguments, args holds one)."""
+
+    def __init__(self, row, why):
+        super().__init__(f"row {row}: {why}")
+
+
+class Raises(list):
+    def __init__(self, items, error):
+        super().__init__(items)
+        self.error = error
+
     def __getitem__(self, i):
         if i == 20:
-            raise Unpicklable("the reader's own error")
+            raise self.error
         return list.__getitem__(self, i)
 
 
-def test_a_dead_worker_or_an_unpicklable_error_is_named(tok):
+def test_a_dead_worker_or_an_exception_that_cannot_cross_is_named(tok):
     loader = SFTLoader(DiesAt(make_convs(100), 45), tok, batch_size=2, seq_len=48, chunk_size=8, num_workers=2)
     with pytest.raises(RuntimeError, match=r"loader worker 1 \(pid \d+\) exited with code 7 while preparing stream positions 40\.\.47"):
         list(loader)
-    loader = SFTLoader(RaisesUnpicklable(make_convs(100)), tok, batch_size=2, seq_len=48, chunk_size=8, num_workers=2)
-    with pytest.raises(RuntimeError, match=r"(?s)loader worker 0 could not send back stream positions 16\.\.23.*the reader's own error"):
+    for error, name in ((Unpicklable("the reader's own error"), "Unpicklable"), (RowError(20, "bad json"), "RowError")):
+        loader = SFTLoader(Raises(make_convs(100), error), tok, batch_size=2, seq_len=48, chunk_size=8, num_workers=2)
+        with pytest.raises(RuntimeError, match=rf"loader worker 0, preparing stream positions 16\.\.23: {name}: {error}") as err:
+            list(loader)
+        assert f"{name}: {error}" in str(err.value.__cause__)  # the worker's traceback
+
+
+def test_a_worker_killed_between_chunks_is_named(tok):
+    loader = SFTLoader(make_convs(100), tok, batch_size=2, seq_len=48, chunk_size=8, num_epochs=None, num_workers=2)
+    next(loader)
+    os.kill(_pool_of(loader).procs[0].pid, signal.SIGKILL)
+    with pytest.raises(RuntimeError, match=r"loader worker 0 \(pid \d+\) was killed by signal 9 \(SIGKILL\) while preparing"):
+        for _ in range(10_000):
+            next(loader)
+
+
+class DiesLeavingAChild(list):
+    """Dies reading item 45 after forking a process that keeps the worker's pipe open."""
+
+    def __getitem__(self, i):
+        if i == 45:
+            if os.fork() == 0:
+                time.sleep(30)
+                os._exit(0)
+            os._exit(7)
+        return list.__getitem__(self, i)
+
+
+def test_a_dead_worker_is_named_even_when_its_pipe_stays_open(tok):
+    loader = SFTLoader(DiesLeavingAChild(make_convs(100)), tok, batch_size=2, seq_len=48, chunk_size=8,
+                       num_workers=2)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"loader worker 1 \(pid \d+\) exited with code 7"):
         list(loader)
+    assert time.monotonic() - t0 < 15  # not the 30 s of the grandchild holding the pipe open
+
+
+def test_a_large_chunk_does_not_fill_the_pipe(tok):
+    """Chunks travel to workers as ranges: a chunk of 60,000 positions (a list of tags that
+    size filled the socket buffer while the worker was blocked sending: both waited)."""
+    loader = SFTLoader(make_convs(300), tok, batch_size=2, seq_len=48, chunk_size=60_000, num_epochs=None, num_workers=1)
+    first = collect(loader, limit=3)
+    loader.close()
+    threads = SFTLoader(make_convs(300), tok, batch_size=2, seq_len=48, num_epochs=None)
+    assert_same(first, collect(threads, limit=3))
+    threads.close()
+
+
+def test_loaders_with_workers_on_several_threads(tok):
+    """Loaders started from several threads at once (forks from one thread while another
+    closes its pipes) all give their batches."""
+    convs = make_convs(80)
+    want = collect(SFTLoader(convs, tok, batch_size=2, seq_len=48, chunk_size=8))
+    failures = []
+
+    def work():
+        try:
+            for _ in range(4):
+                assert_same(collect(SFTLoader(convs, tok, batch_size=2, seq_len=48, chunk_size=8, num_workers=2)), want)
+        except BaseException as e:
+            failures.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures, failures
 
 
 class Stuck(list):

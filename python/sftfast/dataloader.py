@@ -159,7 +159,7 @@ class _Producer:
                         break
                     while len(prep) < prep.depth and (total is None or submitted < total):
                         n = self.chunk_size if total is None else min(self.chunk_size, total - submitted)
-                        prep.submit(list(range(submitted, submitted + n)))
+                        prep.submit(range(submitted, submitted + n))
                         submitted += n
                     taken = prep.take(stop)
                     if taken is None:  # stopped while waiting
@@ -282,12 +282,15 @@ class SFTLoader:
         workers = None
         if self.num_workers > 0:
             workers = WorkerPool(self.num_workers, self.source, self.tokenizer, self._spec(), self.multiprocessing_context)
-        producer = _Producer(self, list(self._held), self._cursor, workers)
-        self._queue, self._stop = producer.queue, producer.stop
-        # The thread runs the producer, which holds no reference to this loader: a loader nobody
-        # holds any more is collected, and its __del__ stops the thread.
-        self._thread = threading.Thread(target=producer.run, daemon=True, name="sftfast-loader")
-        self._thread.start()
+        try:
+            producer = _Producer(self, list(self._held), self._cursor, workers)
+            thread = threading.Thread(target=producer.run, daemon=True, name="sftfast-loader")
+            thread.start()
+        except BaseException:  # from here on the producer closes the workers; before, we do
+            if workers is not None:
+                workers.close()
+            raise
+        self._queue, self._stop, self._thread = producer.queue, producer.stop, thread
         _RUNNING.add(self)
 
     # --- iteration ---
@@ -417,19 +420,23 @@ class SFTLoader:
     def close(self, timeout: float | None = None) -> None:
         """Stops the background thread (a later next() starts it again from the saved point).
         `timeout`: give up waiting for it after that many seconds (at interpreter exit)."""
-        if self._thread is threading.current_thread():
+        # Local copies: the exit hook may close a loader while a thread of the program closes it
+        # too (the one cross-thread call a loader must survive).
+        thread, stop, q = self._thread, self._stop, self._queue
+        if thread is threading.current_thread():
             # The producer released the last reference to a loader nobody else holds, as it
             # ended: this is __del__ on the producer itself, which must not wait for itself.
-            self._stop.set()
-        elif self._thread is not None:
-            self._stop.set()
+            stop.set()
+        elif thread is not None:
+            stop.set()
             deadline = None if timeout is None else time.monotonic() + timeout
-            while self._thread.is_alive() and (deadline is None or time.monotonic() < deadline):
+            while thread.is_alive() and (deadline is None or time.monotonic() < deadline):
                 try:  # unblock a producer waiting on a full queue
-                    self._queue.get(timeout=0.05)
+                    q.get(timeout=0.05)
                 except queue.Empty:
                     pass
-            self._thread = None
+            if self._thread is thread:
+                self._thread = None
         _RUNNING.discard(self)
 
     def __del__(self):

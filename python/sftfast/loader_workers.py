@@ -2,7 +2,7 @@
 
     SFTLoader(source, tokenizer, ..., num_workers=4)    # 4 processes prepare, this one packs
 
-A chunk is a list of stream positions ("tags"); preparing it reads each conversation from the
+A chunk is a range of stream positions ("tags"); preparing it reads each conversation from the
 source and renders the chunk in Rust into a `RenderedChunk`. Packing stays in the loader's
 producer thread, in order. Two ways to prepare, one interface (`submit`, `take`, `close`):
 
@@ -25,6 +25,8 @@ skipped) at its chunk's turn; a worker that dies makes the loader raise, naming 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import pickle
 import signal
 import threading
 import time
@@ -134,34 +136,84 @@ class ThreadPreparer:
 # The loader-side ends of every worker pipe in this process. A forked child inherits copies of
 # them all and closes those copies first: otherwise a worker blocked sending a chunk its loader
 # will never read keeps waiting after the loader closes its end (a sibling still holds it open)
-# instead of failing at once and exiting.
+# instead of failing at once and exiting. _FORK_LOCK is held from making a pipe to closing our
+# copy of its child end, and around closing a loader end, so that loaders started from other
+# threads never fork in between (the child would inherit a stray child end, or an end that is
+# being closed).
 _LOADER_ENDS: set = set()
+_FORK_LOCK = threading.Lock()
+
+
+def _fresh_fork_lock():  # a child forked while the lock was held must not inherit it held
+    global _FORK_LOCK
+    _FORK_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_fork_lock)
+
+
+class RemoteTraceback(Exception):
+    """The text of a traceback from a loader worker: set as `__cause__` of what it raised."""
+
+    def __str__(self):
+        return self.args[0]
+
+
+def _for_the_loader(e: BaseException, worker_id: int, tags) -> tuple[BaseException, str]:
+    """What to send for exception `e`: itself if it survives pickling both ways (some pickle but
+    fail to unpickle, e.g. a custom __init__), else a RuntimeError with its text; and its
+    traceback as text, causes included (pickling drops tracebacks and __cause__)."""
+    tb = "".join(traceback.format_exception(e))
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e, tb
+    except Exception as why:
+        return RuntimeError(f"loader worker {worker_id}, preparing {_where(tags)}: {type(e).__name__}: {e} "
+                            f"(the exception itself cannot cross to the loader's process: {why!r})"), tb
+
+
+def _where(tags) -> str:
+    return f"stream positions {tags[0]}..{tags[-1]}" if len(tags) else "an empty chunk"
+
+
+def _exit_with_parent(parent_pid: int):
+    """Ends this worker when the loader's process is gone (killed), even if the main thread
+    is stuck in the source's __getitem__."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent_pid:
+            os._exit(1)
 
 
 def _worker_main(conn, source, tokenizer, spec: ChunkSpec, worker_id: int, inherited=()):
     """A worker process: prepares the chunks it is sent until it gets None or the pipe closes."""
     for c in inherited:  # fork only: copies of loader-side ends (see _LOADER_ENDS)
-        c.close()
+        try:
+            c.close()
+        except OSError:
+            pass
     # Ctrl-C goes to the whole process group: the loader's process handles it and stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     try:
         while True:
             tags = conn.recv()
             if tags is None:
                 return
             try:
-                result = ("ok", prepare(source, tokenizer, spec, tags))
+                prepared = prepare(source, tokenizer, spec, tags)
+                error = prepared[3]  # a record the source could not produce: raised at commit
+                result = ("ok", prepared, None if error is None else "".join(traceback.format_exception(error)))
             except BaseException as e:
-                result = ("raise", e)
+                result = ("raise", *_for_the_loader(e, worker_id, tags))
             try:
                 conn.send(result)  # pickled whole before anything is written
             except OSError:
                 raise  # the pipe: the loader went away
-            except Exception as e:  # an exception or item that does not pickle
-                where = f"stream positions {tags[0]}..{tags[-1]}" if tags else "an empty chunk"
-                detail = "".join(traceback.format_exception(result[1])) if result[0] == "raise" else ""
-                conn.send(("raise", RuntimeError(
-                    f"loader worker {worker_id} could not send back {where}: {e!r}\n{detail}")))
+            except Exception as e:  # an item that does not pickle
+                conn.send(("raise", RuntimeError(f"loader worker {worker_id} could not send back {_where(tags)}: {e!r}"),
+                           "".join(traceback.format_exception(e))))
     except (EOFError, OSError, KeyboardInterrupt):
         return  # the loader went away
 
@@ -181,14 +233,17 @@ class WorkerPool:
         fork = ctx.get_start_method() == "fork"
         try:
             for w in range(n):
-                parent_end, child_end = ctx.Pipe()
-                _LOADER_ENDS.add(parent_end)
-                self.conns.append(parent_end)
-                inherited = list(_LOADER_ENDS) if fork else []  # spawn/forkserver children inherit none
-                p = ctx.Process(target=_worker_main, args=(child_end, source, tokenizer, spec, w, inherited), daemon=True,
-                                name=f"sftfast-loader-worker-{w}")
-                p.start()
-                child_end.close()  # the child's copy is the only one left: its exit reads as EOF here
+                with _FORK_LOCK:
+                    parent_end, child_end = ctx.Pipe()
+                    _LOADER_ENDS.add(parent_end)
+                    self.conns.append(parent_end)
+                    inherited = list(_LOADER_ENDS) if fork else []  # spawn/forkserver children inherit none
+                    p = ctx.Process(target=_worker_main, args=(child_end, source, tokenizer, spec, w, inherited),
+                                    daemon=True, name=f"sftfast-loader-worker-{w}")
+                    try:
+                        p.start()
+                    finally:
+                        child_end.close()  # the child's copy is the only one left: its exit reads as EOF here
                 self.procs.append(p)
         except BaseException:
             self.close()
@@ -197,9 +252,16 @@ class WorkerPool:
     def __len__(self):
         return len(self.pending)
 
-    def submit(self, tags):
+    def submit(self, tags: range):
+        # A range pickles in a few bytes whatever its length. A long list could fill the pipe
+        # towards a worker that is itself blocked sending us a chunk: both would wait forever.
+        if not isinstance(tags, range):
+            raise TypeError(f"a worker chunk is a range of stream positions, got {type(tags).__name__}")
         w = self.sent % len(self.procs)
-        self.conns[w].send(list(tags))
+        try:
+            self.conns[w].send(tags)
+        except OSError:
+            pass  # the worker has died: take() names it when this chunk's turn comes
         self.pending.append((w, tags))
         self.sent += 1
 
@@ -212,18 +274,35 @@ class WorkerPool:
             if stop.is_set():
                 return None
             if not proc.is_alive() and not conn.poll(0):
-                break
+                # dead, and nothing left to read (no blocking recv: a process the source
+                # forked may still hold the worker's end open, and no EOF would come)
+                raise self._died(w, tags)
         try:
-            kind, value = conn.recv()
+            kind, value, remote_tb = conn.recv()
         except (EOFError, OSError):
-            proc.join(1.0)
-            raise RuntimeError(
-                f"loader worker {w} (pid {proc.pid}) exited with code {proc.exitcode} while preparing stream "
-                f"positions {tags[0]}..{tags[-1]}") from None
+            raise self._died(w, tags) from None
+        except Exception as e:  # an item that pickled in the worker but does not unpickle here
+            raise RuntimeError(f"loader worker {w}: could not read back {_where(tags)}: {e!r}") from e
         self.pending.popleft()
+        # pickling dropped the traceback and the cause: the worker sent them as text
+        error = value if kind == "raise" else value[3]
+        if remote_tb and error is not None:
+            error.__cause__ = RemoteTraceback(f'\n"""\n{remote_tb}"""')
         if kind == "raise":
             raise value
         return tags, value
+
+    def _died(self, w, tags) -> RuntimeError:
+        proc = self.procs[w]
+        proc.join(1.0)
+        code = proc.exitcode
+        if code is None:
+            how = "closed its pipe"
+        elif code < 0:
+            how = f"was killed by signal {-code} ({signal.Signals(-code).name})"
+        else:
+            how = f"exited with code {code}"
+        return RuntimeError(f"loader worker {w} (pid {proc.pid}) {how} while preparing {_where(tags)}")
 
     def close(self, timeout: float | None = 1.0):
         """Asks each worker to stop, then terminates any still running after `timeout` seconds
@@ -233,8 +312,9 @@ class WorkerPool:
                 conn.send(None)
             except (OSError, ValueError):
                 pass
-            conn.close()  # a worker blocked sending to us gets an error and exits
-            _LOADER_ENDS.discard(conn)
+            with _FORK_LOCK:
+                conn.close()  # a worker blocked sending to us gets an error and exits
+                _LOADER_ENDS.discard(conn)
         deadline = None if timeout is None else time.monotonic() + timeout
         for p in self.procs:
             p.join(None if deadline is None else max(0.0, deadline - time.monotonic()))

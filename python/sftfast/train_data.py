@@ -182,6 +182,8 @@ def make_loader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packi
             raise ValueError("--loader python renders conversations; a preprocessed shard needs --loader rust")
         tokenizer = None
     if impl == "python":
+        if num_workers:
+            raise ValueError("--loader-workers needs --loader rust (the Python loader has no workers)")
         return PyPackedLoader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packing)
     if impl != "rust":
         raise ValueError(f"unknown loader {impl!r}")

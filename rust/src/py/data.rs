@@ -411,9 +411,30 @@ fn _rendered_chunk_from_state(
     let items = py
         .detach(|| chunk_from_bytes(len, index, ids, mask))
         .map_err(|e| PyValueError::new_err(format!("corrupt RenderedChunk state: {e}")))?;
-    if let Some((i, _)) = errors.iter().find(|(i, _)| *i >= len) {
+    if len > isize::MAX as usize {
+        return Err(PyValueError::new_err(format!(
+            "corrupt RenderedChunk state: a chunk of {len} conversations"
+        )));
+    }
+    let mut bad: Vec<usize> = errors.iter().map(|(i, _)| *i).collect();
+    bad.sort_unstable();
+    if let Some(i) = bad.iter().find(|&&i| i >= len) {
         return Err(PyValueError::new_err(format!(
             "corrupt RenderedChunk state: error at position {i} outside a chunk of {len}"
+        )));
+    }
+    let twice = bad
+        .windows(2)
+        .find(|w| w[0] == w[1])
+        .map(|w| w[0])
+        .or_else(|| {
+            bad.iter()
+                .copied()
+                .find(|i| items.binary_search_by_key(i, |(p, _, _)| *p).is_ok())
+        });
+    if let Some(i) = twice {
+        return Err(PyValueError::new_err(format!(
+            "corrupt RenderedChunk state: position {i} is listed twice"
         )));
     }
     if items.len() + errors.len() != len && !fed {
