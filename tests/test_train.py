@@ -249,8 +249,14 @@ def test_non_finite_loss_stops_without_saving(base_dir):
         model.lm_head.weight[0, 0] = float("nan")
     ckpt.save_checkpoint(str(base_dir / "base_checkpoints" / "d2"), 5, model.state_dict(), None, dict(model_config=model.config.to_dict()))
     with pytest.raises(train.TrainingDivergedError, match="step 0"):
-        train.run(make_args(base_dir, "--num-iterations", "3", "--eval-every", "-1"))
+        train.run(make_args(base_dir, "--num-iterations", "3", "--eval-every", "-1", "--loader-workers", "1"))
     assert not (base_dir / "chatsft_checkpoints").exists()
+    # the failed run's loader is closed: no producer thread, no worker process left behind
+    import multiprocessing
+    import threading
+
+    assert not multiprocessing.active_children()
+    assert not [t for t in threading.enumerate() if t.name == "sftfast-loader"]
 
 
 def test_bad_batch_arithmetic_is_an_error(base_dir):

@@ -301,6 +301,16 @@ def default_base_dir() -> str:
 
 def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> dict:
     """Train. Datasets default to sftfast.tasks (args.mixture); returns a summary dict (rank 0's view)."""
+    opened = []  # loaders, closed however the run ends: their threads and worker processes stop
+    try:
+        return _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened)
+    finally:
+        for loader in opened:
+            if hasattr(loader, "close"):
+                loader.close()
+
+
+def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
     if args.base_dir is None:
         args.base_dir = default_base_dir()
     info = init_distributed(args.device)
@@ -355,6 +365,7 @@ def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> 
     T = args.max_seq_len
     train_loader = make_loader(train_ds, tokenizer, args.device_batch_size, T, info.rank, info.world_size, args.packing, args.loader, device,
                                args.loader_workers)
+    opened.append(train_loader)
     token_bytes = token_bytes_tensor(tokenizer, device)
     # Only packed rows hold several conversations. A padded row holds one, so plain causal
     # attention is already per-conversation, and it keeps FlexAttention from recompiling for
@@ -405,9 +416,11 @@ def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> 
 
         if val_ds is not None and (last_step or (args.eval_every > 0 and step % args.eval_every == 0)):
             val_loader = make_loader(val_ds, tokenizer, args.device_batch_size, T, info.rank, info.world_size, args.packing, args.loader, device)
+            opened.append(val_loader)
             metrics.update(evaluate_loss(model, val_loader, args.eval_steps, token_bytes, info, autocast, doc_mask))
             if hasattr(val_loader, "close"):
                 val_loader.close()
+            opened.remove(val_loader)
             log.print(f"step {step:05d} | val loss {metrics['val_loss']:.6f} | val bpb {metrics['val_bpb']:.4f}")
             log.record("eval", dict(step=step, val_loss=metrics["val_loss"], val_bpb=metrics["val_bpb"]))
         if metric_tasks and (last_step or (args.eval_metrics_every > 0 and step > 0 and step % args.eval_metrics_every == 0)):
@@ -491,8 +504,6 @@ def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> 
 
     metrics["train_loss"] = train_loss
     save(step, metrics)
-    if hasattr(train_loader, "close"):
-        train_loader.close()
     log.close()
     return dict(step=step, num_iterations=num_iterations, losses=history, metrics=metrics, checkpoint_dir=out_dir,
                 train_time_s=t_total, model=model, tokenizer=tokenizer, grad_accum_steps=grad_accum)
