@@ -2,6 +2,7 @@
 consumption, exact resume from state_dict, statistics, bad conversations, shards hook."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -12,6 +13,17 @@ from sftfast.dataloader import SFTLoader
 
 # A byte-level tokenizer (256 ranks + the specials) keeps these tests fast and vocab-free.
 RANKS = {bytes([b]): b for b in range(256)}
+
+# The head of the scripts that the exit tests run in a fresh interpreter.
+SCRIPT_HEAD = (
+    "import sys, time\n"
+    "from sftfast import Tokenizer\n"
+    "from sftfast.dataloader import SFTLoader\n"
+    "from sftfast.tokenizer import NANOCHAT_SPLIT_PATTERN\n"
+    f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+    "from test_dataloader import make_convs\n"
+    "tok = Tokenizer.from_ranks({bytes([b]): b for b in range(256)}, NANOCHAT_SPLIT_PATTERN)\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -313,13 +325,7 @@ def test_interpreter_exit_with_loaders_running_or_finished(tok, tmp_path):
 
     script = tmp_path / "exit.py"
     script.write_text(
-        "import sys\n"
-        "from sftfast import Tokenizer\n"
-        "from sftfast.dataloader import SFTLoader\n"
-        "from sftfast.tokenizer import NANOCHAT_SPLIT_PATTERN\n"
-        f"sys.path.insert(0, {str(__import__('os').path.dirname(__file__))!r})\n"
-        "from test_dataloader import make_convs\n"
-        "tok = Tokenizer.from_ranks({bytes([b]): b for b in range(256)}, NANOCHAT_SPLIT_PATTERN)\n"
+        SCRIPT_HEAD +
         "for k in range(6):\n"
         "    for b in SFTLoader(make_convs(40, k), tok, batch_size=2, seq_len=48):\n"
         "        pass\n"
@@ -358,19 +364,12 @@ def test_cuda_pinned_non_blocking(tok):
 def test_interpreter_exit_with_a_source_stuck_in_getitem(tmp_path):
     """A source that never returns (a hung network read) must not hang the exit: the helper
     threads are daemons and the exit hook stops waiting for the producer after 10 s."""
-    import os
     import subprocess
     import sys
 
     script = tmp_path / "stuck.py"
     script.write_text(
-        "import sys, time\n"
-        "from sftfast import Tokenizer\n"
-        "from sftfast.dataloader import SFTLoader\n"
-        "from sftfast.tokenizer import NANOCHAT_SPLIT_PATTERN\n"
-        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
-        "from test_dataloader import make_convs\n"
-        "tok = Tokenizer.from_ranks({bytes([b]): b for b in range(256)}, NANOCHAT_SPLIT_PATTERN)\n"
+        SCRIPT_HEAD +
         "class Stuck(list):\n"
         "    def __getitem__(self, i):\n"
         "        if i == 12:\n"

@@ -15,7 +15,7 @@ import pytest
 
 from sftfast import ConversationError, Packer, RenderedChunk, Tokenizer
 from sftfast.dataloader import SFTLoader
-from test_dataloader import RANKS, FlakySource, RenderedSource, collect, expected, make_convs
+from test_dataloader import RANKS, SCRIPT_HEAD, FlakySource, RenderedSource, collect, expected, make_convs
 
 
 @pytest.fixture(scope="module")
@@ -266,14 +266,8 @@ def test_exit_with_workers_running(tmp_path):
     """An abandoned loader's workers (one stuck in the source) do not hang or outlive the exit."""
     script = tmp_path / "exit_workers.py"
     script.write_text(
-        "import sys, time\n"
-        "from sftfast import Tokenizer\n"
-        "from sftfast.dataloader import SFTLoader\n"
-        "from sftfast.tokenizer import NANOCHAT_SPLIT_PATTERN\n"
-        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
-        "from test_dataloader import make_convs\n"
+        SCRIPT_HEAD +
         "from test_loader_workers import Stuck\n"
-        "tok = Tokenizer.from_ranks({bytes([b]): b for b in range(256)}, NANOCHAT_SPLIT_PATTERN)\n"
         "loader = SFTLoader(Stuck(make_convs(400)), tok, batch_size=2, seq_len=48, prefetch=2, chunk_size=8, buffer_size=4, num_workers=2)\n"
         "next(loader)\n"
         "print(' '.join(str(p.pid) for p in loader._thread._target.__self__.preparer.procs))\n"
