@@ -8,7 +8,7 @@
 # (step, exit status, seconds) is printed at the end and kept in $OUT/summary.txt.
 #   train    issue 6: d12 training step, tokens/s and MFU vs eager CE + Python data path (~200 s)
 #   loss     issue 5: CUDA loss tests, then the benchmark vs eager/Liger/CCE, --quick (~200 s)
-#   data     issue 3: pinned-ring CUDA test + data benchmark to the GPU (loader 1 core vs all) (~90 s)
+#   data     issue 3: pinned-ring CUDA test + data benchmark to the GPU (loader: 1 core vs all, threads vs 1..N worker processes over a task) (~110 s)
 #   generate issue 7: Engine tokens/s with/without KV cache, d12 bf16 (~90 s)
 #   prep     issue 4: preprocessing thread scaling on the machine's cores (~120 s)
 # STEPS="loss data" runs a subset, in that order.
@@ -37,7 +37,7 @@ if [ "$setup_rc" != 0 ] || ! "$PY" -c 'import sftfast; from sftfast import Rende
     exit 1
 fi
 
-declare -A EST=([train]=200 [loss]=200 [data]=90 [generate]=90 [prep]=120)
+declare -A EST=([train]=200 [loss]=200 [data]=110 [generate]=90 [prep]=120)
 summary=()
 for step in $STEPS; do
     est=${EST[$step]:-60}
