@@ -19,7 +19,10 @@ producer thread, in order. Two ways to prepare, one interface (`submit`, `take`,
 
 The stream, and so every batch, is the same either way and whatever N: workers only change
 who prepares a chunk, not which. Errors keep their meaning: a bad conversation raises (or is
-skipped) at its chunk's turn; a worker that dies makes the loader raise, naming it.
+skipped) at its chunk's turn, with the worker's traceback as text in `__cause__`
+(`RemoteTraceback`); a worker that dies makes the loader raise, naming it and how it ended.
+Workers stop with their loader (close(), the end of the stream, the exit hook) and exit by
+themselves when the loader's process is gone.
 """
 
 from __future__ import annotations
