@@ -278,7 +278,7 @@ def test_token_budget_sets_the_rows_per_step(base_dir):
 @pytest.mark.slow
 def test_torchrun_two_ranks_match_one_process(base_dir):
     """2 gloo ranks x 1 row x 2 micro-batches == 1 process x 2 rows x 2 micro-batches (padded rows,
-    so both see the same 4 conversations per step)."""
+    so both see the same 4 conversations per step). The ranks read with a worker process each."""
     common = ["-m", "sftfast.train", "--base-dir", str(base_dir), "--source", "base", "--device", "cpu",
               "--train-data", str(base_dir / "train.jsonl"), "--max-seq-len", "64", "--packing", "padded",
               "--target-examples-per-step", "4", "--num-iterations", "3", "--eval-every", "-1",
@@ -290,7 +290,7 @@ def test_torchrun_two_ranks_match_one_process(base_dir):
     assert r1.returncode == 0, r1.stderr[-3000:]
     shutil.rmtree(base_dir / "chatsft_checkpoints")
     r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common,
-                         "--device-batch-size", "1", "--log-jsonl", str(base_dir / "two.jsonl")],
+                         "--device-batch-size", "1", "--log-jsonl", str(base_dir / "two.jsonl"), "--loader-workers", "1"],
                         env=env, capture_output=True, text=True, timeout=300)
     assert r2.returncode == 0, r2.stderr[-3000:]
 
