@@ -135,6 +135,58 @@ def test_packing_isolation_property(lengths):
             start += d.size(1)
 
 
+def _packed_model_and_batch(device="cpu"):
+    """A GQA model and two packed 256-token rows that mix long, short and one-token conversations
+    across FlexAttention's 128-blocks, a third of the targets ignored."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=256, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, softcap=15.0))
+    model.init_weights(seed=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    idx = torch.randint(0, 97, (2, 256))
+    targets = torch.randint(0, 97, (2, 256))
+    targets[:, ::3] = -1
+    doc_ids = torch.tensor([[0] * 100 + [1] * 156, [0] * 30 + [1] + [2] * 29 + [3] * 196])
+    return model.to(device), idx.to(device), targets.to(device), doc_ids.to(device)
+
+
+def test_flex_attention_path_matches_sdpa_mask_on_cpu(monkeypatch):
+    """The GPU's packed-row attention (one BlockMask per forward, FlexAttention in every layer,
+    GQA) run on CPU, where FlexAttention compiles too (forward only: it has no CPU backward):
+    logits and loss equal the dense SDPA-mask path's."""
+    import sftfast.model as model_module
+
+    model, idx, targets, doc_ids = _packed_model_and_batch()
+    outputs = {}
+    for flex in (False, True):
+        monkeypatch.setattr(model_module, "use_flex_attention", lambda device: flex)
+        with torch.no_grad():
+            outputs[flex] = model(idx, doc_ids=doc_ids), model(idx, targets, doc_ids=doc_ids)
+    for got, want in zip(outputs[True], outputs[False]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention backward runs on CUDA")
+def test_flex_attention_path_gradients_on_cuda(monkeypatch):
+    """On CUDA the model uses FlexAttention for packed rows: its loss and every gradient equal the
+    dense SDPA-mask path's (fp32, so the tolerance is the kernels' accumulation order)."""
+    import sftfast.model as model_module
+
+    model, idx, targets, doc_ids = _packed_model_and_batch("cuda")
+    results = {}
+    for flex in (False, True):
+        monkeypatch.setattr(model_module, "use_flex_attention", lambda device: flex)
+        model.zero_grad(set_to_none=True)
+        loss = model(idx, targets, doc_ids=doc_ids)
+        loss.backward()
+        results[flex] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    (loss, grads), (ref_loss, ref_grads) = results[True], results[False]
+    torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-4)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, atol=1e-4, rtol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention path runs on CUDA")
 def test_flex_attention_matches_sdpa_mask_on_cuda():
     from sftfast.model import _flex

@@ -89,6 +89,12 @@ def doc_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
 _flex_attention = None
 
 
+def use_flex_attention(device: torch.device) -> bool:
+    """Packed rows on CUDA use FlexAttention (fully masked blocks are skipped); elsewhere a dense
+    SDPA mask: FlexAttention on CPU has no backward and compiles for seconds to gain nothing."""
+    return device.type == "cuda"
+
+
 def flex_block_mask(doc_ids: torch.Tensor):
     """FlexAttention BlockMask of the block-diagonal causal pattern (built once per forward)."""
     from torch.nn.attention.flex_attention import create_block_mask
@@ -102,7 +108,7 @@ def flex_block_mask(doc_ids: torch.Tensor):
 
 
 def _flex(q, k, v, doc_ids=None, block_mask=None):
-    """Block-diagonal causal attention with FlexAttention (CUDA): fully masked blocks are skipped."""
+    """Block-diagonal causal attention with FlexAttention: fully masked blocks are skipped."""
     global _flex_attention
     if _flex_attention is None:
         from torch.nn.attention.flex_attention import flex_attention
@@ -142,7 +148,7 @@ class CausalSelfAttention(nn.Module):
             # precomputed block-diagonal causal mask (CPU path), shared by all layers
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
         elif attn_mask is not None or doc_ids is not None:
-            y = _flex(q, k, v, doc_ids, block_mask=attn_mask)  # CUDA: the forward's BlockMask
+            y = _flex(q, k, v, doc_ids, block_mask=attn_mask)  # the forward's BlockMask
         elif Tq == Tk:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif Tq == 1:
@@ -248,8 +254,8 @@ class GPT(nn.Module):
                 raise ValueError("doc_ids (packed rows) and kv_cache (generation) cannot be combined")
             if doc_ids.shape != idx.shape:
                 raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} != idx shape {tuple(idx.shape)}")
-            # built once, used by every layer: a dense boolean mask for SDPA on CPU, a BlockMask on CUDA
-            attn_mask = flex_block_mask(doc_ids) if idx.device.type == "cuda" else doc_causal_mask(doc_ids)
+            # built once, used by every layer: a BlockMask for FlexAttention, else a dense SDPA mask
+            attn_mask = flex_block_mask(doc_ids) if use_flex_attention(idx.device) else doc_causal_mask(doc_ids)
         x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache, doc_ids, attn_mask)
