@@ -9,6 +9,7 @@
 #   train    issue 6: d12 training step, tokens/s and MFU vs eager CE + Python data path (~200 s)
 #   loss     issue 5: CUDA loss tests, then the benchmark vs eager/Liger/CCE, --quick (~200 s)
 #   data     issue 3: pinned-ring CUDA test + data benchmark to the GPU (loader: 1 core vs all, threads vs 1..N worker processes over a task) (~110 s)
+#   model    issue 6: CUDA model tests (FlexAttention packed-row attention: forward and gradients) (~60 s)
 #   generate issue 7: Engine tokens/s with/without KV cache, d12 bf16 (~90 s)
 #   prep     issue 4: preprocessing thread scaling on the machine's cores (~120 s)
 # STEPS="loss data" runs a subset, in that order.
@@ -17,7 +18,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 OUT=${OUT:-$PWD/gpu_results}
 BUDGET=${BUDGET:-560}
-STEPS=${STEPS:-"train loss data generate prep"}
+STEPS=${STEPS:-"train loss data model generate prep"}
 mkdir -p "$OUT"
 START=$(date +%s)
 left() { echo $((BUDGET - ($(date +%s) - START))); }
@@ -37,7 +38,7 @@ if [ "$setup_rc" != 0 ] || ! "$PY" -c 'import sftfast; from sftfast import Rende
     exit 1
 fi
 
-declare -A EST=([train]=200 [loss]=200 [data]=110 [generate]=90 [prep]=120)
+declare -A EST=([train]=200 [loss]=200 [data]=110 [model]=60 [generate]=90 [prep]=120)
 summary=()
 for step in $STEPS; do
     est=${EST[$step]:-60}
@@ -51,6 +52,7 @@ for step in $STEPS; do
         train) cmd=("$PY" scripts/gpu_train_check.py --out "$OUT/train.json" --budget $((est < l - 15 ? est - 15 : l - 15))) ;;
         loss) cmd=("$PY" scripts/gpu_loss_check.py --quick --out "$OUT/loss.json") ;;
         data) cmd=(bash scripts/gpu_check_data.sh "$PY") ;;
+        model) cmd=("$PY" -m pytest -q -p no:cacheprovider tests/test_model.py -k cuda) ;;
         generate) cmd=(bash -c "PY=$PY bash scripts/gpu_generate_check.sh") ;;
         prep) cmd=(bash scripts/device_check_prep.sh "$PY") ;;
         *) summary+=("$step unknown"); continue ;;
