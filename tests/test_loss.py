@@ -173,6 +173,52 @@ def test_non_contiguous_inputs_and_int32_targets():
     check_against_reference("chunked", h_nc, w_nc, t_nc, torch.float32)
 
 
+def strided_targets(targets):
+    """The same targets as a strided view (every other element of a larger buffer)."""
+    big = torch.full((2 * targets.numel(),), 7, dtype=targets.dtype, device=targets.device)
+    big[::2] = targets
+    return big[::2]
+
+
+def test_autocast_does_not_change_the_loss():
+    """Under CPU autocast the chunked path (and the eager reference) keep fp32 logits and fp32
+    gradient buffers: same loss and gradients as without autocast (before: the logits GEMM ran
+    in bf16 and writing its product into the fp32 dH buffer raised). Forward under autocast,
+    backward outside it, as PyTorch recommends; the chunked backward is also fine inside."""
+    hidden, weight, targets = make_case(40, 16, 100, torch.float32, 0.3, seed=13)
+    want = run("chunked", hidden, weight, targets, softcap=5.0)
+    for impl, backward_inside in (("chunked", False), ("chunked", True), ("eager", False)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fused_linear_cross_entropy(h, w, targets, impl=impl, softcap=5.0)
+            if backward_inside:
+                loss.backward()
+        if not backward_inside:
+            loss.backward()
+        for got, ref in zip((loss.detach(), h.grad, w.grad), want):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def check_double_backward_is_refused(impl):
+    """create_graph=True would silently treat our gradients as constants: refused, clearly."""
+    hidden, weight, targets = make_case(12, 8, 20, torch.float32, 0.2)
+    h = hidden.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(h, weight, targets, impl=impl)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, h, create_graph=True)
+
+
+def test_double_backward_is_refused():
+    check_double_backward_is_refused("chunked")
+
+
+def test_empty_vocabulary_with_every_target_ignored():
+    hidden, weight = torch.randn(5, 8), torch.empty(0, 8)
+    targets = torch.full((5,), -1)
+    for impl in ("chunked", "eager"):
+        assert float(fused_linear_cross_entropy(hidden, weight, targets, impl=impl)) == 0.0
+
+
 def test_batched_hidden():
     hidden, weight, targets = make_case(24, 16, 30, torch.float32, 0.3)
     a = fused_linear_cross_entropy(hidden.view(4, 6, 16), weight, targets.view(4, 6), impl="chunked")
@@ -204,6 +250,8 @@ def test_only_weight_requires_grad():
         (dict(impl="cuda"), ValueError, "impl"),
         (dict(softcap=0.0), ValueError, "softcap"),
         (dict(softcap=-1.0), ValueError, "softcap"),
+        (dict(softcap=float("inf")), ValueError, "finite"),  # inf * tanh(z / inf) would be NaN
+        (dict(softcap=float("nan")), ValueError, "softcap"),
     ],
 )
 def test_bad_arguments(kwargs, exc, match):
@@ -285,6 +333,21 @@ def test_interp_case_backward_chunks_and_strides(monkeypatch):
 
 
 @needs_interp
+def test_interp_case_strided_targets_with_nothing_ignored():
+    """Nothing ignored means no compaction copy: the kernels must still see dense targets
+    (a strided or expanded view was read as if contiguous: wrong loss, or out of bounds)."""
+    for target_dtype in (torch.int32, torch.int64):
+        hidden, weight, targets = make_case(30, 16, 50, torch.float32, 0.0, seed=5, target_dtype=target_dtype)
+        check_against_reference("triton", hidden, weight, strided_targets(targets), torch.float32)
+    check_against_reference("triton", hidden, weight, targets[:1].expand(30), torch.float32)
+
+
+@needs_interp
+def test_interp_case_double_backward_is_refused():
+    check_double_backward_is_refused("triton")
+
+
+@needs_interp
 def test_interp_case_errors_and_all_ignored():
     hidden, weight, targets = make_case(12, 8, 20, torch.float32, 0.0)
     targets[3] = 20
@@ -355,6 +418,10 @@ def test_cuda_auto_is_triton_and_chunked_agrees(reduction):
 def test_cuda_non_contiguous_and_errors():
     hidden, weight, targets = make_case(300, 64, 1000, torch.bfloat16, 0.5, device="cuda", target_dtype=torch.int32)
     check_against_reference("triton", hidden.t().contiguous().t(), weight.t().contiguous().t(), targets, torch.bfloat16)
+    dense = make_case(300, 64, 1000, torch.bfloat16, 0.0, device="cuda")
+    check_against_reference("triton", dense[0], dense[1], strided_targets(dense[2]), torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # inputs already bf16: autocast changes nothing
+        check_against_reference("triton", hidden, weight, targets, torch.bfloat16)
     targets[5] = 1000
     with pytest.raises(ValueError, match=r"targets\[5\]"):
         fused_linear_cross_entropy(hidden, weight, targets, impl="triton")

@@ -17,13 +17,19 @@ Semantics shared by all three: "mean" divides by the number of non-ignored targe
 not (for token-normalised gradient accumulation: sum per micro-batch, divide by the step's
 token count). If every target is ignored the loss is 0 and the gradients are 0, never NaN. A
 target outside [0, V) that is not ignore_index raises ValueError naming its index. The loss is
-an fp32 scalar; gradients come back in the dtypes of hidden and weight.
+an fp32 scalar; gradients come back in the dtypes of hidden and weight. Autocast is switched
+off inside (the maths runs in the inputs' dtype with fp32 accumulation, as written, rather than
+with bf16 logits); the caller casts hidden and weight to the dtype it wants. First-order only:
+a backward with create_graph=True (e.g. a gradient penalty) raises rather than return a
+gradient that autograd cannot differentiate.
 
 Benchmark: python -m sftfast.bench loss --json
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 
 import torch
@@ -36,6 +42,26 @@ REDUCTIONS = ("mean", "sum")
 # the softcap). 128 MiB: 512 rows at V = 65536. Smaller chunks cost speed on CPU because each
 # chunk's dW update reads and writes the whole V x D fp32 accumulator (Liger's weakness).
 CHUNK_BYTES = 128 * 1024 * 1024
+
+
+def autocast_off(device_type: str):
+    """A context with autocast disabled for `device_type` (a no-op when it is not enabled).
+    The loss's GEMMs must keep their dtypes: under autocast the chunked path's fp32 logits GEMM
+    would run in bf16 and then fail to write into its fp32 gradient buffers."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def refuse_double_backward(name: str) -> None:
+    """Called first in a backward: with create_graph=True autograd would accept our gradients
+    (computed by kernels and in-place ops) as constants, and a gradient penalty built on them
+    would be silently wrong."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{name}: double backward (create_graph=True) is not supported; use impl='eager' to "
+            "differentiate through the gradient"
+        )
 
 
 def _triton_available(device: torch.device) -> bool:
@@ -82,8 +108,8 @@ def _check_args(hidden, weight, targets, softcap, reduction, impl):
             f"hidden ({hidden.device}), weight ({weight.device}) and targets ({targets.device}) "
             "must be on one device"
         )
-    if softcap is not None and not (float(softcap) > 0.0):
-        raise ValueError(f"softcap must be None or > 0, got {softcap!r}")
+    if softcap is not None and not (float(softcap) > 0.0 and math.isfinite(float(softcap))):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
 
 
 def _check_targets(targets, V, ignore_index):
@@ -143,7 +169,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         dh32 = torch.empty((n, D), dtype=torch.float32, device=hidden.device) if need_dh else None
         dw32 = torch.zeros((V, D), dtype=torch.float32, device=weight.device) if need_dw else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        rows = max(1, CHUNK_BYTES // (V * 4))
+        rows = max(1, CHUNK_BYTES // (max(V, 1) * 4))
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             h_c = h[r0:r1].float()  # (r, D)
@@ -177,6 +203,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        refuse_double_backward("fused_linear_cross_entropy(impl='chunked')")
         dh32, dw32, valid_idx = ctx.saved_tensors
         scale = grad_out.to(torch.float32) / ctx.denom
         dhidden = dweight = None
@@ -211,12 +238,18 @@ def fused_linear_cross_entropy(
     ignore_index = int(ignore_index)
     D = hidden.shape[-1]
     h2 = hidden.reshape(-1, D)
-    t1 = targets.reshape(-1)
+    t1 = targets.reshape(-1).contiguous()  # the kernels index targets as a dense vector
     _check_targets(t1, weight.shape[0], ignore_index)
+    with autocast_off(hidden.device.type):
+        return _dispatch(h2, weight, t1, ignore_index, softcap, reduction, impl)
+
+
+def _dispatch(hidden, weight, targets, ignore_index, softcap, reduction, impl):
+    """Runs the chosen implementation on validated (N, D) hidden and dense (N,) targets."""
     if impl == "auto":
         impl = "triton" if hidden.device.type == "cuda" and _triton_available(hidden.device) else "chunked"
     if impl == "eager":
-        return eager_linear_cross_entropy(h2, weight, t1, ignore_index, softcap, reduction)
+        return eager_linear_cross_entropy(hidden, weight, targets, ignore_index, softcap, reduction)
     if impl == "triton":
         if not _triton_available(hidden.device):
             raise RuntimeError(
@@ -225,8 +258,8 @@ def fused_linear_cross_entropy(
             )
         from sftfast.kernels.fused_linear_ce import FusedLinearCrossEntropy
 
-        return FusedLinearCrossEntropy.apply(h2, weight, t1, ignore_index, softcap, reduction)
+        return FusedLinearCrossEntropy.apply(hidden, weight, targets, ignore_index, softcap, reduction)
     grad = torch.is_grad_enabled()
     need_dh = grad and hidden.requires_grad
     need_dw = grad and weight.requires_grad
-    return ChunkedLinearCrossEntropy.apply(h2, weight, t1, ignore_index, softcap, reduction, need_dh, need_dw)
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, ignore_index, softcap, reduction, need_dh, need_dw)

@@ -51,11 +51,14 @@ def main(argv=None) -> int:
     else:
         results = modules[args.command].run(args)
     out = {"machine": machine_info(), "results": results}
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
-        print(json.dumps(out, indent=2))
-    return 0
+    print(json.dumps(out, indent=2))
+    # a benchmark that could not run (e.g. --device cuda without CUDA) says why in "error"
+    # and fails the command, so scripts do not record an empty result as a measurement
+    per_bench = results.values() if args.command == "all" else [results]
+    errors = [r["error"] for r in per_bench if isinstance(r, dict) and "error" in r]
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -302,6 +302,8 @@ def run(args) -> dict:
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         return {"error": "--device cuda asked for but torch.cuda.is_available() is False"}
+    if device != "cuda" and args.triton_config:
+        return {"error": "--triton-config tunes the CUDA kernels: it needs --device cuda"}
     shapes = args.shapes or (GPU_SHAPES if device == "cuda" else CPU_SHAPES)
     impls = args.impls or (GPU_IMPLS if device == "cuda" else CPU_IMPLS)
     dtype_name = args.dtype or ("bfloat16" if device == "cuda" else "float32")

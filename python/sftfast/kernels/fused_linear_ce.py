@@ -383,7 +383,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         n = valid_idx.numel()
         if n == N:
             h = hidden.contiguous()
-            tgt = targets
+            tgt = targets.contiguous()  # the kernels read targets at tgt_ptr + row
         else:
             h = hidden.index_select(0, valid_idx)  # (n, D) contiguous copy of the valid rows
             tgt = targets.index_select(0, valid_idx)
@@ -401,6 +401,14 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        from sftfast.loss import autocast_off, refuse_double_backward
+
+        refuse_double_backward("fused_linear_cross_entropy(impl='triton')")
+        with autocast_off(grad_out.device.type):
+            return FusedLinearCrossEntropy._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         h, weight, tgt, lse, valid_idx = ctx.saved_tensors
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         N, n = ctx.N, ctx.n
