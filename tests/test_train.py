@@ -6,6 +6,7 @@ whole file takes well under a minute on 2 cores (the torchrun case a little more
 
 import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -98,6 +99,22 @@ def test_checkpoint_round_trip_and_layout(base_dir):
         assert torch.equal(state[k], v)
     assert meta2["model_config"] == model.config.to_dict()
     assert len(trainer["optimizers"]) == 2
+
+
+def read_meta(base_dir, step):
+    with open(base_dir / "chatsft_checkpoints" / "d2" / f"meta_{step:06d}.json") as f:
+        return json.load(f)
+
+
+def test_sft_checkpoint_meta_is_readable_by_nanochat(base_dir):
+    """nanochat builds its model with GPTConfig(**meta["model_config"]) from six fields: an sftfast
+    checkpoint's model_config holds exactly those; softcap and rope_base sit beside it."""
+    train.run(make_args(base_dir, "--num-iterations", "1", "--eval-every", "-1"))
+    meta = read_meta(base_dir, 1)
+    assert sorted(meta["model_config"]) == sorted(ckpt.NANOCHAT_CONFIG_KEYS)
+    assert meta["sftfast_model_config"] == {"softcap": 15.0, "rope_base": 10000.0}
+    model, _ = ckpt.load_model(str(base_dir), "sft")
+    assert model.config == ckpt.load_model(str(base_dir), "base")[0].config
 
 
 def test_incomplete_checkpoint_is_ignored_and_pickles_refused(base_dir, tmp_path):
@@ -220,6 +237,65 @@ def test_resume_is_bitwise_identical(base_dir):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_refuses_changed_run_flags(base_dir):
+    """A resumed run is the same run continued: a changed learning rate, loss normalisation or
+    step count (also one left out, which would become a derived count) is refused with the list
+    of differences, instead of being silently half-applied."""
+    train.run(make_args(base_dir, "--num-iterations", "4", "--save-every", "2", "--eval-every", "-1"))
+    os.unlink(base_dir / "chatsft_checkpoints" / "d2" / "meta_000004.json")  # as if stopped after step 2
+    with pytest.raises(ckpt.CheckpointError, match=r"--matrix-lr 0\.5 \(checkpoint: 0\.02\); --loss-norm 'microbatch'"):
+        train.run(make_args(base_dir, "--num-iterations", "4", "--resume", "--matrix-lr", "0.5", "--loss-norm", "microbatch"))
+    with pytest.raises(ckpt.CheckpointError, match=r"--num-iterations -1 \(checkpoint: 4\)"):
+        train.run(make_args(base_dir, "--resume"))
+    # what may change: evaluation, logging, saving, the loader's workers
+    out = train.run(make_args(base_dir, "--num-iterations", "4", "--resume", "--eval-every", "1", "--loader-workers", "1"))
+    assert out["step"] == 4 and len(out["losses"]) == 2
+
+
+def test_resuming_a_finished_run_changes_nothing(base_dir):
+    train.run(make_args(base_dir, "--num-iterations", "2"))
+    before = read_meta(base_dir, 2)
+    assert math.isfinite(before["metrics"]["train_loss"])
+    out = train.run(make_args(base_dir, "--num-iterations", "2", "--resume"))
+    assert out["step"] == 2 and out["losses"] == []
+    assert read_meta(base_dir, 2) == before  # not re-saved with train_loss NaN
+
+
+def test_fresh_run_refuses_an_earlier_runs_checkpoints(base_dir):
+    """A fresh, shorter run into a directory holding a longer run's checkpoints would leave the
+    old last step to be loaded (and resumed) as if it were this run's: refused unless --overwrite."""
+    train.run(make_args(base_dir, "--num-iterations", "4", "--save-every", "2", "--eval-every", "-1"))
+    with pytest.raises(ckpt.CheckpointError, match=r"earlier run \(steps 2, 4\).*--overwrite"):
+        train.run(make_args(base_dir, "--num-iterations", "1", "--eval-every", "-1"))
+    train.run(make_args(base_dir, "--num-iterations", "1", "--eval-every", "-1", "--overwrite"))
+    assert ckpt.complete_steps(str(base_dir / "chatsft_checkpoints" / "d2")) == [1]
+    assert sorted(os.listdir(base_dir / "chatsft_checkpoints" / "d2")) == ["meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
+
+
+def test_periodic_checkpoints_carry_their_own_steps_metrics(base_dir, capsys):
+    """--save-every N saves after step N's evaluation (its metrics are step N's, not the previous
+    evaluation's), and a derived run that ends on a multiple of N is saved once, at the end."""
+    train.run(make_args(base_dir, "--num-iterations", "4", "--save-every", "2", "--eval-every", "2",
+                        "--log-jsonl", str(base_dir / "log.jsonl")))
+    with open(base_dir / "log.jsonl") as f:
+        val = {r["step"]: r["val_loss"] for r in map(json.loads, f) if r["type"] == "eval"}
+    assert sorted(val) == [0, 2, 4]
+    assert read_meta(base_dir, 2)["metrics"]["val_loss"] == pytest.approx(val[2])
+    assert read_meta(base_dir, 4)["metrics"]["val_loss"] == pytest.approx(val[4])
+    shutil.rmtree(base_dir / "chatsft_checkpoints")
+    capsys.readouterr()
+    out = train.run(make_args(base_dir, "--num-epochs", "1", "--save-every", "1", "--eval-every", "-1", "--max-seq-len", "256"))
+    assert out["step"] < out["num_iterations"]  # packed rows: the data ends before the bound
+    saved = ckpt.complete_steps(str(base_dir / "chatsft_checkpoints" / "d2"))
+    assert saved == list(range(1, out["step"] + 1))
+    assert capsys.readouterr().out.count("saved checkpoint") == out["step"]  # the last step once
+
+
+def test_num_iterations_zero_is_a_clear_error(base_dir):
+    with pytest.raises(ValueError, match="--num-iterations must be positive, or -1"):
+        train.run(make_args(base_dir, "--num-iterations", "0"))
+
+
 def test_token_loss_norm_independent_of_micro_batch_split(base_dir):
     one = train.run(make_args(base_dir, "--num-iterations", "1", "--device-batch-size", "4"))
     shutil.rmtree(base_dir / "chatsft_checkpoints")
@@ -288,6 +364,10 @@ def test_torchrun_two_ranks_match_one_process(base_dir):
     r1 = subprocess.run([sys.executable, *common, "--device-batch-size", "2", "--log-jsonl", str(base_dir / "one.jsonl")],
                         env=env, capture_output=True, text=True, timeout=300)
     assert r1.returncode == 0, r1.stderr[-3000:]
+    # a 1-rank checkpoint resumed by 2 ranks: one clear error (rank 1 has no trainer state to read)
+    grow = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common,
+                           "--device-batch-size", "1", "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert grow.returncode != 0 and "was written by 1 ranks, resuming with 2" in grow.stderr, grow.stderr[-3000:]
     shutil.rmtree(base_dir / "chatsft_checkpoints")
     r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common,
                          "--device-batch-size", "1", "--log-jsonl", str(base_dir / "two.jsonl"), "--loader-workers", "1"],

@@ -115,11 +115,36 @@ def load_checkpoint(ckpt_dir: str, step: int, device="cpu", load_trainer_state: 
     return model_state, trainer_state, meta
 
 
+def complete_steps(ckpt_dir: str) -> list[int]:
+    """Steps with a meta file (= complete checkpoints) in `ckpt_dir`, ascending; [] if none."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(int(m.group(1)) for name in os.listdir(ckpt_dir) if (m := re.fullmatch(r"meta_(\d+)\.json", name)))
+
+
+def trainer_state_ranks(ckpt_dir: str, step: int) -> int:
+    """How many ranks wrote trainer state (optim_{step}_rank{r}.pt) for `step`: the world size of
+    the run that saved it, known before any rank tries to read its own file."""
+    pattern = re.compile(rf"optim_{step:06d}_rank(\d+)\.pt")
+    return sum(1 for name in os.listdir(ckpt_dir) if pattern.fullmatch(name))
+
+
+def remove_checkpoints(ckpt_dir: str) -> list[int]:
+    """Deletes every checkpoint file (model_, optim_, meta_) in `ckpt_dir`; returns the complete
+    steps that were there. Meta files go first, so an interrupted removal leaves no step that
+    looks complete."""
+    steps = complete_steps(ckpt_dir)
+    names = [n for n in os.listdir(ckpt_dir) if re.fullmatch(r"(meta_\d+\.json|model_\d+\.pt|optim_\d+_rank\d+\.pt)", n)]
+    for name in sorted(names, key=lambda n: not n.startswith("meta_")):
+        os.unlink(os.path.join(ckpt_dir, name))
+    return steps
+
+
 def find_last_step(ckpt_dir: str) -> int:
     """Highest step with a meta file (= a complete checkpoint)."""
     if not os.path.isdir(ckpt_dir):
         raise CheckpointError(f"no checkpoint directory {ckpt_dir}")
-    steps = [int(m.group(1)) for name in os.listdir(ckpt_dir) if (m := re.fullmatch(r"meta_(\d+)\.json", name))]
+    steps = complete_steps(ckpt_dir)
     if not steps:
         raise CheckpointError(f"no complete checkpoint (meta_*.json) in {ckpt_dir}")
     return max(steps)
@@ -146,14 +171,27 @@ def resolve(base_dir: str, source: str, model_tag: str | None = None, step: int 
     return ckpt_dir, tag, find_last_step(ckpt_dir) if step is None else step
 
 
+# nanochat builds its model with GPTConfig(**meta["model_config"]) and its config has exactly
+# these fields; sftfast's other fields (softcap, rope_base) go under "sftfast_model_config" so
+# that nanochat's tools (chat_web, chat_eval) can load an sftfast checkpoint.
+NANOCHAT_CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+
+
+def model_config_meta(config) -> dict:
+    """The meta entries describing a model: {"model_config": nanochat's fields, "sftfast_model_config": the rest}."""
+    full = config.to_dict()
+    return dict(model_config={k: full[k] for k in NANOCHAT_CONFIG_KEYS},
+                sftfast_model_config={k: v for k, v in full.items() if k not in NANOCHAT_CONFIG_KEYS})
+
+
 def build_model(model_state: dict, meta: dict, device="cpu"):
-    """GPT from a loaded state dict and its meta (meta["model_config"])."""
+    """GPT from a loaded state dict and its meta (model_config, plus sftfast_model_config when present)."""
     from sftfast.model import GPT, GPTConfig
 
     if "model_config" not in meta:
         raise CheckpointError("meta has no model_config")
     try:
-        config = GPTConfig(**meta["model_config"])
+        config = GPTConfig(**{**meta["model_config"], **meta.get("sftfast_model_config", {})})
     except TypeError as e:
         raise CheckpointError(f"meta model_config does not match GPTConfig: {e}") from e
     with torch.device("meta"):

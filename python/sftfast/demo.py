@@ -218,7 +218,7 @@ def main(args: argparse.Namespace) -> dict:
     log(f"base model: {model.num_params():,} parameters, {len(stream):,} tokens of text")
     base_loss = base_train(model, stream, max(10, int(BASE_STEPS * scale)), BASE_BATCH, log)
     base_dir = os.path.join(ckpt.checkpoints_dir(run_dir, "base"), "demo")
-    ckpt.save_checkpoint(base_dir, 0, model.state_dict(), None, dict(model_config=config.to_dict(), step=0, train_loss=base_loss,
+    ckpt.save_checkpoint(base_dir, 0, model.state_dict(), None, dict(**ckpt.model_config_meta(config), step=0, train_loss=base_loss,
                                                                               tokenizer="tokenizer/tokenizer.sftfast"))
 
     # 3-4. SFT with the real trainer; evaluation before (step 0) and after (last step)
@@ -234,6 +234,7 @@ def main(args: argparse.Namespace) -> dict:
     sft_args.eval_tasks = ""
     sft_args.device = "cpu"
     sft_args.log_jsonl = sft_args.log_jsonl or os.path.join(run_dir, "sft.jsonl")
+    sft_args.overwrite = True  # the demo redoes the whole stage: an earlier demo's SFT checkpoints go
     held_out = {"find_the_number": FindTheNumber(HELDOUT, "test")}
     # the trainer scores task metrics from its first eval_metrics_every step on: score the base model here
     acc0 = {f"{k}_acc": train.categorical_accuracy(model, tokenizer, t) for k, t in held_out.items()}

@@ -51,6 +51,45 @@ class TrainingDivergedError(RuntimeError):
     """A non-finite loss: the run stops before the optimizer step; nothing is saved."""
 
 
+# The flags that decide what a run computes. --resume must repeat them: a resumed run is the
+# same run continued (bitwise on CPU), so a changed learning rate, schedule, batch arithmetic or
+# data is refused rather than half-applied (the optimizer state would bring back the old
+# learning rates, the checkpoint the old step count). Everything else may change on resume:
+# evaluation and logging cadence, --save-every, --loader-workers, --compile, the device.
+RUN_DEFINING_FLAGS = (
+    "mixture", "train_data", "max_seq_len", "packing", "loader", "cross_doc_attention", "device_batch_size",
+    "target_examples_per_step", "target_tokens_per_step", "num_epochs", "num_iterations", "unembedding_lr",
+    "embedding_lr", "matrix_lr", "weight_decay", "init_lr_frac", "schedule", "warmup_ratio", "warmdown_ratio",
+    "final_lr_frac", "loss_norm", "seed",
+)
+
+
+def run_settings(args) -> dict:
+    """The run-defining flags' values, as stored in every checkpoint's trainer state. Data files
+    are compared by name, so a checkpoint can move to a machine where they live elsewhere."""
+    settings = {k: getattr(args, k) for k in RUN_DEFINING_FLAGS}
+    if settings["train_data"]:
+        settings["train_data"] = os.path.basename(os.path.normpath(settings["train_data"]))
+    return settings
+
+
+def check_resume_settings(saved: dict | None, now: dict, where: str) -> None:
+    """CheckpointError listing every run-defining flag that differs from the checkpoint's."""
+    if saved is None:
+        return  # a checkpoint from before settings were stored: nothing to compare
+    diffs = [f"--{k.replace('_', '-')} {now.get(k)!r} (checkpoint: {saved.get(k)!r})"
+             for k in RUN_DEFINING_FLAGS if now.get(k) != saved.get(k)]
+    if diffs:
+        raise ckpt.CheckpointError(
+            f"--resume from {where} with settings that differ from the run that wrote it: {'; '.join(diffs)}. "
+            "Repeat the original flags, or start a new run with --overwrite")
+
+
+def finite_or_none(metrics: dict) -> dict:
+    """JSON has no NaN or inf: such values are written as null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+
+
 def grad_accum_steps(args, world_size: int) -> int:
     """Micro-batches per optimizer step: target_examples_per_step // (device_batch_size * world),
     the seed's arithmetic. With --target-tokens-per-step the step is sized in tokens instead
@@ -189,6 +228,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", default=None, help="tokenizer file; default: the checkpoint's (sftfast.engine.find_tokenizer)")
     g.add_argument("--resume", action="store_true", help="continue from the last chatsft checkpoint of the tag")
     g.add_argument("--save-every", type=int, default=-1, help="also checkpoint every N steps (-1: only at the end)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run even if the output directory holds an earlier run's checkpoints (deletes them)")
     g = p.add_argument_group("data")
     g.add_argument("--mixture", default="seed", help="sftfast.tasks.build_mixture name")
     g.add_argument("--train-data", "--data", dest="train_data", default=None,
@@ -313,6 +354,7 @@ def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> 
 def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
     if args.base_dir is None:
         args.base_dir = default_base_dir()
+    settings = run_settings(args)  # before anything derives values from the flags
     info = init_distributed(args.device)
     log = Logger(args, info)
     torch.manual_seed(args.seed)
@@ -325,15 +367,29 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
     trainer_state = None
     if args.resume:
         out_dir, tag, start = ckpt.resolve(args.base_dir, "sft", args.model_tag)
+        # before any rank looks for its own trainer-state file, which may not exist
+        saved_world = ckpt.trainer_state_ranks(out_dir, start)
+        if saved_world != info.world_size:
+            raise ckpt.CheckpointError(f"{out_dir} step {start} was written by {saved_world} ranks, resuming with {info.world_size}")
         model_state, trainer_state, meta = ckpt.load_checkpoint(out_dir, start, device, load_trainer_state=True, rank=info.rank)
+        check_resume_settings(trainer_state.get("settings"), settings, f"{out_dir} step {start}")
         model = ckpt.build_model(model_state, meta, device)
-        if trainer_state.get("world_size", 1) != info.world_size:
-            raise ckpt.CheckpointError(f"checkpoint was written by {trainer_state['world_size']} ranks, resuming with {info.world_size}")
         log.print(f"resuming {out_dir} at step {start}")
     else:
         model, meta = ckpt.load_model(args.base_dir, args.source, args.model_tag, args.step, device)
         tag = meta["model_tag"]
         out_dir = os.path.join(out_root, tag)
+        # an earlier run's checkpoints would outlive this run's (a later step wins in
+        # find_last_step), and --resume would then continue the wrong run
+        earlier = ckpt.complete_steps(out_dir)
+        if earlier and not args.overwrite:
+            raise ckpt.CheckpointError(
+                f"{out_dir} holds checkpoints of an earlier run (steps {', '.join(map(str, earlier))}): "
+                "--resume continues it, --overwrite deletes them and starts over")
+        if earlier:
+            if info.rank == 0:
+                ckpt.remove_checkpoints(out_dir)
+            log.print(f"--overwrite: removed the earlier run's checkpoints from {out_dir} (steps {', '.join(map(str, earlier))})")
         log.print(f"loaded {meta['checkpoint_dir']} step {meta['step']}: {model.num_params():,} parameters")
     config = model.config
     if tokenizer is None:
@@ -358,10 +414,14 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
     metric_tasks = metric_tasks or {}
     grad_accum = grad_accum_steps(args, info.world_size)
     num_iterations = args.num_iterations
+    if num_iterations == 0 or num_iterations < -1:
+        raise ValueError(f"--num-iterations must be positive, or -1 to derive it from the data; got {num_iterations}")
     if num_iterations < 0:
         num_iterations = (len(train_ds) // args.target_examples_per_step) * args.num_epochs
     if num_iterations <= 0:
         raise ValueError(f"{len(train_ds)} training conversations give no step of {args.target_examples_per_step} examples")
+    if trainer_state is not None:
+        num_iterations = trainer_state["num_iterations"]  # a derived count is the checkpoint's (same flags, same data)
     T = args.max_seq_len
     train_loader = make_loader(train_ds, tokenizer, args.device_batch_size, T, info.rank, info.world_size, args.packing, args.loader, device,
                                args.loader_workers)
@@ -371,7 +431,8 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
     # attention is already per-conversation, and it keeps FlexAttention from recompiling for
     # every batch width (padded batches are as wide as their longest conversation).
     doc_mask = not args.cross_doc_attention and args.packing == "bestfit"
-    bound = " (at most: the run ends when the data is consumed)" if args.num_iterations < 0 else ""
+    derived = args.num_iterations < 0
+    bound = " (at most: the run ends when the data is consumed)" if derived else ""
     log.print(f"world {info.world_size} | grad_accum {grad_accum} | num_iterations {num_iterations}{bound} | loss_norm {args.loss_norm}")
 
     # --- optimizers and resumed state
@@ -381,18 +442,21 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
     if trainer_state is not None:
         for opt, s in zip(optimizers, trainer_state["optimizers"]):
             opt.load_state_dict(s)
-        train_loader.load_state_dict(trainer_state["loader"])
+        try:
+            train_loader.load_state_dict(trainer_state["loader"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ckpt.CheckpointError(f"{out_dir} step {trainer_state['step']}: its loader state does not fit this loader: {e!r}") from e
         _set_rng_state(trainer_state["rng"])
         step = trainer_state["step"]
-        num_iterations = trainer_state["num_iterations"]
+    start_step = step
     barrier = (lambda: dist.barrier()) if info.ddp else None
 
     def save(step, metrics):
         trainer = dict(optimizers=[o.state_dict() for o in optimizers], loader=train_loader.state_dict(), rng=_rng_state(),
-                       step=step, num_iterations=num_iterations, world_size=info.world_size)
-        meta_out = dict(model_config=config.to_dict(), step=step, num_iterations=num_iterations, source=args.source,
+                       step=step, num_iterations=num_iterations, world_size=info.world_size, settings=settings)
+        meta_out = dict(**ckpt.model_config_meta(config), step=step, num_iterations=num_iterations, source=args.source,
                         args={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
-                        metrics=metrics)
+                        metrics=finite_or_none(metrics))
         if isinstance(meta.get("tokenizer"), str):  # where sftfast.engine finds the tokenizer
             meta_out["tokenizer"] = meta["tokenizer"]
         ckpt.save_checkpoint(out_dir, step, model.state_dict(), trainer, meta_out, rank=info.rank, barrier=barrier)
@@ -411,7 +475,6 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
         progress = torch.tensor(train_loader.consumed / (args.num_epochs * train_loader.shard_len), dtype=torch.float64, device=device)
         all_reduce(progress, info, dist.ReduceOp.MAX if info.ddp else None)
         progress = progress.item()
-        derived = args.num_iterations < 0
         last_step = step >= num_iterations or (derived and progress >= 1.0)
 
         if val_ds is not None and (last_step or (args.eval_every > 0 and step % args.eval_every == 0)):
@@ -432,6 +495,10 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
             log.record("eval", dict(step=step, **accs))
         if last_step:
             break
+        # periodic checkpoints here, after this step's evaluations (so their metrics are its own),
+        # never at the last step (the final save below) nor at the step a resumed run starts from
+        if args.save_every > 0 and step % args.save_every == 0 and step > start_step:
+            save(step, dict(metrics, train_loss=train_loss))
         # --- one optimizer step
         t0 = time.perf_counter()
         batches = [train_loader.next() for _ in range(grad_accum)]
@@ -492,18 +559,19 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
             mfu_s = f" | mfu {100 * rec['mfu']:.2f}%"
         # a derived num_iterations is only an upper bound (packed rows hold several conversations):
         # such a run ends when the data is consumed, so show how much of it is
-        where = f"{step:05d} | data {100 * min(progress, 1.0):5.1f}%" if derived else f"{step:05d}/{num_iterations:05d}"
+        where = f"{step:05d} | data {100 * min(batches[-1].progress / args.num_epochs, 1.0):5.1f}%" if derived else f"{step:05d}/{num_iterations:05d}"
         log.print(f"step {where} | loss {train_loss:.6f} | lrm {lrm:.4f} | sup tokens {int(n_sup.item()):,}"
                   f" | {tok_s:,.0f} tok/s{mfu_s} | {1000 * dt:.0f} ms")
         log.record("step", rec)
         if log.bar is not None:
             log.bar.update(1)
         history.append(train_loss)
-        if args.save_every > 0 and step % args.save_every == 0 and step < num_iterations:
-            save(step, dict(metrics, train_loss=train_loss))
 
     metrics["train_loss"] = train_loss
-    save(step, metrics)
+    if step > start_step:
+        save(step, metrics)
+    else:  # --resume of a run that had already ended: its final checkpoint stays as it is
+        log.print(f"the checkpoint at step {step} already ends this run: nothing trained, nothing saved")
     log.close()
     return dict(step=step, num_iterations=num_iterations, losses=history, metrics=metrics, checkpoint_dir=out_dir,
                 train_time_s=t_total, model=model, tokenizer=tokenizer, grad_accum_steps=grad_accum)
@@ -521,7 +589,7 @@ def main(argv=None) -> int:
     else:
         try:
             run(args)
-        except (ValueError, ckpt.CheckpointError, TrainingDivergedError) as e:
+        except (ValueError, FileNotFoundError, ckpt.CheckpointError, TrainingDivergedError) as e:
             # user-facing failures: one clear line (and the exit status), not a traceback per rank
             print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
             if dist.is_initialized():
