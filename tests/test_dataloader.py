@@ -281,6 +281,23 @@ def test_prerendered_source_hook(tok):
         np.testing.assert_array_equal(x[1], y[1])
 
 
+def test_prerendered_source_errors_name_the_source_index_and_skip(tok):
+    """A bad (ids, mask) pair in a pre-rendered source is named by its index in the source (not
+    its stream position) and on_error="skip" skips it, as for conversation dicts."""
+    rendered = tok.render_batch(make_convs(40), max_tokens=66)
+    pairs = [(np.array(i, np.uint32), np.array(m, np.uint8)) for i, m in rendered]
+    pairs[33] = (pairs[33][0], pairs[33][1][:-1])
+    src = RenderedSource(pairs, tok.bos_id)
+    with pytest.raises(ConversationError, match=r"conversation 33: ids has \d+ tokens but mask has"):
+        collect(SFTLoader(src, None, batch_size=2, seq_len=64, rank=1, world_size=2, num_epochs=2))
+    with pytest.warns(UserWarning, match="conversation 33"):
+        loader = SFTLoader(src, None, batch_size=2, seq_len=64, on_error="skip")
+        got = collect(loader)
+    assert [i for i, _ in loader.errors] == [33] and loader.stats()["skipped"] == 1
+    good = collect(SFTLoader(RenderedSource(pairs[:33] + pairs[34:], tok.bos_id), None, batch_size=2, seq_len=64))
+    assert len(got) == len(good) and all(np.array_equal(a[0], b[0]) for a, b in zip(got, good))
+
+
 def test_infinite_and_bad_settings(tok):
     convs = make_convs(10)
     loader = SFTLoader(convs, tok, batch_size=4, seq_len=32, num_epochs=None)
@@ -293,6 +310,18 @@ def test_infinite_and_bad_settings(tok):
         SFTLoader(convs[:1], tok, batch_size=1, seq_len=8, rank=1, world_size=2)
     with pytest.raises(ValueError, match="packing mode"):
         SFTLoader(convs, tok, batch_size=1, seq_len=8, mode="greedy")
+    # prefetch 0 would unbound the queue past the ring of output buffers (overwritten batches),
+    # chunk_size 0 would spin forever on empty chunks
+    for name in ("prefetch", "chunk_size", "max_tokens"):
+        with pytest.raises(ValueError, match=f"{name} must be >= 1, got 0"):
+            SFTLoader(convs, tok, batch_size=1, seq_len=8, **{name: 0})
+    # a state saved at 1.5 of 2 epochs does not fit a 1-epoch loader
+    two = SFTLoader(convs, tok, batch_size=1, seq_len=32, num_epochs=2)
+    collect(two, limit=15)
+    state = two.state_dict()
+    two.close()
+    with pytest.raises(ValueError, match="past the end of num_epochs=1"):
+        SFTLoader(convs, tok, batch_size=1, seq_len=32, num_epochs=1).load_state_dict(state)
 
 
 def _producers():

@@ -123,6 +123,26 @@ def test_caller_buffers_are_filled_in_place():
         p.next_batch(out=(np.zeros(3, np.int32), np.zeros(3, np.int64), np.zeros(3, np.int32)))
     with pytest.raises(ValueError, match="int64"):
         p.next_batch(out=(bufs[0], bufs[0], bufs[2]))
+    # an array numpy will not lend for writing is an error, not a Rust panic
+    read_only = np.zeros(2 * 63, np.int32)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match=r"out\[0\] \(inputs\) must be a writable array"):
+        p.next_batch(out=(read_only, bufs[1], bufs[2]))
+    with pytest.raises(ValueError, match=r"out\[2\] \(position_ids\) must be a writable array distinct"):
+        p.next_batch(out=(bufs[0], bufs[1], bufs[0]))  # the same int32 buffer twice
+    assert p.next_batch(out=bufs) is not None  # the packer is unharmed
+
+
+def test_ids_beyond_int32_are_refused():
+    """inputs are int32: an id of 2**31 or more (a corrupt shard) would wrap to a negative input
+    while its int64 target kept the true value."""
+    p = Packer("bestfit", 1, 4, BOS)
+    with pytest.raises(ValueError, match=r"tag 0: ids\[1\] = 3000000000 does not fit the int32 inputs"):
+        p.feed([([BOS, 3_000_000_000, 5], [0, 1, 1])])
+    with pytest.raises(ValueError, match="bos_id 4294967295 does not fit"):
+        Packer("bestfit", 1, 4, 2**32 - 1)
+    p.feed([(np.array([BOS, 2**31 - 1], np.uint32), [0, 1])])  # the largest id that fits
+    assert p.next_batch(flush=True).targets[0, 0] == 2**31 - 1
 
 
 def test_numpy_inputs_and_bad_input():

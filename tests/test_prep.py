@@ -129,6 +129,18 @@ def test_jsonl_round_trip_matches_reference(tmp_path, enc, num_threads, capsys):
     assert leftovers(tmp_path) == []
 
 
+def test_lone_surrogate_escapes_render_like_the_loaders_path(tmp_path, enc, capsys):
+    """JSON text with an unpaired \\ud800 escape: json.loads (the loader's path) accepts it and
+    the text renders with U+FFFD; prep parses the same lines and writes the same tokens."""
+    lines = [r'{"messages": [{"role": "user", "content": "lone \ud800 high"}, {"role": "assistant", "content": "x\udc00"}]}',
+             r'{"messages": [{"role": "user", "content": "pair \ud83d\ude00"}, {"role": "assistant", "content": "ok \\ud800"}]}']
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    rc, out = run_prep(src, "--out", tmp_path / "shard", capsys=capsys)
+    assert rc == prep.EXIT_OK, out.err
+    assert_matches_reference(ShardDataset(tmp_path / "shard"), enc, [json.loads(line) for line in lines], 2048)
+
+
 def test_json_parquet_and_directory_inputs(tmp_path, enc, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq

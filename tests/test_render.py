@@ -86,6 +86,10 @@ BAD = [
     ({}, 'missing field "messages"'),
     ([{"role": "user", "content": "x"}], "must be a dict"),
     ({"messages": "hi"}, '"messages" must be a list'),
+    # objects with a length that are not a message list: named as such (not "message 0: ... int")
+    ({"messages": b"ab"}, 'message -: "messages" must be a list, got bytes'),
+    ({"messages": range(2)}, 'message -: "messages" must be a list, got range'),
+    ({"messages": {1, 2}}, 'message -: "messages" must be a list, got set'),
     ({"messages": [{"role": "assistant", "content": "a"}]}, "message 0: expected role user"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "message 1: expected role assistant"),
     ({"messages": [{"role": "system", "content": "s"}]}, "message 0: system message is not followed"),

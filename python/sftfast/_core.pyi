@@ -1,6 +1,6 @@
 # Type stubs of the compiled extension sftfast._core (checked against the module by tests).
 import os
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Literal, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -81,6 +81,12 @@ class CoreTokenizer:
 
 # --- rendering and packing (data) ---
 class RenderedChunk:
+    @staticmethod
+    def from_pairs(
+        pairs: Sequence[tuple[Sequence[int] | npt.NDArray[np.integer], Sequence[int] | npt.NDArray[np.integer]]],
+        indices: Sequence[int] | None = None,
+        on_error: Literal["fail", "skip"] = "fail",
+    ) -> RenderedChunk: ...
     def __len__(self) -> int: ...
     def __reduce__(self) -> tuple[Callable[..., RenderedChunk], tuple[int, bool, bytes, bytes, bytes, list[tuple[int, str]]]]: ...
     @property

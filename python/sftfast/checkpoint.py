@@ -3,7 +3,8 @@
     {base_dir}/{base,mid,chatsft}_checkpoints/{model_tag}/
         model_{step:06d}.pt          model state_dict (rank 0)
         optim_{step:06d}_rank{r}.pt  per-rank trainer state: optimizer states, RNG, loader state
-        meta_{step:06d}.json         model_config, step, hyperparameters, metrics (rank 0)
+        meta_{step:06d}.json         model_config (nanochat's fields; softcap and rope_base in
+                                     sftfast_model_config), step, hyperparameters, metrics (rank 0)
 
     from sftfast.checkpoint import save_checkpoint, load_checkpoint, load_model
     model, meta = load_model("runs/demo", "base", device="cpu")

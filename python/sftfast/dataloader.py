@@ -123,13 +123,8 @@ class _Producer:
 
     def commit(self, packer, prepared):
         """Feeds a prepared chunk; returns [(tag, message)] of its skipped records."""
-        fed_tags, items, failed, error = prepared
-        skipped = []
-        if fed_tags:
-            if self.tokenizer is None:
-                packer.feed(items, tags=fed_tags)
-            else:
-                skipped = packer.feed_rendered(items, fed_tags)
+        fed_tags, chunk, failed, error = prepared
+        skipped = packer.feed_rendered(chunk, fed_tags) if fed_tags else []
         if error is not None:
             raise error
         return sorted(skipped + failed, key=lambda x: x[0])  # stream order
@@ -230,6 +225,11 @@ class SFTLoader:
             raise ValueError(f'on_error must be "fail" or "skip", got {on_error!r}')
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        # prefetch bounds the queue; the ring of output buffers is sized from it, so an unbounded
+        # queue (prefetch 0) would let the producer overwrite batches not yet copied out
+        for name, value in (("prefetch", prefetch), ("chunk_size", chunk_size), ("max_tokens", max_tokens)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         self.source, self.tokenizer = source, tokenizer
         self.batch_size, self.seq_len, self.mode, self.buffer_size = batch_size, seq_len, mode, buffer_size
         self.rank, self.world_size, self.num_epochs = rank, world_size, num_epochs
@@ -403,6 +403,10 @@ class SFTLoader:
         if state["settings"] != self._settings():
             diff = {k: (v, self._settings().get(k)) for k, v in state["settings"].items() if self._settings().get(k) != v}
             raise ValueError(f"loader state was saved with other settings (saved, now): {diff}")
+        total = self._total_tags()
+        if total is not None and state["cursor"] > total:
+            raise ValueError(f"loader state is at stream position {state['cursor']}, past the end of "
+                             f"num_epochs={self.num_epochs} ({total} positions): it was saved with more epochs")
         self.close()
         self._cursor, self._held, self._consumed = state["cursor"], list(state["held"]), state["consumed"]
         self._totals = dict(state["totals"])

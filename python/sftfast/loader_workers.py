@@ -37,7 +37,7 @@ import traceback
 from collections import deque
 from dataclasses import dataclass
 
-from sftfast._core import ConversationError
+from sftfast._core import ConversationError, RenderedChunk
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,8 @@ class ChunkSpec:
 
 
 def prepare(source, tokenizer, spec: ChunkSpec, tags):
-    """Fetches and renders the items of `tags`: (fed tags, payload, [(tag, message)] the
-    source could not produce, the error to raise after feeding the records before it)."""
+    """Fetches and renders the items of `tags`: (fed tags, their RenderedChunk, [(tag, message)]
+    the source could not produce, the error to raise after feeding the records before it)."""
     items, fed_tags, failed, error = [], [], [], None
     for t in tags:
         i = spec.source_index(t)
@@ -76,11 +76,13 @@ def prepare(source, tokenizer, spec: ChunkSpec, tags):
             continue
         items.append(item)
         fed_tags.append(t)
-    if tokenizer is not None and items:
-        # errors name the source index, not the stream tag
-        indices = [spec.source_index(t) for t in fed_tags]
-        items = tokenizer.render_chunk(items, spec.max_tokens, spec.num_threads, spec.on_error, indices)
-    return fed_tags, items, failed, error
+    # errors name the source index, not the stream tag
+    indices = [spec.source_index(t) for t in fed_tags]
+    if tokenizer is not None:
+        chunk = tokenizer.render_chunk(items, spec.max_tokens, spec.num_threads, spec.on_error, indices)
+    else:  # pre-rendered (ids, mask) pairs: checked here, so skip/fail and the messages work alike
+        chunk = RenderedChunk.from_pairs(items, indices, spec.on_error)
+    return fed_tags, chunk, failed, error
 
 
 class _Ahead:

@@ -314,9 +314,79 @@ pub fn parse_json_conversation(value: &Value, location: &str) -> Result<Conversa
     Conversation::new(out, location)
 }
 
+/// A JSON document as Python's `json.loads` reads it where serde_json is stricter: a lone UTF-16
+/// surrogate escape (`"\ud800"`, common in scraped chat data) parses, as U+FFFD, which is what
+/// the text becomes when the loader's path (json.loads, then rendering) encodes it. So `prep`
+/// and the loader accept the same lines and render them to the same tokens.
+pub fn parse_json(bytes: &[u8]) -> serde_json::Result<Value> {
+    match serde_json::from_slice(bytes) {
+        Err(e) if has_surrogate_escape(bytes) => {
+            serde_json::from_slice(&replace_lone_surrogates(bytes)).map_err(|_| e)
+        }
+        other => other,
+    }
+}
+
+/// The code unit of four hex digits at the start of `b`.
+fn hex4(b: &[u8]) -> Option<u16> {
+    let digits = b.get(..4)?;
+    if !digits.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    u16::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
+}
+
+/// Whether the text holds a `\uD800`-`\uDFFF` escape at all (the cheap test before rewriting).
+fn has_surrogate_escape(bytes: &[u8]) -> bool {
+    bytes.windows(6).any(|w| {
+        w[0] == b'\\'
+            && w[1] == b'u'
+            && hex4(&w[2..]).is_some_and(|u| (0xD800..0xE000).contains(&u))
+    })
+}
+
+/// Rewrites unpaired surrogate escapes to `\uFFFD`; pairs and every other byte stay. Backslashes
+/// only occur inside strings in JSON, so escapes can be followed without tracking strings.
+fn replace_lone_surrogates(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'\\' || i + 1 >= bytes.len() {
+            out.push(bytes[i]);
+            i += 1;
+            continue;
+        }
+        let unit = if bytes[i + 1] == b'u' {
+            hex4(&bytes[i + 2..])
+        } else {
+            None
+        };
+        let Some(u) = unit else {
+            out.extend_from_slice(&bytes[i..i + 2]); // any other escape, e.g. \\ or \"
+            i += 2;
+            continue;
+        };
+        let low_follows = || {
+            bytes.get(i + 6..i + 8) == Some(&b"\\u"[..])
+                && hex4(&bytes[i + 8..]).is_some_and(|l| (0xDC00..0xE000).contains(&l))
+        };
+        if (0xD800..0xDC00).contains(&u) && low_follows() {
+            out.extend_from_slice(&bytes[i..i + 12]); // a proper pair
+            i += 12;
+        } else if (0xD800..0xE000).contains(&u) {
+            out.extend_from_slice(b"\\uFFFD");
+            i += 6;
+        } else {
+            out.extend_from_slice(&bytes[i..i + 6]);
+            i += 6;
+        }
+    }
+    out
+}
+
 /// One JSONL line -> conversation; a JSON syntax error is reported at `location` too.
 pub fn parse_json_line(line: &str, location: &str) -> Result<Conversation> {
-    let value: Value = serde_json::from_str(line)
+    let value: Value = parse_json(line.as_bytes())
         .map_err(|e| conv_err(location, "-", format!("invalid JSON: {e}")))?;
     parse_json_conversation(&value, location)
 }
@@ -483,6 +553,18 @@ pub fn render_for_completion(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lone_surrogate_escapes_parse_as_replacement_characters() {
+        let v =
+            parse_json(br#"{"a": "x\ud800y", "b": "\udc00", "c": "\ud83d\ude00", "d": "\\ud800"}"#)
+                .unwrap();
+        assert_eq!(v["a"], "x\u{FFFD}y");
+        assert_eq!(v["b"], "\u{FFFD}");
+        assert_eq!(v["c"], "\u{1F600}"); // a proper pair stays a pair
+        assert_eq!(v["d"], "\\ud800"); // an escaped backslash, then plain text
+        assert!(parse_json(br#"{"a": "\ud800"#).is_err()); // still broken JSON: still an error
+    }
     use crate::bpe::SPECIAL_TOKENS;
     use crate::pretokenize::NANOCHAT_PATTERN;
     use rustc_hash::FxHashMap;

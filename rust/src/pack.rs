@@ -119,6 +119,34 @@ pub struct Packer {
     row_mask: Vec<u8>,
 }
 
+/// The largest token id a batch can hold: inputs are int32 (nanochat's dtype).
+pub const MAX_ID: u32 = i32::MAX as u32;
+
+/// Why a rendered conversation cannot be packed, if it cannot: ids and mask of different
+/// lengths, no tokens at all, or an id beyond `MAX_ID` (it would wrap to a negative int32 input
+/// while its int64 target kept the true value: a corrupt shard, bad pre-rendered data).
+pub fn check_rendered(ids: &[u32], mask: &[u8]) -> std::result::Result<(), String> {
+    if ids.len() != mask.len() {
+        return Err(format!(
+            "ids has {} tokens but mask has {}",
+            ids.len(),
+            mask.len()
+        ));
+    }
+    if ids.is_empty() {
+        return Err("empty (no tokens, not even <|bos|>)".into());
+    }
+    // one vectorised max; the index only on the error path
+    if ids.iter().copied().max().unwrap_or(0) > MAX_ID {
+        let k = ids.iter().position(|&x| x > MAX_ID).unwrap_or(0);
+        return Err(format!(
+            "ids[{k}] = {} does not fit the int32 inputs (at most {MAX_ID})",
+            ids[k]
+        ));
+    }
+    Ok(())
+}
+
 impl Packer {
     pub fn new(
         mode: Mode,
@@ -135,6 +163,11 @@ impl Packer {
         }
         if mode == Mode::BestFit && buffer_size == 0 {
             return Err(Error::Other("buffer_size must be at least 1".into()));
+        }
+        if bos > MAX_ID {
+            return Err(Error::Other(format!(
+                "bos_id {bos} does not fit the int32 inputs (at most {MAX_ID})"
+            )));
         }
         Ok(Self {
             mode,
@@ -166,18 +199,8 @@ impl Packer {
 
     /// Appends one rendered conversation. `ids` and `mask` must have the same length (>= 1).
     pub fn feed(&mut self, mut ids: Vec<u32>, mut mask: Vec<u8>, tag: u64) -> Result<()> {
-        if ids.len() != mask.len() {
-            return Err(Error::Other(format!(
-                "conversation tag {tag}: ids has {} tokens but mask has {}",
-                ids.len(),
-                mask.len()
-            )));
-        }
-        if ids.is_empty() {
-            return Err(Error::Other(format!(
-                "conversation tag {tag}: empty (no tokens, not even <|bos|>)"
-            )));
-        }
+        check_rendered(&ids, &mask)
+            .map_err(|why| Error::Other(format!("conversation tag {tag}: {why}")))?;
         let cap = self.row_capacity();
         let truncated = ids.len() > cap;
         if truncated {
@@ -507,6 +530,21 @@ fn write_row(
 mod tests {
     use super::*;
 
+    #[test]
+    fn ids_beyond_int32_are_refused() {
+        assert!(Packer::new(Mode::BestFit, 1, 4, MAX_ID + 1, 4).is_err());
+        let mut p = Packer::new(Mode::BestFit, 1, 4, 0, 4).unwrap();
+        let err = p
+            .feed(vec![1, MAX_ID + 1], vec![0, 1], 7)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tag 7: ids[1] = 2147483648 does not fit"),
+            "{err}"
+        );
+        p.feed(vec![1, MAX_ID], vec![0, 1], 8).unwrap();
+    }
+
     /// A conversation of `len` tokens: bos, then ids tag*1000+i, mask 1 on odd positions.
     fn conv(len: usize, tag: u64) -> (Vec<u32>, Vec<u8>) {
         let mut ids = vec![0u32];
@@ -518,7 +556,10 @@ mod tests {
         (ids, mask)
     }
 
-    fn drain(p: &mut Packer) -> Vec<(BatchInfo, Vec<i32>, Vec<i64>, Vec<i32>)> {
+    /// Every batch of a packer: (info, inputs, targets, position ids).
+    type Drained = Vec<(BatchInfo, Vec<i32>, Vec<i64>, Vec<i32>)>;
+
+    fn drain(p: &mut Packer) -> Drained {
         let mut out = Vec::new();
         while let Some(b) = p.next_batch(true).unwrap() {
             out.push(b);

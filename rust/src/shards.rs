@@ -419,7 +419,7 @@ pub fn read_json_file(path: &Path) -> Result<Vec<Value>> {
         .map_err(|e| io_err(path, e))?
         .read_to_end(&mut text)?;
     let body = text.strip_prefix(UTF8_BOM).unwrap_or(&text);
-    let value: Value = serde_json::from_slice(body).map_err(|e| Error::Record {
+    let value: Value = chat::parse_json(body).map_err(|e| Error::Record {
         location: format!("{}:{}", path.display(), e.line()),
         reason: format!("invalid JSON: {e}"),
     })?;
@@ -499,7 +499,7 @@ pub fn render_truncating(
 
 impl RecordRenderer for ChatRenderer {
     fn render_bytes(&self, bytes: &[u8], location: &str) -> Result<Rendered> {
-        let value: Value = serde_json::from_slice(bytes).map_err(|e| Error::Conversation {
+        let value: Value = chat::parse_json(bytes).map_err(|e| Error::Conversation {
             location: location.to_string(),
             message: "-".into(),
             reason: format!("invalid JSON: {e}"),

@@ -8,7 +8,7 @@ use crate::bpe::Rank;
 use crate::chat::{self, ChatTokens, Content, Conversation, Message, Part, PartKind, Role};
 use crate::pack::{BatchInfo, BatchOut, Mode, Packer};
 use numpy::{PyArray1, PyArrayMethods, PyUntypedArrayMethods};
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
@@ -84,7 +84,9 @@ pub fn conversation_from_py(obj: &Bound<'_, PyAny>, location: &str) -> PyResult<
         Some(m) => m,
         None => return Err(conv_err(location, "-", "missing field \"messages\"").into()),
     };
-    if messages.is_instance_of::<PyString>() || messages.is_instance_of::<PyDict>() {
+    // a list or tuple, as the reference: other objects with a length (bytes, range, sets) are
+    // not a message list, and walking them would blame their items instead
+    if !(messages.is_instance_of::<PyList>() || messages.is_instance_of::<PyTuple>()) {
         return Err(conv_err(
             location,
             "-",
@@ -95,16 +97,7 @@ pub fn conversation_from_py(obj: &Bound<'_, PyAny>, location: &str) -> PyResult<
         )
         .into());
     }
-    let n = messages.len().map_err(|_| {
-        conv_err(
-            location,
-            "-",
-            format!(
-                "\"messages\" must be a list, got {}",
-                py_type_name(&messages)
-            ),
-        )
-    })?;
+    let n = messages.len()?;
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let m = messages.get_item(i)?;
@@ -454,6 +447,47 @@ fn _rendered_chunk_from_state(
 
 #[pymethods]
 impl PyRenderedChunk {
+    /// A chunk from pre-rendered (ids, mask) pairs (lists or 1-D integer arrays), each checked
+    /// as `Packer.feed` checks it, so a source of pairs (a preprocessed shard, a list) gets what
+    /// a source of conversations gets: errors that name `indices[i]` (default: i), and
+    /// on_error="skip" keeping the bad ones as (position, message) instead of raising
+    /// ConversationError at the first.
+    #[staticmethod]
+    #[pyo3(signature = (pairs, indices=None, on_error="fail"))]
+    fn from_pairs(
+        py: Python<'_>,
+        pairs: &Bound<'_, PyAny>,
+        indices: Option<Vec<u64>>,
+        on_error: &str,
+    ) -> PyResult<Self> {
+        let skip = parse_on_error(on_error)?;
+        let n = pairs.len()?;
+        if let Some(ix) = &indices {
+            if ix.len() != n {
+                return Err(PyValueError::new_err(format!(
+                    "indices has {} entries for {n} pairs",
+                    ix.len()
+                )));
+            }
+        }
+        let mut items = Vec::with_capacity(n);
+        let mut errors = Vec::new();
+        for i in 0..n {
+            let who = indices.as_ref().map_or(i as u64, |ix| ix[i]);
+            match read_pair(py, &pairs.get_item(i)?, who)? {
+                Ok((ids, mask)) => items.push((i, ids, mask)),
+                Err(msg) if skip => errors.push((i, msg)),
+                Err(msg) => return Err(super::errors::ConversationError::new_err(msg)),
+            }
+        }
+        Ok(Self {
+            items,
+            errors,
+            len: n,
+            fed: false,
+        })
+    }
+
     fn __len__(&self) -> usize {
         self.len
     }
@@ -804,6 +838,58 @@ fn slow_item(list: &Bound<'_, PyList>, n: usize, k: usize, what: &str, tag: u64)
         )));
     }
     Ok(x)
+}
+
+/// The two halves of an (ids, mask) pair: a 2-tuple, or any length-2 indexable.
+fn unpack_pair<'py>(pair: &Bound<'py, PyAny>) -> Option<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    match pair.cast::<PyTuple>() {
+        Ok(t) if t.len() == 2 => Some((t.get_item(0).ok()?, t.get_item(1).ok()?)),
+        _ => match (pair.get_item(0), pair.get_item(1), pair.len()) {
+            (Ok(a), Ok(b), Ok(2)) => Some((a, b)),
+            _ => None,
+        },
+    }
+}
+
+/// A checked (ids, mask) pair, or why it is bad.
+type PairRead = Result<(Vec<Rank>, Vec<u8>), String>;
+
+/// One pre-rendered pair read and checked as `Packer.feed` would, for `RenderedChunk.from_pairs`:
+/// Err(message naming conversation `who`) for a bad pair; other exceptions (MemoryError, a
+/// KeyboardInterrupt) propagate as themselves.
+fn read_pair(py: Python<'_>, pair: &Bound<'_, PyAny>, who: u64) -> PyResult<PairRead> {
+    let Some((ids, mask)) = unpack_pair(pair) else {
+        return Ok(Err(format!(
+            "conversation {who}: must be an (ids, mask) pair"
+        )));
+    };
+    let read = extract_u32s(&ids, "ids", who).and_then(|ids| Ok((ids, extract_mask(&mask, who)?)));
+    let (ids, mask) = match read {
+        Ok(v) => v,
+        Err(e)
+            if e.is_instance_of::<PyValueError>(py)
+                || e.is_instance_of::<PyTypeError>(py)
+                || e.is_instance_of::<PyOverflowError>(py) =>
+        {
+            // the readers name a packer's "conversation tag {who}"; here `who` is the source's index
+            let msg = e.value(py).str()?.to_string();
+            let tagged = format!("conversation tag {who}: ");
+            let why = msg.strip_prefix(&tagged).unwrap_or(&msg);
+            return Ok(Err(format!("conversation {who}: {why}")));
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(crate::pack::check_rendered(&ids, &mask)
+        .map(|()| (ids, mask))
+        .map_err(|why| format!("conversation {who}: {why}")))
+}
+
+/// The error for an `out` buffer numpy will not lend for writing: a read-only array, or one
+/// passed twice (inputs and position_ids are both int32, so `out=(a, t, a)` is an easy slip).
+fn not_writable(k: usize, name: &str, e: numpy::BorrowError) -> PyErr {
+    PyValueError::new_err(format!(
+        "out[{k}] ({name}) must be a writable array distinct from the other out arrays ({e})"
+    ))
 }
 
 fn ids_from_list(list: &Bound<'_, PyList>, what: &str, tag: u64) -> PyResult<Vec<u32>> {
@@ -1172,17 +1258,9 @@ impl PyPacker {
                 Some(l) => l.get_item(i)?,
                 None => rendered.get_item(i)?,
             };
-            let (ids, mask) = match pair.cast::<PyTuple>() {
-                Ok(t) if t.len() == 2 => (t.get_item(0)?, t.get_item(1)?),
-                _ => match (pair.get_item(0), pair.get_item(1), pair.len()) {
-                    (Ok(a), Ok(b), Ok(2)) => (a, b),
-                    _ => {
-                        return Err(PyValueError::new_err(format!(
-                            "rendered[{i}] must be an (ids, mask) pair"
-                        )))
-                    }
-                },
-            };
+            let (ids, mask) = unpack_pair(&pair).ok_or_else(|| {
+                PyValueError::new_err(format!("rendered[{i}] must be an (ids, mask) pair"))
+            })?;
             let ids = extract_u32s(&ids, "ids", tag)?;
             let mask = extract_mask(&mask, tag)?;
             self.inner.feed(ids, mask, tag)?;
@@ -1341,19 +1419,22 @@ impl PyPacker {
                     .map_err(|_| {
                         PyValueError::new_err("out[0] (inputs) must be an int32 numpy array")
                     })?
-                    .readwrite();
+                    .try_readwrite()
+                    .map_err(|e| not_writable(0, "inputs", e))?;
                 let mut rb = ob
                     .cast::<numpy::PyArrayDyn<i64>>()
                     .map_err(|_| {
                         PyValueError::new_err("out[1] (targets) must be an int64 numpy array")
                     })?
-                    .readwrite();
+                    .try_readwrite()
+                    .map_err(|e| not_writable(1, "targets", e))?;
                 let mut rc = oc
                     .cast::<numpy::PyArrayDyn<i32>>()
                     .map_err(|_| {
                         PyValueError::new_err("out[2] (position_ids) must be an int32 numpy array")
                     })?
-                    .readwrite();
+                    .try_readwrite()
+                    .map_err(|e| not_writable(2, "position_ids", e))?;
                 let (sa, sb, sc) = (
                     slice_mut(&mut ra, "inputs")?,
                     slice_mut(&mut rb, "targets")?,
