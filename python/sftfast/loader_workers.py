@@ -59,9 +59,10 @@ class ChunkSpec:
 def prepare(source, tokenizer, spec: ChunkSpec, tags):
     """Fetches and renders the items of `tags`: (fed tags, their RenderedChunk, [(tag, message)]
     the source could not produce, the error to raise after feeding the records before it)."""
-    items, fed_tags, failed, error = [], [], [], None
+    items, fed_tags, indices, failed, error = [], [], [], [], None
+    rank, world, per_epoch = spec.rank, spec.world_size, spec.per_epoch
     for t in tags:
-        i = spec.source_index(t)
+        i = rank + world * (t % per_epoch)  # spec.source_index(t), inlined: this runs per conversation
         try:
             item = source[i]
         except ValueError as e:  # the source could not produce record i (e.g. a TaskError)
@@ -76,8 +77,7 @@ def prepare(source, tokenizer, spec: ChunkSpec, tags):
             continue
         items.append(item)
         fed_tags.append(t)
-    # errors name the source index, not the stream tag
-    indices = [spec.source_index(t) for t in fed_tags]
+        indices.append(i)  # errors name the source index, not the stream tag
     if tokenizer is not None:
         chunk = tokenizer.render_chunk(items, spec.max_tokens, spec.num_threads, spec.on_error, indices)
     else:  # pre-rendered (ids, mask) pairs: checked here, so skip/fail and the messages work alike
