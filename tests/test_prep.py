@@ -589,3 +589,41 @@ def test_sftloader_trains_from_a_shard(tmp_path, tok, capsys):
             assert np.array_equal(x.inputs.numpy(), y.inputs.numpy())
             assert np.array_equal(x.targets.numpy(), y.targets.numpy())
             assert np.array_equal(x.position_ids.numpy(), y.position_ids.numpy())
+    # worker processes read the shard themselves (it pickles as its path): same batches
+    kw = dict(batch_size=2, seq_len=64, rank=1, world_size=2)
+    a = list(dataloader.SFTLoader(data, None, num_workers=2, **kw))
+    b = list(dataloader.SFTLoader(convs, tok, max_tokens=80, **kw))
+    assert len(a) == len(b) and all(np.array_equal(x.inputs.numpy(), y.inputs.numpy()) for x, y in zip(a, b))
+
+
+def test_rendered_chunk_reads_like_items_and_names_corrupt_records(tmp_path, capsys):
+    """ShardDataset.rendered_chunk (the loader's one-call path) holds what [i] returns; a
+    corrupt record (an id beyond int32, which opening does not check) is named by the caller's
+    name for it, and skipped with on_error="skip"."""
+    from sftfast import Packer
+
+    convs = conversations(30, seed=3)
+    write_jsonl(tmp_path / "a.jsonl", convs)
+    assert run_prep(tmp_path / "a.jsonl", "--out", tmp_path / "s", capsys=capsys)[0] == 0
+    data = ShardDataset(tmp_path / "s")
+    order = [7, 3, 29, 3]
+
+    def packed(feed):
+        p = Packer("padded", 1, 4096, data.bos_id)
+        feed(p)
+        return [p.next_batch(flush=True).inputs.tolist() for _ in range(len(order))]
+
+    want = packed(lambda p: p.feed([data[i] for i in order]))
+    assert packed(lambda p: p.feed_rendered(data.rendered_chunk(order), list(range(len(order))))) == want
+    with pytest.raises(_core.ShardError, match="out of range"):
+        data.rendered_chunk([30])
+    # corrupt conversation 3's second token on disk
+    raw = np.memmap(tmp_path / "s" / "ids.u32", dtype="<u4", mode="r+")
+    raw[int(data.offsets[3]) + 1] = 2**32 - 1
+    raw.flush()
+    del raw
+    data = ShardDataset(tmp_path / "s")
+    with pytest.raises(_core.ConversationError, match=r"conversation 101: ids\[1\] = 4294967295 does not fit"):
+        data.rendered_chunk(order, names=[100, 101, 102, 103])
+    chunk = data.rendered_chunk(order, on_error="skip")
+    assert len(chunk) == 4 and [i for i, _ in chunk.errors] == [1, 3]

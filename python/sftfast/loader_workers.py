@@ -59,8 +59,12 @@ class ChunkSpec:
 def prepare(source, tokenizer, spec: ChunkSpec, tags):
     """Fetches and renders the items of `tags`: (fed tags, their RenderedChunk, [(tag, message)]
     the source could not produce, the error to raise after feeding the records before it)."""
-    items, fed_tags, indices, failed, error = [], [], [], [], None
     rank, world, per_epoch = spec.rank, spec.world_size, spec.per_epoch
+    if tokenizer is None and hasattr(source, "rendered_chunk"):
+        # a shard: the whole chunk in one Rust call (GIL released), no Python per conversation
+        tags = list(tags)
+        return tags, source.rendered_chunk([rank + world * (t % per_epoch) for t in tags], None, spec.on_error), [], None
+    items, fed_tags, indices, failed, error = [], [], [], [], None
     for t in tags:
         i = rank + world * (t % per_epoch)  # spec.source_index(t), inlined: this runs per conversation
         try:

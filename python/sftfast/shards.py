@@ -56,9 +56,10 @@ class ShardDataset:
 
     def __init__(self, path):
         self.path = Path(path)
-        # The Rust reader checks sizes, offsets and manifest counts once; then NumPy maps the
-        # same files so items are zero-copy views usable by the Python loader and torch.
-        _core.ShardReader(str(self.path))
+        # The Rust reader checks sizes, offsets and manifest counts once, and serves the training
+        # loader whole chunks (rendered_chunk); NumPy maps the same files so items are zero-copy
+        # views usable from Python and torch.
+        self._reader = _core.ShardReader(str(self.path))
         with open(self.path / MANIFEST_FILE, encoding="utf-8") as f:
             self.manifest = json.load(f)
         self.ids = _map(self.path / IDS_FILE, "<u4")
@@ -90,6 +91,12 @@ class ShardDataset:
     def __iter__(self):
         for i in range(len(self)):
             yield self[i]
+
+    def rendered_chunk(self, indices, names=None, on_error: str = "fail") -> _core.RenderedChunk:
+        """Conversations `indices` as one RenderedChunk, copied in Rust with the GIL released:
+        what the training loader asks a pre-rendered source for, instead of `[i]` per item.
+        Errors name `names` (default: the indices)."""
+        return self._reader.rendered_chunk(indices, names, on_error)
 
     @property
     def num_tokens(self) -> int:

@@ -158,6 +158,15 @@ class Shuffled:
         return self.dataset[int(self.order[i])]
 
 
+class ShuffledShard(Shuffled):
+    """Shuffled over a shard: also serves the loader whole chunks (ShardDataset.rendered_chunk),
+    with errors named by the shuffled position, as `[i]` would be."""
+
+    def rendered_chunk(self, indices, names=None, on_error: str = "fail"):
+        order = self.order[np.asarray(indices, dtype=np.int64)].tolist()
+        return self.dataset.rendered_chunk(order, list(indices) if names is None else names, on_error)
+
+
 def read_training_data(path, tokenizer, shuffle: bool = True):
     """A shard directory written by `python -m sftfast.prep` (checked against the tokenizer,
     items already rendered), or a JSONL file of conversations; shuffled with seed 42."""
@@ -169,7 +178,9 @@ def read_training_data(path, tokenizer, shuffle: bool = True):
         data.prerendered = True
     else:
         data = read_jsonl_conversations(path)
-    return Shuffled(data) if shuffle else data
+    if not shuffle:
+        return data
+    return ShuffledShard(data) if isinstance(data, ShardDataset) else Shuffled(data)
 
 
 def make_loader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packing="bestfit", impl="rust", device="cpu",

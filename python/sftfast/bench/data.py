@@ -225,6 +225,29 @@ def _loader_run(source, tok, args, threads, one_core, epochs=1, workers=0):
             os.sched_setaffinity(0, saved)
 
 
+def _shard_runs(convs, tok, args, epochs):
+    """The loader over a real shard (`python -m sftfast.prep` of the same conversations, read
+    through ShardDataset: one Rust call per chunk), 1 core and all cores."""
+    import tempfile
+
+    from sftfast import prep
+    from sftfast.shards import ShardDataset
+
+    with tempfile.TemporaryDirectory() as d:
+        src, tok_path, out = (os.path.join(d, name) for name in ("train.jsonl", "tok.sftfast", "shard"))
+        with open(src, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(c) + "\n" for c in convs)
+        tok.save(tok_path)
+        rc = prep.main([src, "--tokenizer", tok_path, "--out", out, "--max-tokens", str(args.seq_len + 2), "--quiet", "--no-progress"])
+        if rc != 0:
+            return {"error": f"python -m sftfast.prep exited with {rc}"}
+        shard = ShardDataset(out)
+        return {
+            "from_shard_1_core": _loader_run(shard, None, args, threads=1, one_core=True, epochs=epochs),
+            "from_shard_all_cores": _loader_run(shard, None, args, threads=None, one_core=False, epochs=epochs),
+        }
+
+
 def _worker_counts(cores: int) -> list[int]:
     """1, 2, 4, ... up to the core count, and the core count."""
     counts, n = [], 1
@@ -360,6 +383,7 @@ def run(args) -> dict:
             "from_rendered_1_core": _loader_run(shards, None, args, threads=1, one_core=True, epochs=epochs),
             "from_rendered_all_cores": _loader_run(shards, None, args, threads=None, one_core=False, epochs=epochs),
         }
+        out["loader"].update(_shard_runs(convs, tok, args, epochs))
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         out["loader"]["from_conversations_workers_all_cores"] = _loader_run(convs, tok, args, None, False, epochs, workers=cores)
         if not args.skip_task_source:

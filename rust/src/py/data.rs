@@ -243,7 +243,7 @@ fn parse_many(
     Ok((ok, bad))
 }
 
-fn parse_on_error(on_error: &str) -> PyResult<bool> {
+pub(crate) fn parse_on_error(on_error: &str) -> PyResult<bool> {
     match on_error {
         "fail" => Ok(false),
         "skip" => Ok(true),
@@ -300,7 +300,7 @@ pub struct PyRenderedChunk {
 }
 
 /// A rendered conversation held in a chunk: (its position in the chunk, ids, mask).
-type RenderedItem = (usize, Vec<Rank>, Vec<u8>);
+pub(crate) type RenderedItem = (usize, Vec<Rank>, Vec<u8>);
 
 /// A chunk's contents as little-endian bytes, each written straight into a new Python bytes
 /// object: the index (position and length of each rendered conversation, u64 pairs), the ids
@@ -445,6 +445,23 @@ fn _rendered_chunk_from_state(
     })
 }
 
+impl PyRenderedChunk {
+    /// A chunk of `len` conversations not yet fed: the good ones as `items`, the bad as
+    /// (position, message) `errors`.
+    pub(crate) fn unfed(
+        items: Vec<RenderedItem>,
+        errors: Vec<(usize, String)>,
+        len: usize,
+    ) -> Self {
+        Self {
+            items,
+            errors,
+            len,
+            fed: false,
+        }
+    }
+}
+
 #[pymethods]
 impl PyRenderedChunk {
     /// A chunk from pre-rendered (ids, mask) pairs (lists or 1-D integer arrays), each checked
@@ -480,12 +497,7 @@ impl PyRenderedChunk {
                 Err(msg) => return Err(super::errors::ConversationError::new_err(msg)),
             }
         }
-        Ok(Self {
-            items,
-            errors,
-            len: n,
-            fed: false,
-        })
+        Ok(Self::unfed(items, errors, n))
     }
 
     fn __len__(&self) -> usize {

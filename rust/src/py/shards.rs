@@ -4,11 +4,15 @@
 
 use crate::bpe::CoreBPE;
 use crate::error::Error;
+use crate::pack::check_rendered;
+use crate::py::data::{parse_on_error, PyRenderedChunk};
+use crate::py::errors::ConversationError;
 use crate::py::tokenizer::PyCoreTokenizer;
 use crate::shards::{
     self, BatchStats, ChatRenderer, Chunk, JsonlReader, LocKind, OnError, Preprocessor, Shard,
 };
 use numpy::{IntoPyArray, PyArray1};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use std::path::PathBuf;
 
@@ -231,6 +235,50 @@ impl PyShardReader {
             ids.to_vec().into_pyarray(py),
             mask.to_vec().into_pyarray(py),
         ))
+    }
+
+    /// Conversations `indices` as a RenderedChunk for the loader, copied out of the map with the
+    /// GIL released: a shard source skips the Python `[i]` (and its two array views) per
+    /// conversation. Each is checked as `Packer.feed` checks it; a bad one (only a corrupt
+    /// shard has one) is named `names[k]` (default: its index), skipped with on_error="skip",
+    /// else raised as ConversationError. An index out of range raises ShardError.
+    #[pyo3(signature = (indices, names=None, on_error="fail"))]
+    fn rendered_chunk(
+        &self,
+        py: Python<'_>,
+        indices: Vec<u64>,
+        names: Option<Vec<u64>>,
+        on_error: &str,
+    ) -> PyResult<PyRenderedChunk> {
+        let skip = parse_on_error(on_error)?;
+        if let Some(names) = &names {
+            if names.len() != indices.len() {
+                return Err(PyValueError::new_err(format!(
+                    "names has {} entries for {} indices",
+                    names.len(),
+                    indices.len()
+                )));
+            }
+        }
+        let n = indices.len();
+        let (items, errors) = py.detach(|| -> Result<_, Error> {
+            let (mut items, mut errors) = (Vec::with_capacity(n), Vec::new());
+            for (k, &i) in indices.iter().enumerate() {
+                let (ids, mask) = self.inner.get(usize::try_from(i).unwrap_or(usize::MAX))?;
+                match check_rendered(ids, mask) {
+                    Ok(()) => items.push((k, ids.to_vec(), mask.to_vec())),
+                    Err(why) => {
+                        let name = names.as_ref().map_or(i, |v| v[k]);
+                        errors.push((k, format!("conversation {name}: {why}")));
+                    }
+                }
+            }
+            Ok((items, errors))
+        })?;
+        if let (false, Some((_, msg))) = (skip, errors.first()) {
+            return Err(ConversationError::new_err(msg.clone()));
+        }
+        Ok(PyRenderedChunk::unfed(items, errors, n))
     }
 
     /// Length in tokens of every conversation.
