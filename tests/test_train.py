@@ -252,6 +252,29 @@ def test_resume_refuses_changed_run_flags(base_dir):
     assert out["step"] == 4 and len(out["losses"]) == 2
 
 
+def test_resume_trusts_the_meta_not_leftover_files(base_dir):
+    """Which ranks wrote a step is the meta's word: a stray rank-1 file (from an interrupted
+    2-rank save) neither blocks a 1-rank resume nor passes for this step's state, and a trainer
+    state from another step is refused. A fresh run clears an interrupted save's files."""
+    d = base_dir / "chatsft_checkpoints" / "d2"
+    train.run(make_args(base_dir, "--num-iterations", "4", "--save-every", "2", "--eval-every", "-1"))
+    assert read_meta(base_dir, 2)["world_size"] == 1
+    os.unlink(d / "meta_000004.json")
+    shutil.copy(d / "optim_000002_rank0.pt", d / "optim_000002_rank1.pt")
+    out = train.run(make_args(base_dir, "--num-iterations", "4", "--resume", "--eval-every", "-1"))
+    assert out["step"] == 4 and len(out["losses"]) == 2
+    os.unlink(d / "meta_000004.json")
+    shutil.copy(d / "optim_000004_rank0.pt", d / "optim_000002_rank0.pt")
+    with pytest.raises(ckpt.CheckpointError, match="optim_000002_rank0.pt is not this checkpoint's: it was written at step 4"):
+        train.run(make_args(base_dir, "--num-iterations", "4", "--resume"))
+    # only incomplete files left (a save interrupted before its meta): a fresh run starts clean
+    for name in os.listdir(d):
+        if name.startswith("meta_"):
+            os.unlink(d / name)
+    train.run(make_args(base_dir, "--num-iterations", "1", "--eval-every", "-1"))
+    assert sorted(os.listdir(d)) == ["meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
+
+
 def test_resuming_a_finished_run_changes_nothing(base_dir):
     train.run(make_args(base_dir, "--num-iterations", "2"))
     before = read_meta(base_dir, 2)

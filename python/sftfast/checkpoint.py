@@ -99,16 +99,21 @@ def _load(path: str, device):
         raise CheckpointError(f"cannot load {path} with weights_only=True: {e}") from e
 
 
-def load_checkpoint(ckpt_dir: str, step: int, device="cpu", load_trainer_state: bool = False, rank: int = 0):
-    """-> (model_state, trainer_state or None, meta)."""
+def read_meta(ckpt_dir: str, step: int) -> dict:
+    """The meta file of a complete checkpoint (CheckpointError when it is missing or broken)."""
     mpath = meta_path(ckpt_dir, step)
     if not os.path.exists(mpath):
         raise CheckpointError(f"checkpoint step {step} in {ckpt_dir} is incomplete or missing: no {os.path.basename(mpath)}")
     with open(mpath, encoding="utf-8") as f:
         try:
-            meta = json.load(f)
+            return json.load(f)
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{mpath}: invalid JSON at line {e.lineno}: {e.msg}") from e
+
+
+def load_checkpoint(ckpt_dir: str, step: int, device="cpu", load_trainer_state: bool = False, rank: int = 0):
+    """-> (model_state, trainer_state or None, meta)."""
+    meta = read_meta(ckpt_dir, step)
     model_state = _load(model_path(ckpt_dir, step), device)
     # torch.compile prefixes keys with _orig_mod.; DDP with module.
     model_state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in model_state.items()}
@@ -123,22 +128,29 @@ def complete_steps(ckpt_dir: str) -> list[int]:
     return sorted(int(m.group(1)) for name in os.listdir(ckpt_dir) if (m := re.fullmatch(r"meta_(\d+)\.json", name)))
 
 
-def trainer_state_ranks(ckpt_dir: str, step: int) -> int:
-    """How many ranks wrote trainer state (optim_{step}_rank{r}.pt) for `step`: the world size of
-    the run that saved it, known before any rank tries to read its own file."""
+def saved_world_size(ckpt_dir: str, step: int) -> int:
+    """How many ranks saved `step`, known before any rank reads its own trainer-state file: the
+    meta's world_size; for checkpoints from before it was recorded, the number of
+    optim_{step}_rank{r}.pt files."""
+    world = read_meta(ckpt_dir, step).get("world_size")
+    if world is not None:
+        return int(world)
     pattern = re.compile(rf"optim_{step:06d}_rank(\d+)\.pt")
     return sum(1 for name in os.listdir(ckpt_dir) if pattern.fullmatch(name))
 
 
-def remove_checkpoints(ckpt_dir: str) -> list[int]:
-    """Deletes every checkpoint file (model_, optim_, meta_) in `ckpt_dir`; returns the complete
-    steps that were there. Meta files go first, so an interrupted removal leaves no step that
-    looks complete."""
-    steps = complete_steps(ckpt_dir)
-    names = [n for n in os.listdir(ckpt_dir) if re.fullmatch(r"(meta_\d+\.json|model_\d+\.pt|optim_\d+_rank\d+\.pt)", n)]
-    for name in sorted(names, key=lambda n: not n.startswith("meta_")):
+def checkpoint_files(ckpt_dir: str) -> list[str]:
+    """Every checkpoint file (model_, optim_, meta_) in `ckpt_dir`, complete steps or not."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(n for n in os.listdir(ckpt_dir) if re.fullmatch(r"(meta_\d+\.json|model_\d+\.pt|optim_\d+_rank\d+\.pt)", n))
+
+
+def remove_checkpoints(ckpt_dir: str) -> None:
+    """Deletes every checkpoint file in `ckpt_dir`. Meta files go first, so an interrupted
+    removal leaves no step that looks complete."""
+    for name in sorted(checkpoint_files(ckpt_dir), key=lambda n: not n.startswith("meta_")):
         os.unlink(os.path.join(ckpt_dir, name))
-    return steps
 
 
 def find_last_step(ckpt_dir: str) -> int:

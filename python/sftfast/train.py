@@ -367,11 +367,15 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
     trainer_state = None
     if args.resume:
         out_dir, tag, start = ckpt.resolve(args.base_dir, "sft", args.model_tag)
-        # before any rank looks for its own trainer-state file, which may not exist
-        saved_world = ckpt.trainer_state_ranks(out_dir, start)
+        # before any rank looks for its own trainer-state file, which may not exist (or may be
+        # left over from another run: only the meta says who wrote this step)
+        saved_world = ckpt.saved_world_size(out_dir, start)
         if saved_world != info.world_size:
             raise ckpt.CheckpointError(f"{out_dir} step {start} was written by {saved_world} ranks, resuming with {info.world_size}")
         model_state, trainer_state, meta = ckpt.load_checkpoint(out_dir, start, device, load_trainer_state=True, rank=info.rank)
+        if trainer_state.get("world_size", saved_world) != saved_world or trainer_state.get("step", start) != start:
+            raise ckpt.CheckpointError(f"{ckpt.optim_path(out_dir, start, info.rank)} is not this checkpoint's: it was written "
+                                       f"at step {trainer_state.get('step')} by {trainer_state.get('world_size')} ranks")
         check_resume_settings(trainer_state.get("settings"), settings, f"{out_dir} step {start}")
         model = ckpt.build_model(model_state, meta, device)
         log.print(f"resuming {out_dir} at step {start}")
@@ -386,10 +390,13 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
             raise ckpt.CheckpointError(
                 f"{out_dir} holds checkpoints of an earlier run (steps {', '.join(map(str, earlier))}): "
                 "--resume continues it, --overwrite deletes them and starts over")
-        if earlier:
+        # with --overwrite, or when all there is are the files of an interrupted save, start clean
+        stale = ckpt.checkpoint_files(out_dir)
+        if stale:
             if info.rank == 0:
                 ckpt.remove_checkpoints(out_dir)
-            log.print(f"--overwrite: removed the earlier run's checkpoints from {out_dir} (steps {', '.join(map(str, earlier))})")
+            what = f"checkpoints (steps {', '.join(map(str, earlier))})" if earlier else f"incomplete checkpoint files ({', '.join(stale)})"
+            log.print(f"removed an earlier run's {what} from {out_dir}")
         log.print(f"loaded {meta['checkpoint_dir']} step {meta['step']}: {model.num_params():,} parameters")
     config = model.config
     if tokenizer is None:
@@ -454,7 +461,8 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
     def save(step, metrics):
         trainer = dict(optimizers=[o.state_dict() for o in optimizers], loader=train_loader.state_dict(), rng=_rng_state(),
                        step=step, num_iterations=num_iterations, world_size=info.world_size, settings=settings)
-        meta_out = dict(**ckpt.model_config_meta(config), step=step, num_iterations=num_iterations, source=args.source,
+        meta_out = dict(**ckpt.model_config_meta(config), step=step, num_iterations=num_iterations, world_size=info.world_size,
+                        source=args.source,
                         args={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
                         metrics=finite_or_none(metrics))
         if isinstance(meta.get("tokenizer"), str):  # where sftfast.engine finds the tokenizer

@@ -320,8 +320,10 @@ pub fn parse_json_conversation(value: &Value, location: &str) -> Result<Conversa
 /// and the loader accept the same lines and render them to the same tokens.
 pub fn parse_json(bytes: &[u8]) -> serde_json::Result<Value> {
     match serde_json::from_slice(bytes) {
-        Err(e) if has_surrogate_escape(bytes) => {
-            serde_json::from_slice(&replace_lone_surrogates(bytes)).map_err(|_| e)
+        // the rewrite keeps every byte offset (6 bytes for 6), so the retry's error, if the
+        // text is broken elsewhere too, points at the right line and column
+        Err(_) if has_surrogate_escape(bytes) => {
+            serde_json::from_slice(&replace_lone_surrogates(bytes))
         }
         other => other,
     }
@@ -564,6 +566,9 @@ mod tests {
         assert_eq!(v["c"], "\u{1F600}"); // a proper pair stays a pair
         assert_eq!(v["d"], "\\ud800"); // an escaped backslash, then plain text
         assert!(parse_json(br#"{"a": "\ud800"#).is_err()); // still broken JSON: still an error
+                                                           // broken elsewhere too: the error is the real one, not the surrogate
+        let e = parse_json(br#"{"a": "\ud800", }"#).unwrap_err().to_string();
+        assert!(e.contains("trailing comma at line 1 column 17"), "{e}");
     }
     use crate::bpe::SPECIAL_TOKENS;
     use crate::pretokenize::NANOCHAT_PATTERN;

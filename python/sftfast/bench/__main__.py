@@ -24,6 +24,20 @@ def machine_info() -> dict:
     return info
 
 
+def _errors(obj, where=""):
+    """("where: message") for every "error" entry, at any depth (a failed configuration of
+    `bench train` reports under configs.NAME.error)."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if key == "error" and isinstance(value, str):
+                yield f"{where or 'bench'}: {value}"
+            else:
+                yield from _errors(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(obj, list):
+        for i, value in enumerate(obj):
+            yield from _errors(value, f"{where}[{i}]")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sftfast.bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,8 +68,7 @@ def main(argv=None) -> int:
     print(json.dumps(out, indent=2))
     # a benchmark that could not run (e.g. --device cuda without CUDA) says why in "error"
     # and fails the command, so scripts do not record an empty result as a measurement
-    per_bench = results.values() if args.command == "all" else [results]
-    errors = [r["error"] for r in per_bench if isinstance(r, dict) and "error" in r]
+    errors = list(_errors(results))
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
     return 1 if errors else 0

@@ -184,7 +184,7 @@ def bench_train(docs, vocab_size, pattern) -> dict:
     try:
         import rustbpe
     except ImportError:
-        out["rustbpe"] = {"error": "rustbpe not installed"}
+        out["rustbpe"] = {"skipped": "rustbpe not installed (pip install rustbpe): no peer timing"}
         return out
     r = rustbpe.Tokenizer()
     t0 = time.perf_counter()
