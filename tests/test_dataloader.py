@@ -158,7 +158,7 @@ def test_rendered_chunk_feeds_like_feed_conversations(tok):
         assert (x.inputs == y.inputs).all() and (x.targets == y.targets).all() and x.tags == y.tags
     with pytest.raises(ValueError, match="already fed"):
         b.feed_rendered(chunk, tags)
-    with pytest.raises(ValueError, match="tags has 2 entries for a chunk of 30"):
+    with pytest.raises(ValueError, match="tags has 2 entries for 30 conversations in the chunk"):
         Packer("bestfit", 2, 64, tok.bos_id).feed_rendered(tok.render_chunk(convs, 66, on_error="skip"), [0, 1])
     with pytest.raises(ConversationError, match="conversation 7: message 0"):
         tok.render_chunk(convs, 66)

@@ -217,14 +217,7 @@ fn parse_many(
     skip: bool,
 ) -> PyResult<Parsed> {
     let n = conversations.len()?;
-    if let Some(ix) = indices {
-        if ix.len() != n {
-            return Err(PyValueError::new_err(format!(
-                "indices has {} entries for {n} conversations",
-                ix.len()
-            )));
-        }
-    }
+    check_len("indices", indices.as_deref(), n, "conversations")?;
     let mut ok = Vec::with_capacity(n);
     let mut bad = Vec::new();
     for i in 0..n {
@@ -241,6 +234,17 @@ fn parse_many(
         }
     }
     Ok((ok, bad))
+}
+
+/// ValueError unless the optional list `name` has one entry for each of the `n` `items`.
+pub(crate) fn check_len<T>(name: &str, list: Option<&[T]>, n: usize, items: &str) -> PyResult<()> {
+    match list {
+        Some(l) if l.len() != n => Err(PyValueError::new_err(format!(
+            "{name} has {} entries for {n} {items}",
+            l.len()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 pub(crate) fn parse_on_error(on_error: &str) -> PyResult<bool> {
@@ -479,14 +483,7 @@ impl PyRenderedChunk {
     ) -> PyResult<Self> {
         let skip = parse_on_error(on_error)?;
         let n = pairs.len()?;
-        if let Some(ix) = &indices {
-            if ix.len() != n {
-                return Err(PyValueError::new_err(format!(
-                    "indices has {} entries for {n} pairs",
-                    ix.len()
-                )));
-            }
-        }
+        check_len("indices", indices.as_deref(), n, "pairs")?;
         let mut items = Vec::with_capacity(n);
         let mut errors = Vec::new();
         for i in 0..n {
@@ -1237,13 +1234,7 @@ impl PyPacker {
                 "this RenderedChunk was already fed to a packer",
             ));
         }
-        if tags.len() != chunk.len {
-            return Err(PyValueError::new_err(format!(
-                "tags has {} entries for a chunk of {} conversations",
-                tags.len(),
-                chunk.len
-            )));
-        }
+        check_len("tags", Some(tags), chunk.len, "conversations in the chunk")?;
         chunk.fed = true;
         for (i, ids, mask) in std::mem::take(&mut chunk.items) {
             self.inner.feed(ids, mask, tags[i])?;
@@ -1334,14 +1325,7 @@ impl PyPacker {
     #[pyo3(signature = (rendered, tags=None))]
     fn feed(&mut self, rendered: &Bound<'_, PyAny>, tags: Option<Vec<u64>>) -> PyResult<()> {
         let n = rendered.len()?;
-        if let Some(t) = &tags {
-            if t.len() != n {
-                return Err(PyValueError::new_err(format!(
-                    "tags has {} entries for {n} conversations",
-                    t.len()
-                )));
-            }
-        }
+        check_len("tags", tags.as_deref(), n, "conversations")?;
         self.feed_range(rendered, 0, n, tags.as_deref())
     }
 
@@ -1362,13 +1346,7 @@ impl PyPacker {
         on_error: &str,
         indices: Option<Vec<i64>>,
     ) -> PyResult<Vec<(u64, String)>> {
-        if tags.len() != conversations.len()? {
-            return Err(PyValueError::new_err(format!(
-                "tags has {} entries for {} conversations",
-                tags.len(),
-                conversations.len()?
-            )));
-        }
+        check_len("tags", Some(&tags), conversations.len()?, "conversations")?;
         let core = core_tokenizer(tokenizer)?;
         let indices = Some(indices.unwrap_or_else(|| tags.iter().map(|&t| t as i64).collect()));
         let mut chunk = render_chunk(

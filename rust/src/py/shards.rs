@@ -5,14 +5,13 @@
 use crate::bpe::CoreBPE;
 use crate::error::Error;
 use crate::pack::check_rendered;
-use crate::py::data::{parse_on_error, PyRenderedChunk};
+use crate::py::data::{check_len, parse_on_error, PyRenderedChunk};
 use crate::py::errors::ConversationError;
 use crate::py::tokenizer::PyCoreTokenizer;
 use crate::shards::{
     self, BatchStats, ChatRenderer, Chunk, JsonlReader, LocKind, OnError, Preprocessor, Shard,
 };
 use numpy::{IntoPyArray, PyArray1};
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use std::path::PathBuf;
 
@@ -251,15 +250,7 @@ impl PyShardReader {
         on_error: &str,
     ) -> PyResult<PyRenderedChunk> {
         let skip = parse_on_error(on_error)?;
-        if let Some(names) = &names {
-            if names.len() != indices.len() {
-                return Err(PyValueError::new_err(format!(
-                    "names has {} entries for {} indices",
-                    names.len(),
-                    indices.len()
-                )));
-            }
-        }
+        check_len("names", names.as_deref(), indices.len(), "indices")?;
         let n = indices.len();
         let (items, errors) = py.detach(|| -> Result<_, Error> {
             let (mut items, mut errors) = (Vec::with_capacity(n), Vec::new());
