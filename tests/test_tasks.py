@@ -230,6 +230,28 @@ def test_customjson_accepts_a_byte_order_mark(tmp_path):
         CustomJSON(str(path))
 
 
+def test_undecodable_lines_are_task_errors_naming_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    good = json.dumps([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]).encode()
+    path.write_bytes(good + b"\n" + good.replace(b'"q"', b'"caf\xe9"') + b"\n")
+    with pytest.raises(TaskError, match="latin1.jsonl:2: not valid UTF-8"):
+        CustomJSON(str(path))
+    words = tmp_path / "words.txt"
+    words.write_bytes(b"apple\nna\xefve\n")
+    with pytest.raises(TaskError, match="words.txt:2: not valid UTF-8"):
+        load_words(str(words))
+
+
+def test_task_spec_keys_are_checked():
+    with pytest.raises(TaskError, match="unknown key 'sise'; allowed: size, start, step, stop, words_file"):
+        get_task("SimpleSpelling", size=3, sise=4)
+    with pytest.raises(TaskError, match="'path' is fixed by the task's name"):
+        get_task("identity", path="x.jsonl")
+    with pytest.raises(TaskError, match="'subset' is fixed by the task's name"):
+        build_mixture("ARC-Easy:subset=ARC-Challenge")
+    assert len(get_task("SimpleSpelling", size=3, stop=2)) == 2
+
+
 def test_extra_message_keys(tmp_path):
     from sftfast.tasks.base import validate_messages
 

@@ -399,3 +399,27 @@ def test_train_tokenizer_cli(tmp_path, capsys):
     assert tok.n_vocab == 270 and tok.training_stats is None
     assert main(["encode", "--tokenizer", str(out), "the cat"]) == 0
     assert capsys.readouterr().out.strip().endswith(str(tok.encode("the cat")))
+    # a pattern by name, as prep takes it (it was used as a literal regex: a tokenizer of nothing)
+    assert main(["train", str(corpus), "--vocab-size", "270", "--pattern", "cl100k", "--out", str(out)]) == 0
+    assert Tokenizer.load(out).decode(Tokenizer.load(out).encode("a cat b")) == "a cat b"
+    # user errors: one line, exit 1; undecodable lines skipped and reported with file:line
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "missing.txt"), "--vocab-size", "270", "--out", str(out)]) == 1
+    assert main(["train", str(corpus), "--vocab-size", "100", "--out", str(out)]) == 1
+    assert main(["train", str(corpus), "--pattern", "(?!)", "--vocab-size", "270", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(":")[0] for line in err] == ["error"] * 3 and "matched no text" in err[2]
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"the cat\ncaf\xe9\nthe dog\n")
+    assert main(["train", str(latin), "--vocab-size", "266", "--out", str(out)]) == 0
+    assert f"skipped {latin}:2: not valid UTF-8" in capsys.readouterr().err
+
+
+def test_a_cut_tokenizer_file_is_refused(tmp_path):
+    tok = Tokenizer.train(["the cat sat on the mat"] * 10, 270)
+    path = tmp_path / "t.sftfast"
+    tok.save(path)
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-3]))
+    with pytest.raises(ValueError, match="header says .* ranks but the file holds .*cut short or edited"):
+        Tokenizer.load(path)

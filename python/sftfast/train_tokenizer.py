@@ -12,13 +12,33 @@ run a module the package has already imported.
 import argparse
 import sys
 
-from sftfast.tokenizer import NANOCHAT_SPLIT_PATTERN, Tokenizer, bundled_text_path
+from sftfast._core import SftfastError
+from sftfast.tokenizer import SPLIT_PATTERNS, Tokenizer, bundled_text_path
 
 
-def _iter_lines(paths: list[str]):
-    for p in paths:
-        with open(p, encoding="utf-8", errors="replace") as f:
-            yield from f
+class LineReader:
+    """The lines of UTF-8 text files. A line that is not valid UTF-8 is skipped, and counted
+    with its file:line (the first few are printed): no bytes are silently replaced."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+        self.skipped: list[str] = []
+
+    def __iter__(self):
+        for path in self.paths:
+            with open(path, "rb") as f:
+                for lineno, raw in enumerate(f, 1):
+                    try:
+                        yield raw.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        self.skipped.append(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def main(argv=None) -> int:
@@ -26,20 +46,33 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a vocabulary on text files (default: the bundled text)")
     p.add_argument("files", nargs="*", help="UTF-8 text files, one document per line")
-    p.add_argument("--vocab-size", type=int, default=4096, help="total tokens, special tokens included")
-    p.add_argument("--pattern", default=NANOCHAT_SPLIT_PATTERN, help="split regex (default: nanochat's)")
+    p.add_argument("--vocab-size", type=positive_int, default=4096, help="total tokens, special tokens included")
+    p.add_argument("--pattern", default="nanochat",
+                   help=f"split regex, or one of {', '.join(SPLIT_PATTERNS)} (default: nanochat's)")
     p.add_argument("--out", required=True, help="where to save the tokenizer")
     p = sub.add_parser("encode", help="print the ids of a text")
     p.add_argument("text")
     p.add_argument("--tokenizer", required=True, help="a file written by `train` / Tokenizer.save")
     args = parser.parse_args(argv)
-    if args.command == "train":
-        files = args.files or [str(bundled_text_path())]
-        tok = Tokenizer.train(_iter_lines(files), args.vocab_size, pattern=args.pattern)
-        tok.save(args.out)
-        print(f"trained {tok.n_vocab} tokens on {tok.training_stats}; saved to {args.out}")
-    else:
-        print(Tokenizer.load(args.tokenizer).encode(args.text))
+    try:
+        if args.command == "train":
+            lines = LineReader(args.files or [str(bundled_text_path())])
+            tok = Tokenizer.train(lines, args.vocab_size, pattern=SPLIT_PATTERNS.get(args.pattern, args.pattern))
+            for where in lines.skipped[:10]:
+                print(f"skipped {where}", file=sys.stderr)
+            if lines.skipped:
+                print(f"skipped {len(lines.skipped)} line(s) that are not valid UTF-8", file=sys.stderr)
+            stats = tok.training_stats or {}
+            if stats.get("n_bytes", 0) > 0 and stats.get("n_unique_pieces") == 0:
+                raise ValueError(f"the split pattern {args.pattern!r} matched no text in the corpus: nothing to learn from")
+            tok.save(args.out)
+            print(f"trained {tok.n_vocab} tokens on {tok.training_stats}; saved to {args.out}")
+        else:
+            print(Tokenizer.load(args.tokenizer).encode(args.text))
+    except (SftfastError, OSError, ValueError) as e:
+        # user-facing failures (a missing file, a vocabulary too small, a bad pattern): one line
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -138,6 +138,9 @@ pub fn to_tokenizer_file(bpe: &CoreBPE) -> Vec<u8> {
         "version": FORMAT_VERSION,
         "pattern": bpe.pattern(),
         "special_tokens": bpe.specials().iter().map(|(n, id)| serde_json::json!([n, id])).collect::<Vec<_>>(),
+        // checked on load: a file cut short at a line boundary, or with a line lost, would
+        // otherwise load and encode differently without a word
+        "n_ranks": bpe.n_ranks(),
     });
     let mut out = serde_json::to_vec(&header).expect("a JSON value always serializes");
     out.push(b'\n');
@@ -234,6 +237,18 @@ pub fn parse_tokenizer_file(data: &[u8], path: &str) -> Result<CoreBPE> {
         &[][..]
     };
     let ranks = parse_rank_lines(rest, path, 2)?;
+    // files written before the count was recorded have none: nothing to compare
+    if let Some(expected) = header.get("n_ranks") {
+        if expected.as_u64() != Some(ranks.len() as u64) {
+            return Err(err(
+                1,
+                format!(
+                    "the header says {expected} ranks but the file holds {}: it was cut short or edited",
+                    ranks.len()
+                ),
+            ));
+        }
+    }
     CoreBPE::new(ranks, pattern, specials)
 }
 
@@ -251,6 +266,26 @@ pub fn load_tokenizer(path: &Path) -> Result<CoreBPE> {
 mod tests {
     use super::*;
     use crate::pretokenize::NANOCHAT_PATTERN;
+
+    #[test]
+    fn a_cut_or_edited_file_is_refused() {
+        let ranks: FxHashMap<Vec<u8>, Rank> = (0..=255u8).map(|b| (vec![b], b as Rank)).collect();
+        let bpe = CoreBPE::new(ranks, NANOCHAT_PATTERN, vec![("<|bos|>".into(), 256)]).unwrap();
+        let file = to_tokenizer_file(&bpe);
+        assert_eq!(parse_tokenizer_file(&file, "t").unwrap().n_ranks(), 256);
+        let text = String::from_utf8(file).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        for damaged in [
+            lines[..200].join("\n"),
+            [&lines[..50], &lines[51..]].concat().join("\n"),
+        ] {
+            let e = parse_tokenizer_file(damaged.as_bytes(), "t")
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains("cut short or edited"), "{e}");
+        }
+    }
 
     fn line_of(e: Error) -> usize {
         match e {

@@ -23,6 +23,7 @@ string or an object {"task": NAME, "repeat": N, ...arguments}.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 
@@ -57,6 +58,27 @@ _DEFAULT_SPLITS = {  # name -> (train split, eval split)
     "arithmetic": ("train", "test"),
 }
 _SIZES_FOR_EVAL = {"simplespelling": 256, "spellingbee": 256, "arithmetic": 256}
+# name -> (class, constructor arguments the name itself fixes); the split comes from get_task's own argument
+_TASK_CLASSES = {
+    "arc-easy": (ARC, ("subset",)), "arc-challenge": (ARC, ("subset",)), "mmlu": (MMLU, ()), "gsm8k": (GSM8K, ()),
+    "smoltalk": (SmolTalk, ()), "simplespelling": (SimpleSpelling, ()), "spellingbee": (SpellingBee, ()),
+    "arithmetic": (Arithmetic, ()), "identity": (CustomJSON, ("path",)), "customjson": (CustomJSON, ()),
+}
+
+
+def _check_keys(name: str, cls, kwargs: dict, fixed: tuple[str, ...]) -> None:
+    """A spec key the task does not take, or one its name already fixes (ARC-Easy's subset,
+    identity's path), is a TaskError naming it and what is allowed, not a TypeError."""
+    allowed = set()
+    for init in (cls.__init__, Task.__init__):
+        allowed |= {p.name for p in inspect.signature(init).parameters.values()
+                    if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"}
+    allowed -= set(fixed)
+    for key in kwargs:
+        if key in fixed:
+            raise TaskError(f"task spec {name!r}: {key!r} is fixed by the task's name and cannot be set")
+        if key not in allowed:
+            raise TaskError(f"task spec {name!r}: unknown key {key!r}; allowed: {', '.join(sorted(allowed))}")
 
 
 def get_task(name: str, split: str | None = None, data_dir: str | None = None, role: str = "eval", **kwargs) -> Task:
@@ -65,6 +87,9 @@ def get_task(name: str, split: str | None = None, data_dir: str | None = None, r
     key = {"simple-spelling": "simplespelling", "spelling-bee": "spellingbee", "custom-json": "customjson"}.get(key, key)
     default_split = _DEFAULT_SPLITS.get(key, (None, None))[0 if role == "train" else 1]
     split = split or default_split
+    cls, fixed = _TASK_CLASSES.get(key, (None, ()))
+    if cls is not None:
+        _check_keys(name, cls, kwargs, fixed + ("split",))
     hub = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KEYS}
     hub.setdefault("data_dir", data_dir)
     if key in ("arc-easy", "arc-challenge"):

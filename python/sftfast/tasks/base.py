@@ -211,6 +211,20 @@ IGNORED_MESSAGE_KEYS = frozenset({"name"})
 IGNORED_PART_KEYS = frozenset()
 
 
+def read_text_lines(path: str):
+    """The lines of a UTF-8 text file (a leading byte-order mark, as Windows editors write, is
+    not part of line 1). A line that is not UTF-8 is a TaskError naming path:line, not a bare
+    UnicodeDecodeError from somewhere in the file."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TaskError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
+
+
 def _unexpected_keys(obj: dict, known: set, ignored: frozenset) -> list[str]:
     return sorted(str(k) for k, v in obj.items() if k not in known and k not in ignored and v is not None)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 
-from sftfast.tasks.base import Task, TaskError, validate_messages
+from sftfast.tasks.base import Task, TaskError, read_text_lines, validate_messages
 
 IDENTITY_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "identity.jsonl")
 
@@ -30,23 +30,21 @@ class CustomJSON(Task):
         self.path = path
         self.name = name or ("identity" if os.path.abspath(path) == IDENTITY_FILE else os.path.basename(path))
         self.conversations = []
-        # utf-8-sig: a leading byte-order mark (Windows editors write one) is not part of line 1.
-        with open(path, encoding="utf-8-sig") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TaskError(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
-                if isinstance(record, list):
-                    record = {"messages": record}
-                elif not isinstance(record, dict) or "messages" not in record:
-                    raise TaskError(f"{where}: expected an array of messages or an object with 'messages'")
-                record = dict(record)
-                record["messages"] = validate_messages(record["messages"], where)
-                self.conversations.append(record)
+        for lineno, line in enumerate(read_text_lines(path), start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TaskError(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
+            if isinstance(record, list):
+                record = {"messages": record}
+            elif not isinstance(record, dict) or "messages" not in record:
+                raise TaskError(f"{where}: expected an array of messages or an object with 'messages'")
+            record = dict(record)
+            record["messages"] = validate_messages(record["messages"], where)
+            self.conversations.append(record)
         if not self.conversations:
             raise TaskError(f"CustomJSON: {path} holds no conversations")
         super().__init__(**kwargs)

@@ -17,7 +17,7 @@ import functools
 import os
 import random
 
-from sftfast.tasks.base import Task, TaskError, assistant_text, extract_final_answer, numbers_equal
+from sftfast.tasks.base import Task, TaskError, assistant_text, extract_final_answer, numbers_equal, read_text_lines
 
 WORDS_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "words.txt")
 TEST_SEED_OFFSET = 10_000_000
@@ -47,14 +47,13 @@ COUNT_TEMPLATES = [
 def load_words(path: str = WORDS_FILE) -> tuple[str, ...]:
     """The word list, one lower-case word per line; a bad line is reported by number."""
     words = []
-    with open(path, encoding="ascii") as f:
-        for lineno, line in enumerate(f, start=1):
-            word = line.strip()
-            if not word:
-                continue
-            if not (word.isascii() and word.isalpha() and word.islower()):
-                raise TaskError(f"{path}:{lineno}: {word!r} is not a lower-case ASCII word")
-            words.append(word)
+    for lineno, line in enumerate(read_text_lines(path), start=1):
+        word = line.strip()
+        if not word:
+            continue
+        if not (word.isascii() and word.isalpha() and word.islower()):
+            raise TaskError(f"{path}:{lineno}: {word!r} is not a lower-case ASCII word")
+        words.append(word)
     if not words:
         raise TaskError(f"{path}: the word list is empty")
     return tuple(words)
