@@ -158,3 +158,14 @@ def test_arithmetic_matches_python(expr):
         assert got == str(expected)
     else:
         assert math.isclose(float(got), expected, rel_tol=1e-9, abs_tol=1e-9)
+
+
+def test_flat_chains_are_not_nesting():
+    """a+b+c+... parses as a deep tree but nests nothing: bounded by the node count, not refused
+    as "nested too deep" (parentheses are what the depth limit is for)."""
+    assert calculate("+".join(["12"] * 40)) == "480"
+    assert calculate("*".join(["1"] * 40)) == "1"
+    with pytest.raises(CalculatorError, match="nested deeper"):
+        calculate("(" * 30 + "1" + ")" * 30)
+    with pytest.raises(CalculatorError, match="nodes"):
+        calculate("+".join(["1"] * 100))

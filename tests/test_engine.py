@@ -188,3 +188,30 @@ def test_last_logits_equal_full_forward(model, tok):
     idx = torch.randint(0, tok.n_vocab, (3, 11), generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
         torch.testing.assert_close(engine.last_logits(idx), model(idx)[:, -1, :], rtol=1e-5, atol=1e-5)
+
+
+def test_kvcache_grows_past_double_in_one_insert():
+    cache = KVCache(batch_size=1, num_heads=1, seq_len=2000, head_dim=2, num_layers=1)
+    cache.insert_kv(0, torch.zeros(1, 1, 2000, 2), torch.zeros(1, 1, 2000, 2))
+    k = torch.randn(1, 1, 3000, 2)  # more than doubles the cache: its new size must still hold it
+    full_k, _ = cache.insert_kv(0, k, k)
+    assert full_k.shape == (1, 1, 5000, 2) and torch.equal(full_k[:, :, 2000:], k)
+    assert cache.kv.size(4) % 1024 == 0
+
+
+def test_generate_without_max_tokens_does_not_preallocate_the_whole_context(model, tok, monkeypatch):
+    """max_tokens=None only bounds generation by the model's positions (10x its training
+    length): the cache starts small and grows, rather than holding that whole range up front."""
+    from sftfast import engine as engine_module
+
+    sizes = []
+
+    class Recording(engine_module.KVCache):
+        def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers):
+            sizes.append(seq_len)
+            super().__init__(batch_size, num_heads, seq_len, head_dim, num_layers)
+
+    monkeypatch.setattr(engine_module, "KVCache", Recording)
+    prompt = [tok.bos_id] + tok.encode("hello")
+    steps = list(zip(range(4), Engine(model, tok).generate(prompt, temperature=0.0)))
+    assert len(steps) == 4 and max(sizes) <= len(prompt) + 256 < model.rotary_seq_len

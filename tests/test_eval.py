@@ -199,6 +199,37 @@ def test_chat_keeps_history(saved_run):
     assert chat.tokens == [tokenizer.bos_id]
 
 
+def test_chat_forgets_old_turns_and_refuses_a_message_too_long(saved_run):
+    """The model holds rotary_seq_len positions: older turns are forgotten to make room, and a
+    message that cannot fit even alone is refused with the history untouched (the CLI then
+    says so and keeps the session)."""
+    from sftfast.chat import Chat
+    from sftfast.engine import Engine, load_for_inference
+
+    model, tokenizer, _ = load_for_inference(saved_run, "sft")
+    limit = model.rotary_seq_len
+    chat = Chat(Engine(model, tokenizer), tokenizer, temperature=0.0, top_k=5, max_tokens=4, seed=0)
+    user_start = tokenizer.special_token_id("<|user_start|>")
+    for i in range(6):
+        chat.reply(f"{i}" * (limit // 3), out=io.StringIO())
+        assert len(chat.tokens) <= limit and chat.tokens[:2] == [tokenizer.bos_id, user_start]
+        assert [chat.tokens[t] for t in chat.turn_starts] == [user_start] * len(chat.turn_starts)
+    assert chat.tokens.count(user_start) < 6  # the oldest turns went
+    before = list(chat.tokens)
+    with pytest.raises(ValueError, match="holds .* positions"):
+        chat.reply("x" * limit, out=io.StringIO())
+    assert chat.tokens == before
+
+
+def test_eval_cli_checks_every_task_name_first(saved_run, capsys):
+    from sftfast import eval as eval_cli
+
+    assert eval_cli.main(["--base-dir", saved_run, "-a", "Arithmetic,Arithmetc", "-x", "2", "-m", "8"]) == 1
+    out = capsys.readouterr()
+    assert "unknown task 'Arithmetc'" in out.err and "Arithmetic" not in out.out  # nothing evaluated first
+    assert eval_cli.main(["--base-dir", saved_run, "-a", ","]) == 2
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     from sftfast.checkpoint import CheckpointError
     from sftfast.engine import load_for_inference

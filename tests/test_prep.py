@@ -627,3 +627,10 @@ def test_rendered_chunk_reads_like_items_and_names_corrupt_records(tmp_path, cap
         data.rendered_chunk(order, names=[100, 101, 102, 103])
     chunk = data.rendered_chunk(order, on_error="skip")
     assert len(chunk) == 4 and [i for i, _ in chunk.errors] == [1, 3]
+    # a mask byte other than 0/1 (opening does not check mask bytes either) is refused too
+    raw = np.memmap(tmp_path / "s" / "mask.u8", dtype="u1", mode="r+")
+    raw[int(data.offsets[7]) + 2] = 2
+    raw.flush()
+    del raw
+    with pytest.raises(_core.ConversationError, match=r"conversation 7: mask\[2\] = 2 \(must be 0 or 1\)"):
+        ShardDataset(tmp_path / "s").rendered_chunk([7])

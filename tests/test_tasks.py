@@ -236,6 +236,12 @@ def test_undecodable_lines_are_task_errors_naming_file_and_line(tmp_path):
     path.write_bytes(good + b"\n" + good.replace(b'"q"', b'"caf\xe9"') + b"\n")
     with pytest.raises(TaskError, match="latin1.jsonl:2: not valid UTF-8"):
         CustomJSON(str(path))
+    # any line break Python's text mode knows (old Mac files end lines with a lone CR)
+    path.write_bytes(good + b"\r" + good + b"\r\n" + good)
+    assert len(CustomJSON(str(path))) == 3
+    mac = tmp_path / "mac_words.txt"
+    mac.write_bytes(b"apple\rpear\r\nplum")
+    assert load_words(str(mac)) == ("apple", "pear", "plum")
     words = tmp_path / "words.txt"
     words.write_bytes(b"apple\nna\xefve\n")
     with pytest.raises(TaskError, match="words.txt:2: not valid UTF-8"):
@@ -250,6 +256,7 @@ def test_task_spec_keys_are_checked():
     with pytest.raises(TaskError, match="'subset' is fixed by the task's name"):
         build_mixture("ARC-Easy:subset=ARC-Challenge")
     assert len(get_task("SimpleSpelling", size=3, stop=2)) == 2
+    assert get_task("identity", name="mine").name == "mine"  # name= is the task's, not get_task's
 
 
 def test_extra_message_keys(tmp_path):

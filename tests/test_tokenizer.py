@@ -409,10 +409,29 @@ def test_train_tokenizer_cli(tmp_path, capsys):
     assert main(["train", str(corpus), "--pattern", "(?!)", "--vocab-size", "270", "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert [line.split(":")[0] for line in err] == ["error"] * 3 and "matched no text" in err[2]
+    # line breaks as text mode reads them: a CRLF or lone-CR corpus trains what the LF one does
+    trained = {}
+    for name, sep in (("lf", "\n"), ("crlf", "\r\n"), ("cr", "\r")):
+        path = tmp_path / f"{name}.txt"
+        path.write_bytes(sep.join(["the cat sat", "on the mat", "the dog"] * 10).encode() + sep.encode())
+        assert main(["train", str(path), "--vocab-size", "275", "--out", str(tmp_path / f"{name}.tok")]) == 0
+        trained[name] = Tokenizer.load(tmp_path / f"{name}.tok")
+    assert trained["crlf"].encode("the cat\n") == trained["cr"].encode("the cat\n") == trained["lf"].encode("the cat\n")
     latin = tmp_path / "latin.txt"
     latin.write_bytes(b"the cat\ncaf\xe9\nthe dog\n")
     assert main(["train", str(latin), "--vocab-size", "266", "--out", str(out)]) == 0
     assert f"skipped {latin}:2: not valid UTF-8" in capsys.readouterr().err
+
+
+def test_a_tokenizer_with_rank_holes_saves_loads_and_pickles(tmp_path):
+    import pickle
+
+    ranks = {bytes([i]): i for i in range(256)}
+    ranks[b"ab"] = 257  # rank 256 unused: a hole
+    tok = Tokenizer.from_ranks(ranks, r"\S+|\s+")
+    tok.save(tmp_path / "t.sftfast")
+    for again in (Tokenizer.load(tmp_path / "t.sftfast"), pickle.loads(pickle.dumps(tok))):
+        assert again.encode("abab") == tok.encode("abab") == [257, 257]
 
 
 def test_a_cut_tokenizer_file_is_refused(tmp_path):
@@ -421,5 +440,5 @@ def test_a_cut_tokenizer_file_is_refused(tmp_path):
     tok.save(path)
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:-3]))
-    with pytest.raises(ValueError, match="header says .* ranks but the file holds .*cut short or edited"):
+    with pytest.raises(ValueError, match="header says .* rank lines but the file holds .*cut short or edited"):
         Tokenizer.load(path)

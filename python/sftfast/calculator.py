@@ -31,8 +31,8 @@ import time
 # Limits. Generous for GSM8K-style arithmetic (the largest intermediate values there
 # have a dozen digits), tiny against an attacker.
 MAX_INPUT_CHARS = 512  # characters of the expression text
-MAX_DEPTH = 24  # nesting of the syntax tree (also bounds parser recursion: checked on the text first)
-MAX_NODES = 128  # syntax tree nodes
+MAX_DEPTH = 24  # nesting of parentheses, checked on the text before the parser (which recurses on them) sees it
+MAX_NODES = 128  # syntax tree nodes: also bounds the evaluator's recursion (a flat a+b+c+... chain is a deep tree)
 MAX_INT_BITS = 512  # |int| < 2**512 (about 154 digits), for operands and results
 MAX_EXPONENT = 1024  # |exponent| of **
 MAX_STR_CHARS = 256  # length of a string literal
@@ -102,12 +102,10 @@ class _Evaluator:
         self.deadline = deadline
         self.nodes = 0
 
-    def visit(self, node, depth: int):
+    def visit(self, node):
         self.nodes += 1
         if self.nodes > MAX_NODES:
             raise CalculatorError(f"expression has more than {MAX_NODES} nodes")
-        if depth > MAX_DEPTH:
-            raise CalculatorError(f"expression nested deeper than {MAX_DEPTH}")
         if time.perf_counter() > self.deadline:
             raise CalculatorError(f"took longer than {TIME_LIMIT_S}s")
         if isinstance(node, ast.Constant):
@@ -120,11 +118,11 @@ class _Evaluator:
                 return _check_number(value, "literal")
             raise CalculatorError(f"literal of type {type(value).__name__} not allowed")
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
-            operand = self._number(node.operand, depth)
+            operand = self._number(node.operand)
             return _check_number(-operand if isinstance(node.op, ast.USub) else +operand)
         if isinstance(node, ast.BinOp):
-            left = self._number(node.left, depth)
-            right = self._number(node.right, depth)
+            left = self._number(node.left)
+            right = self._number(node.right)
             if isinstance(node.op, ast.Pow):
                 return _check_number(_power(left, right))
             op = _BINOPS.get(type(node.op))
@@ -137,16 +135,16 @@ class _Evaluator:
             except OverflowError:
                 raise CalculatorError("result too large") from None
         if isinstance(node, ast.Call):
-            return self._count(node, depth)
+            return self._count(node)
         raise CalculatorError(f"{type(node).__name__} not allowed")
 
-    def _number(self, node, depth):
-        value = self.visit(node, depth + 1)
+    def _number(self, node):
+        value = self.visit(node)
         if isinstance(value, str):
             raise CalculatorError("arithmetic on strings not allowed")
         return value
 
-    def _count(self, node: ast.Call, depth: int):
+    def _count(self, node: ast.Call):
         func = node.func
         if not (isinstance(func, ast.Attribute) and func.attr == "count"):
             raise CalculatorError("only 'text'.count('x') calls are allowed")
@@ -157,8 +155,8 @@ class _Evaluator:
         for part in (receiver, arg):
             if not (isinstance(part, ast.Constant) and isinstance(part.value, str)):
                 raise CalculatorError("count works on string literals only")
-        text = self.visit(receiver, depth + 1)
-        needle = self.visit(arg, depth + 1)
+        text = self.visit(receiver)
+        needle = self.visit(arg)
         return text.count(needle)
 
 
@@ -206,7 +204,7 @@ def calculate(text: str, time_limit: float = TIME_LIMIT_S) -> str:
     except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
         raise CalculatorError(f"not an expression: {type(e).__name__}") from None
     evaluator = _Evaluator(time.perf_counter() + time_limit)
-    value = evaluator.visit(tree.body, 0)
+    value = evaluator.visit(tree.body)
     if isinstance(value, str):
         raise CalculatorError("result is a string, not a number")
     return _format(value)

@@ -57,15 +57,45 @@ class Chat:
 
     def clear(self) -> None:
         self.tokens = [self.tok.bos_id]
+        self.turn_starts: list[int] = []  # where each user turn begins in self.tokens
         self.turn = 0
 
+    def _fit(self, message: list[int]) -> list[int]:
+        """The prompt for the next reply: history + message, forgetting the oldest turns when
+        it would leave the model (positions up to its rotary limit) no room to answer. Raises
+        ValueError, with the history untouched, when the message alone is too long."""
+        limit = getattr(self.engine.model, "rotary_seq_len", None)
+        if limit is None:
+            return self.tokens + message
+        room = min(self.max_tokens, limit // 4)  # what the reply needs, at least
+        if 1 + len(message) + room > limit:
+            raise ValueError(f"the message is {len(message)} tokens; this model holds {limit} positions "
+                             f"with {room} kept for the reply")
+        dropped = 0
+        while len(self.tokens) - self._cut(dropped) + len(message) + room > limit:
+            dropped += 1
+        if dropped:
+            cut = self._cut(dropped)
+            self.tokens = self.tokens[:1] + self.tokens[cut:]
+            self.turn_starts = [t - cut + 1 for t in self.turn_starts[dropped:]]
+            print(f"(the conversation is too long for the model: forgot the {dropped} oldest turn(s))", file=sys.stderr)
+        return self.tokens + message
+
+    def _cut(self, turns: int) -> int:
+        """Where the history continues once its `turns` oldest turns are forgotten (1: after <|bos|>)."""
+        if turns == 0:
+            return 1
+        return self.turn_starts[turns] if turns < len(self.turn_starts) else len(self.tokens)
+
     def reply(self, user_text: str, out=sys.stdout) -> str:
-        """Append the user's message, stream the model's reply to `out`, return the reply text."""
-        self.tokens += [self.user_start, *self.tok.encode(user_text), self.user_end, self.assistant_start]
+        """Append the user's message, stream the model's reply to `out`, return the reply text.
+        The history changes only once the reply is complete: a failure leaves it as it was."""
+        message = [self.user_start, *self.tok.encode(user_text), self.user_end, self.assistant_start]
+        prompt = self._fit(message)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pieces = []
         generated = []
-        for column, _ in self.engine.generate(self.tokens, num_samples=1, max_tokens=self.max_tokens,
+        for column, _ in self.engine.generate(prompt, num_samples=1, max_tokens=self.max_tokens,
                                               temperature=self.temperature, top_k=self.top_k,
                                               seed=self.seed + self.turn):
             token = column[0]
@@ -85,7 +115,8 @@ class Chat:
         out.write(tail + "\n")
         out.flush()
         # Close the turn as the renderer would, so the next turn sees a well-formed history.
-        self.tokens += generated + [self.assistant_end]
+        self.turn_starts.append(len(self.tokens))
+        self.tokens = prompt + generated + [self.assistant_end]
         self.turn += 1
         return "".join(pieces)
 
@@ -102,7 +133,11 @@ def main(argv=None) -> int:
         return 1
     chat = Chat(Engine(model, tokenizer), tokenizer, args.temperature, args.top_k, args.max_tokens, args.seed)
     if args.prompt is not None:
-        chat.reply(args.prompt)
+        try:
+            chat.reply(args.prompt)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         return 0
     print(f"sftfast chat: {meta.get('checkpoint_dir')} step {meta.get('step')}. "
           "Type 'clear' for a new conversation, 'quit' to exit.")
@@ -121,7 +156,10 @@ def main(argv=None) -> int:
         if not line:
             continue
         print("\nAssistant: ", end="", flush=True)
-        chat.reply(line)
+        try:
+            chat.reply(line)
+        except ValueError as e:  # a message too long for the model: say so, keep the session
+            print(f"\nerror: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":

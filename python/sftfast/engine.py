@@ -71,7 +71,7 @@ class KVCache:
             self.kv = self._allocate(k, max(self.capacity, t1))
         elif t1 > self.kv.size(4):
             # Grow geometrically (rounded to 1024) so long generations copy O(log T) times.
-            new = self._allocate(k, max(t1, 2 * self.kv.size(4) + 1023) // 1024 * 1024)
+            new = self._allocate(k, (max(t1, 2 * self.kv.size(4)) + 1023) // 1024 * 1024)
             new[:, :, :, :, : self.pos] = self.kv[:, :, :, :, : self.pos]
             self.kv = new
         self.kv[layer_idx, 0, :, :, t0:t1] = k
@@ -178,6 +178,7 @@ class Engine:
         # Never run past the positions the model has rotary tables for (sftfast.model: 10x its
         # training length): stop there instead of failing mid-generation.
         limit = getattr(self.model, "rotary_seq_len", None)
+        asked = max_tokens
         if limit is not None:
             if len(tokens) >= limit:
                 raise ValueError(f"generate: the prompt ({len(tokens)} tokens) fills the model's {limit} positions")
@@ -193,8 +194,11 @@ class Engine:
         if use_kv_cache:
             prefix_cache = KVCache(1, n_kv, len(tokens), head_dim, n_layer)
             logits = self.last_logits(prompt, prefix_cache)  # (1, V)
-            # Room for the whole generation up front when its length is known.
-            cache = KVCache(num_samples, n_kv, len(tokens) + (max_tokens or 256), head_dim, n_layer)
+            # Room for the whole generation up front when the caller gave its length; otherwise
+            # (max_tokens is then only the model's position limit, 10x its training length)
+            # 256 positions, and the cache grows as needed.
+            room = max_tokens if asked is not None and max_tokens is not None else 256
+            cache = KVCache(num_samples, n_kv, len(tokens) + max(room, 1), head_dim, n_layer)
             cache.prefill(prefix_cache)
             del prefix_cache
         else:

@@ -59,6 +59,10 @@ def main(argv=None) -> int:
     if args.max_problems is not None and args.max_problems < 1:
         print("error: --max-problems must be >= 1", file=sys.stderr)
         return 2
+    names = [n.strip() for n in args.task_name.split(",") if n.strip()]
+    if not names:
+        print(f"error: --task-name names no task (e.g. {DEFAULT_TASKS})", file=sys.stderr)
+        return 2
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     device = args.device
     if distributed:
@@ -69,15 +73,16 @@ def main(argv=None) -> int:
             torch.cuda.set_device(device)
     rank = dist.get_rank() if distributed else 0
     try:
+        # every task is found (and its data loaded) before the model, and before the first is
+        # evaluated: a typo in the last name must not cost the results of the ones before it
+        tasks = {name: get_task(name, data_dir=args.data_dir, role="eval") for name in names}
         model, tokenizer, meta = load_for_inference(args.base_dir, args.source, args.model_tag, args.step,
                                                     device=device, tokenizer_path=args.tokenizer)
         engine = Engine(model, tokenizer)
-        names = [n.strip() for n in args.task_name.split(",") if n.strip()]
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") and args.dtype == "bfloat16"
                     else torch.autocast("cpu", enabled=False))
         results = {}
-        for name in names:
-            task = get_task(name, data_dir=args.data_dir, role="eval")
+        for name, task in tasks.items():
             with autocast:
                 out = evaluate_task(model, tokenizer, task, batch_size=args.batch_size, max_problems=args.max_problems,
                                     num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,

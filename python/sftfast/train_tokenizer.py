@@ -13,12 +13,14 @@ import argparse
 import sys
 
 from sftfast._core import SftfastError
+from sftfast.textfiles import raw_lines
 from sftfast.tokenizer import SPLIT_PATTERNS, Tokenizer, bundled_text_path
 
 
 class LineReader:
-    """The lines of UTF-8 text files. A line that is not valid UTF-8 is skipped, and counted
-    with its file:line (the first few are printed): no bytes are silently replaced."""
+    """The lines of UTF-8 text files, with "\n" endings whatever the file's line breaks were
+    (sftfast.textfiles), so a Windows corpus trains the same vocabulary. A line that is not
+    valid UTF-8 is skipped and counted with its file:line: no bytes are silently replaced."""
 
     def __init__(self, paths: list[str]):
         self.paths = paths
@@ -26,12 +28,11 @@ class LineReader:
 
     def __iter__(self):
         for path in self.paths:
-            with open(path, "rb") as f:
-                for lineno, raw in enumerate(f, 1):
-                    try:
-                        yield raw.decode("utf-8")
-                    except UnicodeDecodeError as e:
-                        self.skipped.append(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})")
+            for lineno, body, ending in raw_lines(path):
+                try:
+                    yield body.decode("utf-8") + ending
+                except UnicodeDecodeError as e:
+                    self.skipped.append(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})")
 
 
 def positive_int(text: str) -> int:

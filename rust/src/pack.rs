@@ -123,8 +123,9 @@ pub struct Packer {
 pub const MAX_ID: u32 = i32::MAX as u32;
 
 /// Why a rendered conversation cannot be packed, if it cannot: ids and mask of different
-/// lengths, no tokens at all, or an id beyond `MAX_ID` (it would wrap to a negative int32 input
-/// while its int64 target kept the true value: a corrupt shard, bad pre-rendered data).
+/// lengths, no tokens at all, a mask value other than 0/1, or an id beyond `MAX_ID` (it would
+/// wrap to a negative int32 input while its int64 target kept the true value). Readers of
+/// Python input check the mask as they read it; a shard's bytes arrive unchecked.
 pub fn check_rendered(ids: &[u32], mask: &[u8]) -> std::result::Result<(), String> {
     if ids.len() != mask.len() {
         return Err(format!(
@@ -136,7 +137,11 @@ pub fn check_rendered(ids: &[u32], mask: &[u8]) -> std::result::Result<(), Strin
     if ids.is_empty() {
         return Err("empty (no tokens, not even <|bos|>)".into());
     }
-    // one vectorised max; the index only on the error path
+    // one vectorised max each; the index only on the error path
+    if mask.iter().copied().max().unwrap_or(0) > 1 {
+        let k = mask.iter().position(|&m| m > 1).unwrap_or(0);
+        return Err(format!("mask[{k}] = {} (must be 0 or 1)", mask[k]));
+    }
     if ids.iter().copied().max().unwrap_or(0) > MAX_ID {
         let k = ids.iter().position(|&x| x > MAX_ID).unwrap_or(0);
         return Err(format!(

@@ -140,7 +140,7 @@ pub fn to_tokenizer_file(bpe: &CoreBPE) -> Vec<u8> {
         "special_tokens": bpe.specials().iter().map(|(n, id)| serde_json::json!([n, id])).collect::<Vec<_>>(),
         // checked on load: a file cut short at a line boundary, or with a line lost, would
         // otherwise load and encode differently without a word
-        "n_ranks": bpe.n_ranks(),
+        "n_ranks": bpe.ranks_in_order().count(), // the lines below (ranks may have holes)
     });
     let mut out = serde_json::to_vec(&header).expect("a JSON value always serializes");
     out.push(b'\n');
@@ -243,7 +243,7 @@ pub fn parse_tokenizer_file(data: &[u8], path: &str) -> Result<CoreBPE> {
             return Err(err(
                 1,
                 format!(
-                    "the header says {expected} ranks but the file holds {}: it was cut short or edited",
+                    "the header says {expected} rank lines but the file holds {}: it was cut short or edited",
                     ranks.len()
                 ),
             ));

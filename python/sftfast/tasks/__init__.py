@@ -81,7 +81,7 @@ def _check_keys(name: str, cls, kwargs: dict, fixed: tuple[str, ...]) -> None:
             raise TaskError(f"task spec {name!r}: unknown key {key!r}; allowed: {', '.join(sorted(allowed))}")
 
 
-def get_task(name: str, split: str | None = None, data_dir: str | None = None, role: str = "eval", **kwargs) -> Task:
+def get_task(name: str, /, split: str | None = None, data_dir: str | None = None, role: str = "eval", **kwargs) -> Task:
     """One task by name; `role` ("train" or "eval") picks the default split."""
     key = name.lower().replace("_", "-")
     key = {"simple-spelling": "simplespelling", "spelling-bee": "spellingbee", "custom-json": "customjson"}.get(key, key)

@@ -28,6 +28,8 @@ import os
 import random
 import re
 
+from sftfast.textfiles import raw_lines
+
 DATA_DIR_ENV = "SFTFAST_DATA_DIR"
 MIXTURE_SEED = 42
 _DATA_SUFFIXES = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".arrow": "arrow", ".csv": "csv"}
@@ -212,17 +214,14 @@ IGNORED_PART_KEYS = frozenset()
 
 
 def read_text_lines(path: str):
-    """The lines of a UTF-8 text file (a leading byte-order mark, as Windows editors write, is
-    not part of line 1). A line that is not UTF-8 is a TaskError naming path:line, not a bare
+    """The lines of a UTF-8 text file (sftfast.textfiles: any line break, a leading byte-order
+    mark dropped). A line that is not UTF-8 is a TaskError naming path:line, not a bare
     UnicodeDecodeError from somewhere in the file."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            try:
-                yield raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise TaskError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
+    for lineno, body, ending in raw_lines(path):
+        try:
+            yield body.decode("utf-8") + ending
+        except UnicodeDecodeError as e:
+            raise TaskError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
 
 
 def _unexpected_keys(obj: dict, known: set, ignored: frozenset) -> list[str]:
