@@ -221,6 +221,42 @@ def test_chat_forgets_old_turns_and_refuses_a_message_too_long(saved_run):
     assert chat.tokens == before
 
 
+def test_chat_leaves_room_for_the_reply_and_keeps_history_when_a_reply_fails():
+    """With a stub engine that checks the prompt leaves `max_tokens` positions: every reply gets
+    them (the fit used to forget one token too few), and a reply interrupted mid-stream
+    (Ctrl-C) leaves the history, forgotten turns included, as it was."""
+    from types import SimpleNamespace
+
+    from sftfast.chat import Chat
+    from sftfast.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_ranks({bytes([i]): i for i in range(256)}, r"\S+|\s+")
+    limit, max_tokens = 64, 4
+    a = tok.encode("a")[0]
+
+    class StubEngine:
+        model = SimpleNamespace(rotary_seq_len=limit)
+        interrupt = False
+
+        def generate(self, prompt, num_samples, max_tokens, **kw):
+            assert len(prompt) + max_tokens <= limit, (len(prompt), max_tokens)
+            for i in range(max_tokens):
+                if self.interrupt and i == 2:
+                    raise KeyboardInterrupt
+                yield [a], [1]
+
+    engine = StubEngine()
+    chat = Chat(engine, tok, temperature=0.0, top_k=1, max_tokens=max_tokens, seed=0)
+    for n in (20, 25, 30, 9, 40, 5):
+        assert chat.reply("b" * n, out=io.StringIO()) == "a" * max_tokens
+        assert len(chat.tokens) <= limit
+    engine.interrupt = True
+    before = (list(chat.tokens), list(chat.turn_starts))
+    with pytest.raises(KeyboardInterrupt):
+        chat.reply("c" * 40, out=io.StringIO())  # would forget turns to fit
+    assert (chat.tokens, chat.turn_starts) == before
+
+
 def test_eval_cli_checks_every_task_name_first(saved_run, capsys):
     from sftfast import eval as eval_cli
 

@@ -60,26 +60,21 @@ class Chat:
         self.turn_starts: list[int] = []  # where each user turn begins in self.tokens
         self.turn = 0
 
-    def _fit(self, message: list[int]) -> list[int]:
-        """The prompt for the next reply: history + message, forgetting the oldest turns when
-        it would leave the model (positions up to its rotary limit) no room to answer. Raises
-        ValueError, with the history untouched, when the message alone is too long."""
+    def _fit(self, message: list[int]) -> int:
+        """How many of the oldest turns to forget so that <|bos|> + the rest of the history +
+        `message` leave the model (positions up to its rotary limit) room to answer. Changes
+        nothing; raises ValueError when the message alone is too long."""
         limit = getattr(self.engine.model, "rotary_seq_len", None)
         if limit is None:
-            return self.tokens + message
+            return 0
         room = min(self.max_tokens, limit // 4)  # what the reply needs, at least
         if 1 + len(message) + room > limit:
             raise ValueError(f"the message is {len(message)} tokens; this model holds {limit} positions "
                              f"with {room} kept for the reply")
         dropped = 0
-        while len(self.tokens) - self._cut(dropped) + len(message) + room > limit:
+        while 1 + len(self.tokens) - self._cut(dropped) + len(message) + room > limit:
             dropped += 1
-        if dropped:
-            cut = self._cut(dropped)
-            self.tokens = self.tokens[:1] + self.tokens[cut:]
-            self.turn_starts = [t - cut + 1 for t in self.turn_starts[dropped:]]
-            print(f"(the conversation is too long for the model: forgot the {dropped} oldest turn(s))", file=sys.stderr)
-        return self.tokens + message
+        return dropped
 
     def _cut(self, turns: int) -> int:
         """Where the history continues once its `turns` oldest turns are forgotten (1: after <|bos|>)."""
@@ -91,7 +86,10 @@ class Chat:
         """Append the user's message, stream the model's reply to `out`, return the reply text.
         The history changes only once the reply is complete: a failure leaves it as it was."""
         message = [self.user_start, *self.tok.encode(user_text), self.user_end, self.assistant_start]
-        prompt = self._fit(message)
+        dropped = self._fit(message)
+        cut = self._cut(dropped)
+        history = self.tokens[:1] + self.tokens[cut:]
+        prompt = history + message
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pieces = []
         generated = []
@@ -115,7 +113,9 @@ class Chat:
         out.write(tail + "\n")
         out.flush()
         # Close the turn as the renderer would, so the next turn sees a well-formed history.
-        self.turn_starts.append(len(self.tokens))
+        if dropped:
+            print(f"(the conversation is too long for the model: forgot the {dropped} oldest turn(s))", file=sys.stderr)
+        self.turn_starts = [t - cut + 1 for t in self.turn_starts[dropped:]] + [len(history)]
         self.tokens = prompt + generated + [self.assistant_end]
         self.turn += 1
         return "".join(pieces)
@@ -160,6 +160,8 @@ def main(argv=None) -> int:
             chat.reply(line)
         except ValueError as e:  # a message too long for the model: say so, keep the session
             print(f"\nerror: {e}", file=sys.stderr)
+        except KeyboardInterrupt:  # Ctrl-C stops this reply; the history is as before it
+            print("\n(interrupted: the reply was dropped)")
 
 
 if __name__ == "__main__":
