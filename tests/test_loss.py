@@ -7,6 +7,7 @@ imported; `test_triton_kernels_in_subprocess` therefore re-runs this file's `int
 a child process with that variable set, so no other test module sees an interpreted triton.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -425,3 +426,19 @@ def test_cuda_non_contiguous_and_errors():
     targets[5] = 1000
     with pytest.raises(ValueError, match=r"targets\[5\]"):
         fused_linear_cross_entropy(hidden, weight, targets, impl="triton")
+
+
+@pytest.mark.skipif(INTERP_CHILD, reason="runs in the parent")
+def test_bench_cli_prints_lines_or_json(capsys):
+    from sftfast.bench.__main__ import main
+
+    argv = ["loss", "--shapes", "16,8,20", "--impls", "eager,chunked", "--repeats", "1", "--warmup", "0"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "results.shapes[0].N: 16" in lines and not lines[0].startswith("{")
+    assert main(argv + ["--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"]["shapes"][0]["V"] == 20
+    # a benchmark that cannot run fails the command (an error in the JSON alone was exit 0)
+    if not HAS_CUDA:
+        assert main(["loss", "--device", "cuda", "--json"]) == 1
+    assert main(["loss", "--device", "cpu", "--triton-config", "64,64,32,4,2", "--json"]) == 1

@@ -442,3 +442,14 @@ def test_a_cut_tokenizer_file_is_refused(tmp_path):
     path.write_text("".join(lines[:-3]))
     with pytest.raises(ValueError, match="header says .* rank lines but the file holds .*cut short or edited"):
         Tokenizer.load(path)
+
+
+def test_pattern_names_are_accepted_wherever_a_pattern_is(cl100k_file):
+    """"cl100k" taken as a regex matches only that word: a tokenizer that drops all other text."""
+    from sftfast.tokenizer import CL100K_SPLIT_PATTERN
+
+    by_name = Tokenizer.from_tiktoken_file(cl100k_file, "cl100k")
+    assert by_name.pattern == CL100K_SPLIT_PATTERN
+    assert by_name.encode("hello world") == Tokenizer.from_tiktoken_file(cl100k_file, CL100K_SPLIT_PATTERN).encode("hello world")
+    assert Tokenizer.from_ranks({bytes([i]): i for i in range(256)}, "o200k").decode(
+        Tokenizer.from_ranks({bytes([i]): i for i in range(256)}, "o200k").encode("a b")) == "a b"

@@ -290,6 +290,10 @@ def test_fresh_run_refuses_an_earlier_runs_checkpoints(base_dir):
     train.run(make_args(base_dir, "--num-iterations", "4", "--save-every", "2", "--eval-every", "-1"))
     with pytest.raises(ckpt.CheckpointError, match=r"earlier run \(steps 2, 4\).*--overwrite"):
         train.run(make_args(base_dir, "--num-iterations", "1", "--eval-every", "-1"))
+    # --overwrite deletes only once the run is set up: a bad flag leaves the earlier run intact
+    with pytest.raises((ValueError, OSError)):
+        train.run(make_args(base_dir, "--num-iterations", "1", "--overwrite", "--train-data", str(base_dir / "missing.jsonl")))
+    assert ckpt.complete_steps(str(base_dir / "chatsft_checkpoints" / "d2")) == [2, 4]
     train.run(make_args(base_dir, "--num-iterations", "1", "--eval-every", "-1", "--overwrite"))
     assert ckpt.complete_steps(str(base_dir / "chatsft_checkpoints" / "d2")) == [1]
     assert sorted(os.listdir(base_dir / "chatsft_checkpoints" / "d2")) == ["meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
@@ -312,6 +316,25 @@ def test_periodic_checkpoints_carry_their_own_steps_metrics(base_dir, capsys):
     saved = ckpt.complete_steps(str(base_dir / "chatsft_checkpoints" / "d2"))
     assert saved == list(range(1, out["step"] + 1))
     assert capsys.readouterr().out.count("saved checkpoint") == out["step"]  # the last step once
+
+
+def test_data_dir_reaches_the_mixture_and_the_metric_tasks(base_dir, monkeypatch):
+    """--data-dir (local copies of the hub datasets, as for eval and prep) is what the
+    mixture and the evaluation tasks load from."""
+    from sftfast import tasks
+
+    seen = []
+
+    def build_mixture(name, split="train", data_dir=None):
+        seen.append(("mixture", split, data_dir))
+        raise tasks.TaskError("stop here")
+
+    monkeypatch.setattr(tasks, "build_mixture", build_mixture)
+    args = make_args(base_dir, "--data-dir", "/mirror")
+    args.train_data = None
+    with pytest.raises(tasks.TaskError, match="stop here"):
+        train.run(args)
+    assert seen == [("mixture", "train", "/mirror")]
 
 
 def test_num_iterations_zero_is_a_clear_error(base_dir):

@@ -15,28 +15,29 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import os
 import sys
 
 import torch
 
+from sftfast.checkpoint import default_base_dir
 from sftfast.engine import Engine, load_for_inference
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m sftfast.chat", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base-dir", default=os.environ.get("SFTFAST_BASE_DIR", "runs/demo"),
-                   help="directory holding {base,mid,chatsft}_checkpoints/ (default $SFTFAST_BASE_DIR or runs/demo)")
-    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft"])
-    p.add_argument("-g", "--model-tag", default=None)
-    p.add_argument("-s", "--step", type=int, default=None)
+    p.add_argument("--base-dir", default=default_base_dir(),
+                   help="directory holding {base,mid,chatsft}_checkpoints/ (default: $SFTFAST_BASE_DIR, else "
+                        "~/.cache/nanochat, as for sftfast.train; the demo's is runs/demo)")
+    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft"], help="which checkpoints (default: sft)")
+    p.add_argument("-g", "--model-tag", default=None, help="model tag (default: guessed, as nanochat does)")
+    p.add_argument("-s", "--step", type=int, default=None, help="step (default: the last complete one)")
     p.add_argument("--tokenizer", default=None, help="tokenizer path (default: recorded in the checkpoint, or BASE_DIR/tokenizer)")
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
-    p.add_argument("-t", "--temperature", type=float, default=0.6)
-    p.add_argument("-k", "--top-k", type=int, default=50)
-    p.add_argument("-m", "--max-tokens", type=int, default=512, help="most tokens per reply")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature, 0 = greedy (default: 0.6)")
+    p.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k most likely tokens (default: 50)")
+    p.add_argument("-m", "--max-tokens", type=int, default=512, help="most tokens per reply (default: 512)")
+    p.add_argument("--seed", type=int, default=42, help="sampling seed; turn i uses seed + i (default: 42)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy small CPU)")
     return p.parse_args(argv)

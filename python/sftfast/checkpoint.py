@@ -29,6 +29,12 @@ import torch
 SOURCES = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "chatsft": "chatsft_checkpoints"}
 
 
+def default_base_dir() -> str:
+    """Where checkpoints live when --base-dir is not given (every CLI): $SFTFAST_BASE_DIR, else
+    nanochat's ~/.cache/nanochat."""
+    return os.environ.get("SFTFAST_BASE_DIR", os.path.expanduser("~/.cache/nanochat"))
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not match the model."""
 

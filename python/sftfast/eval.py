@@ -21,6 +21,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from sftfast.checkpoint import default_base_dir
 from sftfast.engine import Engine, load_for_inference
 from sftfast.evaluate import BASELINES, chatcore, evaluate_task
 from sftfast.tasks import get_task
@@ -31,19 +32,20 @@ DEFAULT_TASKS = "ARC-Easy,ARC-Challenge,MMLU,GSM8K"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m sftfast.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base-dir", default=os.environ.get("SFTFAST_BASE_DIR", "runs/demo"),
-                   help="directory holding {base,mid,chatsft}_checkpoints/ (default $SFTFAST_BASE_DIR or runs/demo)")
-    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft"], help="which checkpoints to load")
+    p.add_argument("--base-dir", default=default_base_dir(),
+                   help="directory holding {base,mid,chatsft}_checkpoints/ (default: $SFTFAST_BASE_DIR, else "
+                        "~/.cache/nanochat, as for sftfast.train; the demo's is runs/demo)")
+    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft"], help="which checkpoints to load (default: sft)")
     p.add_argument("-g", "--model-tag", default=None, help="model tag (default: guessed, as nanochat does)")
     p.add_argument("-s", "--step", type=int, default=None, help="step (default: the last complete one)")
     p.add_argument("--tokenizer", default=None, help="tokenizer path (default: recorded in the checkpoint, or BASE_DIR/tokenizer)")
     p.add_argument("-a", "--task-name", default=DEFAULT_TASKS, help=f"comma-separated tasks (default {DEFAULT_TASKS})")
     p.add_argument("-x", "--max-problems", type=int, default=None, help="evaluate at most this many problems per task")
-    p.add_argument("-b", "--batch-size", type=int, default=8, help="batch size of categorical evaluation")
-    p.add_argument("-n", "--num-samples", type=int, default=1, help="samples per generative problem (pass@n)")
-    p.add_argument("-m", "--max-new-tokens", type=int, default=512)
-    p.add_argument("-t", "--temperature", type=float, default=0.0)
-    p.add_argument("-k", "--top-k", type=int, default=50)
+    p.add_argument("-b", "--batch-size", type=int, default=8, help="batch size of categorical evaluation (default: 8)")
+    p.add_argument("-n", "--num-samples", type=int, default=1, help="samples per generative problem, pass@n (default: 1)")
+    p.add_argument("-m", "--max-new-tokens", type=int, default=512, help="most tokens per generative answer (default: 512)")
+    p.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature, 0 = greedy (default: 0)")
+    p.add_argument("-k", "--top-k", type=int, default=50, help="top-k of sampling (default: 50)")
     p.add_argument("--data-dir", default=None, help="local mirrors of hub datasets (default $SFTFAST_DATA_DIR)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy small CPU)")

@@ -11,8 +11,9 @@ INPUT is any of
     a `messages` column), or a directory of such files (recursively, sorted by path);
   - `hf:NAME[:CONFIG][@SPLIT]`, a Hugging Face dataset through `datasets` (split defaults
     to train and takes `datasets` slicing), e.g. `hf:HuggingFaceTB/smol-smoltalk@test[:1000]`;
-  - `mixture:NAME[@train|@val]`, a mixture of sftfast.tasks (`seed` is SPEC 7's default
-    mixture, `@val` its validation part); `--mixture NAME [--mixture-split val]` is the same.
+  - `mixture:NAME[@train|@val]`, a mixture of sftfast.tasks (`seed` is the seed
+    recipe's default mixture: ARC-Easy, ARC-Challenge, GSM8K, SmolTalk 10K, identity,
+    SimpleSpelling, SpellingBee; `@val` its validation part); `--mixture NAME [--mixture-split val]` is the same.
 
 --tokenizer takes a saved sftfast tokenizer file, a nanochat tokenizer directory, or a
 `.tiktoken` rank file (with `--pattern nanochat|cl100k|o200k|REGEX`).

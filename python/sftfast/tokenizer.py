@@ -44,8 +44,15 @@ SPECIAL_TOKENS: list[str] = list(_core.SPECIAL_TOKENS)
 NANOCHAT_SPLIT_PATTERN: str = _core.NANOCHAT_PATTERN
 CL100K_SPLIT_PATTERN: str = _core.CL100K_PATTERN
 O200K_SPLIT_PATTERN: str = _core.O200K_PATTERN
-# Names a command line may give instead of a regex.
+# Names that may be given instead of a regex, here and on command lines.
 SPLIT_PATTERNS = {"nanochat": NANOCHAT_SPLIT_PATTERN, "cl100k": CL100K_SPLIT_PATTERN, "o200k": O200K_SPLIT_PATTERN}
+
+
+def split_pattern(pattern: str) -> str:
+    """A pattern name (nanochat, cl100k, o200k) as its regex; any other string is the regex
+    itself. (Taken literally, "cl100k" is a regex that matches only that word: a tokenizer
+    built with it silently drops all other text.)"""
+    return SPLIT_PATTERNS.get(pattern, pattern)
 
 # A forked child (DataLoader workers, multiprocessing) inherits the rayon pools' memory but
 # none of their threads; drop the pools there so the first parallel call builds new ones.
@@ -107,11 +114,12 @@ class Tokenizer:
     @classmethod
     def from_ranks(cls, ranks: dict[bytes, int], pattern: str, special_tokens=SPECIAL_TOKENS) -> "Tokenizer":
         n_ranks = max(ranks.values()) + 1 if ranks else 0
-        return cls(_core.CoreTokenizer.from_ranks(ranks, pattern, _special_pairs(special_tokens, n_ranks)))
+        return cls(_core.CoreTokenizer.from_ranks(ranks, split_pattern(pattern), _special_pairs(special_tokens, n_ranks)))
 
     @classmethod
     def from_tiktoken_file(cls, path, pattern: str, special_tokens=SPECIAL_TOKENS) -> "Tokenizer":
         """A tiktoken rank file (`<base64 token> <rank>` per line), parsed in Rust."""
+        pattern = split_pattern(pattern)
         if isinstance(special_tokens, Mapping):
             core = _core.CoreTokenizer.from_tiktoken_file(os.fspath(path), pattern, [])
             return cls(_core.CoreTokenizer.from_ranks(core.ranks(), pattern, _special_pairs(special_tokens, 0)))
@@ -161,7 +169,7 @@ class Tokenizer:
         special tokens included. Facts about the corpus land in `tok.training_stats`."""
         if isinstance(texts, str):
             raise TypeError("texts must be an iterable of str, not a single str")
-        core, stats = _core.CoreTokenizer.train(texts, int(vocab_size), pattern, list(special_tokens), num_threads)
+        core, stats = _core.CoreTokenizer.train(texts, int(vocab_size), split_pattern(pattern), list(special_tokens), num_threads)
         tok = cls(core)
         tok.training_stats = stats
         if stats["n_missing_merges"]:
@@ -310,5 +318,5 @@ def load_tokenizer(path, pattern: str | None = None) -> Tokenizer:
     if path.suffix == ".pkl":
         return Tokenizer.from_nanochat(path)
     if path.suffix == ".tiktoken":
-        return Tokenizer.from_tiktoken_file(path, SPLIT_PATTERNS.get(pattern or "nanochat", pattern))
+        return Tokenizer.from_tiktoken_file(path, pattern or "nanochat")
     return Tokenizer.load(path)

@@ -220,9 +220,10 @@ def gpu_peak_flops(device) -> float | None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("source and output")
     g.add_argument("--demo", action="store_true", help="run the embedded CPU demo (tokenizer, base, SFT, eval, chat)")
-    g.add_argument("--base-dir", default=None, help="default: $SFTFAST_BASE_DIR, else ~/.cache/nanochat (demo: runs/demo)")
+    g.add_argument("--base-dir", default=None, help="holds {base,mid,chatsft}_checkpoints/; if not given: $SFTFAST_BASE_DIR, "
+                                                 "else ~/.cache/nanochat (the demo: runs/demo)")
     g.add_argument("--demo-scale", type=float, default=1.0, help="scale the demo's data and steps (tests use < 1)")
-    g.add_argument("--source", default="mid", choices=["base", "mid"])
+    g.add_argument("--source", default="mid", choices=["base", "mid"], help="which checkpoints to fine-tune")
     g.add_argument("--model-tag", default=None, help="default: the deepest d<N> tag (nanochat's guess)")
     g.add_argument("--step", type=int, default=None, help="source step; default: the last one")
     g.add_argument("--tokenizer", default=None, help="tokenizer file; default: the checkpoint's (sftfast.engine.find_tokenizer)")
@@ -231,48 +232,55 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true",
                    help="start a fresh run even if the output directory holds an earlier run's checkpoints (deletes them)")
     g = p.add_argument_group("data")
-    g.add_argument("--mixture", default="seed", help="sftfast.tasks.build_mixture name")
+    g.add_argument("--mixture", default="seed",
+                   help="training mixture: a name (seed: ARC-Easy, ARC-Challenge, GSM8K, SmolTalk 10K, identity, "
+                        "SimpleSpelling, SpellingBee; demo) or a JSON config with train and val parts")
+    g.add_argument("--data-dir", default=None,
+                   help="local copies of the hub datasets (NAME/CONFIG/SPLIT-*); if not given: $SFTFAST_DATA_DIR, else the hub")
     g.add_argument("--train-data", "--data", dest="train_data", default=None,
                    help="train on this instead of --mixture: a shard directory from `python -m sftfast.prep` "
                         "(memory-mapped, shared by all ranks) or a JSONL file of conversations")
     g.add_argument("--val-data", default=None, help="validation shard directory or JSONL (with --train-data)")
-    g.add_argument("--max-seq-len", type=int, default=2048)
-    g.add_argument("--packing", default="bestfit", choices=["bestfit", "padded"])
+    g.add_argument("--max-seq-len", type=int, default=2048, help="positions per row")
+    g.add_argument("--packing", default="bestfit", choices=["bestfit", "padded"],
+                   help="bestfit: several conversations per row (nanochat); padded: one per row, padded to the longest")
     g.add_argument("--loader", default="rust", choices=["rust", "python"], help="data path: Rust SFTLoader or the Python reference")
     g.add_argument("--loader-workers", type=int, default=0,
                    help="processes per rank that read and render the training conversations (Rust loader; 0: a "
                         "helper thread). Worth it when the tasks' __getitem__ bounds the loader (docs/BENCHMARKS.md)")
     g.add_argument("--cross-doc-attention", action="store_true", help="let attention cross conversations in a packed row")
     g = p.add_argument_group("optimisation (seed defaults)")
-    g.add_argument("--device-batch-size", type=int, default=4)
+    g.add_argument("--device-batch-size", type=int, default=4, help="rows per micro-batch on each rank")
     g.add_argument("--target-examples-per-step", type=int, default=32, help="rows per optimizer step, all ranks")
     g.add_argument("--target-tokens-per-step", type=int, default=-1,
                    help="a token budget per optimizer step instead (nanochat's total_batch_size): "
                         "rows = tokens // max_seq_len; -1: use --target-examples-per-step")
-    g.add_argument("--num-epochs", type=int, default=1)
+    g.add_argument("--num-epochs", type=int, default=1, help="passes over the training data")
     g.add_argument("--num-iterations", type=int, default=-1, help="-1: (len(train) // target_examples_per_step) * num_epochs")
-    g.add_argument("--unembedding-lr", type=float, default=0.004)
-    g.add_argument("--embedding-lr", type=float, default=0.2)
-    g.add_argument("--matrix-lr", type=float, default=0.02)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--init-lr-frac", type=float, default=0.02)
-    g.add_argument("--schedule", default="linear", choices=SCHEDULES)
-    g.add_argument("--warmup-ratio", type=float, default=0.0)
-    g.add_argument("--warmdown-ratio", type=float, default=0.2)
-    g.add_argument("--final-lr-frac", type=float, default=0.0)
-    g.add_argument("--loss-norm", default="microbatch", choices=["microbatch", "token"])
+    g.add_argument("--unembedding-lr", type=float, default=0.004, help="lm_head (AdamW)")
+    g.add_argument("--embedding-lr", type=float, default=0.2, help="token embedding (AdamW)")
+    g.add_argument("--matrix-lr", type=float, default=0.02, help="transformer matrices (Muon)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--init-lr-frac", type=float, default=0.02, help="every group starts at lr * this (its initial_lr)")
+    g.add_argument("--schedule", default="linear", choices=SCHEDULES,
+                   help="linear: lrm = 1 - step / num_iterations (the seed's); wsd: warmup, constant, warmdown (nanochat)")
+    g.add_argument("--warmup-ratio", type=float, default=0.0, help="wsd only: fraction of the run warming up")
+    g.add_argument("--warmdown-ratio", type=float, default=0.2, help="wsd only: fraction of the run decaying")
+    g.add_argument("--final-lr-frac", type=float, default=0.0, help="wsd only: lrm at the end of the warmdown")
+    g.add_argument("--loss-norm", default="microbatch", choices=["microbatch", "token"],
+                   help="microbatch: mean per micro-batch / grad_accum (nanochat); token: sum / the step's supervised tokens")
     g = p.add_argument_group("evaluation and logging")
-    g.add_argument("--eval-every", type=int, default=100)
-    g.add_argument("--eval-steps", type=int, default=100)
-    g.add_argument("--eval-metrics-every", type=int, default=200)
-    g.add_argument("--eval-metrics-max-problems", type=int, default=1024)
+    g.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps and at the end (-1: never)")
+    g.add_argument("--eval-steps", type=int, default=100, help="validation batches per evaluation")
+    g.add_argument("--eval-metrics-every", type=int, default=200, help="task accuracies every N steps and at the end (-1: never)")
+    g.add_argument("--eval-metrics-max-problems", type=int, default=1024, help="problems per task and evaluation")
     g.add_argument("--eval-tasks", default="MMLU,ARC-Easy", help="categorical tasks scored every eval_metrics_every steps ('' = none)")
-    g.add_argument("--log-jsonl", default=None)
+    g.add_argument("--log-jsonl", default=None, help="append one JSON object per step and per evaluation to this file")
     g.add_argument("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
     g = p.add_argument_group("runtime")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--seed", type=int, default=42, help="torch and Python RNG seed")
 
 
 # -----------------------------------------------------------------------------
@@ -336,10 +344,6 @@ class Logger:
             self.wandb.finish()
 
 
-def default_base_dir() -> str:
-    return os.environ.get("SFTFAST_BASE_DIR", os.path.expanduser("~/.cache/nanochat"))
-
-
 def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> dict:
     """Train. Datasets default to sftfast.tasks (args.mixture); returns a summary dict (rank 0's view)."""
     opened = []  # loaders, closed however the run ends: their threads and worker processes stop
@@ -353,7 +357,7 @@ def run(args, train_ds=None, val_ds=None, metric_tasks=None, tokenizer=None) -> 
 
 def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
     if args.base_dir is None:
-        args.base_dir = default_base_dir()
+        args.base_dir = ckpt.default_base_dir()
     settings = run_settings(args)  # before anything derives values from the flags
     info = init_distributed(args.device)
     log = Logger(args, info)
@@ -365,6 +369,7 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
     # --- model: the source checkpoint, or our own last chatsft checkpoint when resuming
     out_root = ckpt.checkpoints_dir(args.base_dir, "sft")
     trainer_state = None
+    earlier, stale = [], []  # an earlier run's complete steps and checkpoint files (a fresh run)
     if args.resume:
         out_dir, tag, start = ckpt.resolve(args.base_dir, "sft", args.model_tag)
         # before any rank looks for its own trainer-state file, which may not exist (or may be
@@ -390,13 +395,10 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
             raise ckpt.CheckpointError(
                 f"{out_dir} holds checkpoints of an earlier run (steps {', '.join(map(str, earlier))}): "
                 "--resume continues it, --overwrite deletes them and starts over")
-        # with --overwrite, or when all there is are the files of an interrupted save, start clean
+        # with --overwrite, or when all there is are the files of an interrupted save, start
+        # clean: removed once the run's data, loaders and optimizers are set up (a typo in a
+        # flag must not cost the earlier run its checkpoints)
         stale = ckpt.checkpoint_files(out_dir)
-        if stale:
-            if info.rank == 0:
-                ckpt.remove_checkpoints(out_dir)
-            what = f"checkpoints (steps {', '.join(map(str, earlier))})" if earlier else f"incomplete checkpoint files ({', '.join(stale)})"
-            log.print(f"removed an earlier run's {what} from {out_dir}")
         log.print(f"loaded {meta['checkpoint_dir']} step {meta['step']}: {model.num_params():,} parameters")
     config = model.config
     if tokenizer is None:
@@ -415,9 +417,11 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
     if train_ds is None:
         from sftfast import tasks
 
-        train_ds, val_ds = tasks.build_mixture(args.mixture, split="train"), tasks.build_mixture(args.mixture, split="val")
+        train_ds = tasks.build_mixture(args.mixture, split="train", data_dir=args.data_dir)
+        val_ds = tasks.build_mixture(args.mixture, split="val", data_dir=args.data_dir)
         if metric_tasks is None and args.eval_tasks:
-            metric_tasks = {name.lower().replace("-", "_"): tasks.get_task(name, role="eval") for name in args.eval_tasks.split(",")}
+            metric_tasks = {name.lower().replace("-", "_"): tasks.get_task(name, data_dir=args.data_dir, role="eval")
+                            for name in args.eval_tasks.split(",")}
     metric_tasks = metric_tasks or {}
     grad_accum = grad_accum_steps(args, info.world_size)
     num_iterations = args.num_iterations
@@ -456,6 +460,11 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
         _set_rng_state(trainer_state["rng"])
         step = trainer_state["step"]
     start_step = step
+    if stale:
+        if info.rank == 0:
+            ckpt.remove_checkpoints(out_dir)
+        what = f"checkpoints (steps {', '.join(map(str, earlier))})" if earlier else f"incomplete checkpoint files ({', '.join(stale)})"
+        log.print(f"removed an earlier run's {what} from {out_dir}")
     barrier = (lambda: dist.barrier()) if info.ddp else None
 
     def save(step, metrics):

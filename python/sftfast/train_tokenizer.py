@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     try:
         if args.command == "train":
             lines = LineReader(args.files or [str(bundled_text_path())])
-            tok = Tokenizer.train(lines, args.vocab_size, pattern=SPLIT_PATTERNS.get(args.pattern, args.pattern))
+            tok = Tokenizer.train(lines, args.vocab_size, pattern=args.pattern)
             for where in lines.skipped[:10]:
                 print(f"skipped {where}", file=sys.stderr)
             if lines.skipped:

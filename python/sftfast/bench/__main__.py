@@ -24,6 +24,21 @@ def machine_info() -> dict:
     return info
 
 
+JSON_HELP = "print one JSON object (default: one 'key: value' line per figure)"
+
+
+def _flatten(obj, prefix=""):
+    """(dotted key, printable value) for every leaf of nested dicts and lists."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _flatten(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(obj, list) and any(isinstance(v, (dict, list)) for v in obj):
+        for i, value in enumerate(obj):
+            yield from _flatten(value, f"{prefix}[{i}]")
+    else:
+        yield prefix, (f"{obj:.4g}" if isinstance(obj, float) else obj)
+
+
 def _errors(obj, where=""):
     """("where: message") for every "error" entry, at any depth (a failed configuration of
     `bench train` reports under configs.NAME.error)."""
@@ -51,10 +66,10 @@ def main(argv=None) -> int:
             continue
         modules[name] = module
         p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
-        p.add_argument("--json", action="store_true", help="print one JSON object")
+        p.add_argument("--json", action="store_true", help=JSON_HELP)
         module.add_arguments(p)
     p = sub.add_parser("all", help="every benchmark with its defaults")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     args = parser.parse_args(argv)
 
     if args.command == "all":
@@ -65,7 +80,11 @@ def main(argv=None) -> int:
     else:
         results = modules[args.command].run(args)
     out = {"machine": machine_info(), "results": results}
-    print(json.dumps(out, indent=2))
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for key, value in _flatten(out):
+            print(f"{key}: {value}")
     # a benchmark that could not run (e.g. --device cuda without CUDA) says why in "error"
     # and fails the command, so scripts do not record an empty result as a measurement
     errors = list(_errors(results))
