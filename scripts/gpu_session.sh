@@ -7,7 +7,7 @@
 # $OUT/<step>.log (JSON results to $OUT/<step>.json where the check writes one); the summary
 # (step, exit status, seconds) is printed at the end and kept in $OUT/summary.txt.
 #   train    issue 6: d12 training step, tokens/s and MFU vs eager CE + Python data path (~200 s)
-#   loss     issue 5: CUDA loss tests, then the benchmark vs eager/Liger/CCE, --quick (~200 s)
+#   loss     issue 5: CUDA loss tests, then the benchmark vs eager/Liger/CCE, --quick, + a 32 MiB backward chunk row (~200 s)
 #   data     issue 3: pinned-ring CUDA test + data benchmark to the GPU (loader: 1 core vs all, threads vs 1..N worker processes over a task) (~110 s)
 #   model    issue 6: CUDA model tests (FlexAttention packed-row attention: forward and gradients) (~60 s)
 #   generate issue 7: Engine tokens/s with/without KV cache, d12 bf16 (~90 s)
@@ -50,7 +50,8 @@ for step in $STEPS; do
     t0=$(date +%s)
     case $step in
         train) cmd=("$PY" scripts/gpu_train_check.py --out "$OUT/train.json" --budget $((est < l - 15 ? est - 15 : l - 15))) ;;
-        loss) cmd=("$PY" scripts/gpu_loss_check.py --quick --out "$OUT/loss.json") ;;
+        # CHUNK_MB=32: the smaller backward chunk, for the memory goal (1.2x CCE) at shape 3
+        loss) cmd=("$PY" scripts/gpu_loss_check.py --quick --triton-config CHUNK_MB=32 --out "$OUT/loss.json") ;;
         data) cmd=(bash scripts/gpu_check_data.sh "$PY") ;;
         model) cmd=("$PY" -m pytest -q -p no:cacheprovider tests/test_model.py -k cuda) ;;
         generate) cmd=(bash -c "PY=$PY bash scripts/gpu_generate_check.sh") ;;
