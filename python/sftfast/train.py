@@ -594,9 +594,18 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
                 train_time_s=t_total, model=model, tokenizer=tokenizer, grad_accum_steps=grad_accum)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default when it has one worth showing (not an unset None or an off switch)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sftfast.train", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
     if args.demo:
