@@ -19,20 +19,13 @@ import sys
 
 import torch
 
-from sftfast.checkpoint import default_base_dir
-from sftfast.engine import Engine, load_for_inference
+from sftfast.engine import Engine, add_checkpoint_arguments, load_for_inference
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m sftfast.chat", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base-dir", default=default_base_dir(),
-                   help="directory holding {base,mid,chatsft}_checkpoints/ (default: $SFTFAST_BASE_DIR, else "
-                        "~/.cache/nanochat, as for sftfast.train; the demo's is runs/demo)")
-    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft"], help="which checkpoints (default: sft)")
-    p.add_argument("-g", "--model-tag", default=None, help="model tag (default: guessed, as nanochat does)")
-    p.add_argument("-s", "--step", type=int, default=None, help="step (default: the last complete one)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer path (default: recorded in the checkpoint, or BASE_DIR/tokenizer)")
+    add_checkpoint_arguments(p)
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
     p.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature, 0 = greedy (default: 0.6)")
     p.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k most likely tokens (default: 50)")

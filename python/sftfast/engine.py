@@ -277,6 +277,19 @@ def find_tokenizer(base_dir: str, meta: dict, explicit: str | None = None) -> st
     raise FileNotFoundError(f"no tokenizer found (tried {candidates}); pass --tokenizer PATH")
 
 
+def add_checkpoint_arguments(p) -> None:
+    """The flags by which an inference CLI (chat, eval) picks its checkpoint, as nanochat's do."""
+    from sftfast.checkpoint import default_base_dir
+
+    p.add_argument("--base-dir", default=default_base_dir(),
+                   help="directory holding {base,mid,chatsft}_checkpoints/ (default: $SFTFAST_BASE_DIR, else "
+                        "~/.cache/nanochat, as for sftfast.train; the demo's is runs/demo)")
+    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft"], help="which checkpoints to load (default: sft)")
+    p.add_argument("-g", "--model-tag", default=None, help="model tag (default: guessed, as nanochat does)")
+    p.add_argument("-s", "--step", type=int, default=None, help="step (default: the last complete one)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer path (default: recorded in the checkpoint, or BASE_DIR/tokenizer)")
+
+
 def load_for_inference(base_dir: str, source: str = "sft", model_tag: str | None = None, step: int | None = None,
                        device: str = "cpu", tokenizer_path: str | None = None):
     """(model in eval mode, tokenizer, meta) of a checkpoint in nanochat's layout."""

@@ -21,8 +21,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from sftfast.checkpoint import default_base_dir
-from sftfast.engine import Engine, load_for_inference
+from sftfast.engine import Engine, add_checkpoint_arguments, load_for_inference
 from sftfast.evaluate import BASELINES, chatcore, evaluate_task
 from sftfast.tasks import get_task
 
@@ -32,13 +31,7 @@ DEFAULT_TASKS = "ARC-Easy,ARC-Challenge,MMLU,GSM8K"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m sftfast.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base-dir", default=default_base_dir(),
-                   help="directory holding {base,mid,chatsft}_checkpoints/ (default: $SFTFAST_BASE_DIR, else "
-                        "~/.cache/nanochat, as for sftfast.train; the demo's is runs/demo)")
-    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft"], help="which checkpoints to load (default: sft)")
-    p.add_argument("-g", "--model-tag", default=None, help="model tag (default: guessed, as nanochat does)")
-    p.add_argument("-s", "--step", type=int, default=None, help="step (default: the last complete one)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer path (default: recorded in the checkpoint, or BASE_DIR/tokenizer)")
+    add_checkpoint_arguments(p)
     p.add_argument("-a", "--task-name", default=DEFAULT_TASKS, help=f"comma-separated tasks (default {DEFAULT_TASKS})")
     p.add_argument("-x", "--max-problems", type=int, default=None, help="evaluate at most this many problems per task")
     p.add_argument("-b", "--batch-size", type=int, default=8, help="batch size of categorical evaluation (default: 8)")
