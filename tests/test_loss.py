@@ -432,12 +432,17 @@ def test_cuda_non_contiguous_and_errors():
 def test_bench_cli_prints_lines_or_json(capsys):
     from sftfast.bench.__main__ import main
 
-    argv = ["loss", "--shapes", "16,8,20", "--impls", "eager,chunked", "--repeats", "1", "--warmup", "0"]
+    argv = ["loss", "--shapes", "16,8,20", "--impls", "eager", "chunked", "--repeats", "1", "--warmup", "0"]
     assert main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "results.shapes[0].N: 16" in lines and not lines[0].startswith("{")
+    assert all(": " in line for line in lines)  # one figure per line
+    assert "results.shapes[0].results[1].available: True" in lines
     assert main(argv + ["--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["results"]["shapes"][0]["V"] == 20
+    rows = json.loads(capsys.readouterr().out)["results"]["shapes"][0]["results"]
+    assert [(r["impl"], r["available"]) for r in rows] == [("eager", True), ("chunked", True)]
+    assert abs(rows[0]["loss"] - rows[1]["loss"]) < 1e-5
+    assert main(["loss", "--impls", "eager,chunked", "--json"]) == 1  # a typo is an error, not a row
     # a benchmark that cannot run fails the command (an error in the JSON alone was exit 0)
     if not HAS_CUDA:
         assert main(["loss", "--device", "cuda", "--json"]) == 1

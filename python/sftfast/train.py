@@ -460,6 +460,8 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
         _set_rng_state(trainer_state["rng"])
         step = trainer_state["step"]
     start_step = step
+    if info.ddp:
+        dist.barrier()  # every rank is set up before rank 0 deletes anything (a failing rank stops it here)
     if stale:
         if info.rank == 0:
             ckpt.remove_checkpoints(out_dir)

@@ -35,8 +35,12 @@ def _flatten(obj, prefix=""):
     elif isinstance(obj, list) and any(isinstance(v, (dict, list)) for v in obj):
         for i, value in enumerate(obj):
             yield from _flatten(value, f"{prefix}[{i}]")
+    elif isinstance(obj, float):
+        yield prefix, f"{obj:.4g}"
+    elif isinstance(obj, str) and "\n" in obj:
+        yield prefix, json.dumps(obj)  # one line per figure, a traceback included
     else:
-        yield prefix, (f"{obj:.4g}" if isinstance(obj, float) else obj)
+        yield prefix, obj
 
 
 def _errors(obj, where=""):

@@ -306,6 +306,9 @@ def run(args) -> dict:
         return {"error": "--triton-config tunes the CUDA kernels: it needs --device cuda"}
     shapes = args.shapes or (GPU_SHAPES if device == "cuda" else CPU_SHAPES)
     impls = args.impls or (GPU_IMPLS if device == "cuda" else CPU_IMPLS)
+    unknown = sorted(set(impls) - set(GPU_IMPLS) - set(CPU_IMPLS))
+    if unknown:  # e.g. "eager,chunked": --impls takes names separated by spaces
+        return {"error": f"unknown --impls {unknown}; choose from {sorted(set(GPU_IMPLS) | set(CPU_IMPLS))}"}
     dtype_name = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     for s in shapes:
         _parse_shape(s)
