@@ -429,6 +429,15 @@ def test_torchrun_two_ranks_match_one_process(base_dir):
     assert l1 == pytest.approx(l2, rel=1e-4)
     assert sorted(os.listdir(base_dir / "chatsft_checkpoints" / "d2")) == [
         "meta_000003.json", "model_000003.pt", "optim_000003_rank0.pt", "optim_000003_rank1.pt"]
+    # --overwrite where rank 1 fails to set up (one conversation for two ranks): rank 0 waits
+    # for it before deleting, so the earlier run's checkpoints survive the failed start
+    with open(base_dir / "one.jsonl", "w") as f:
+        f.write(json.dumps(conversations(1)[0]) + "\n")
+    bad = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common,
+                          "--device-batch-size", "1", "--overwrite", "--train-data", str(base_dir / "one.jsonl")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "gets no conversations" in bad.stderr, bad.stderr[-3000:]
+    assert ckpt.complete_steps(str(base_dir / "chatsft_checkpoints" / "d2")) == [3]
 
 
 @pytest.mark.slow
