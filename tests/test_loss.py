@@ -8,6 +8,7 @@ a child process with that variable set, so no other test module sees an interpre
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -220,6 +221,32 @@ def test_empty_vocabulary_with_every_target_ignored():
         assert float(fused_linear_cross_entropy(hidden, weight, targets, impl=impl)) == 0.0
 
 
+def test_ignore_index_outside_int32_with_int32_targets():
+    """Comparing int32 targets with 2**32 - 1 wrapped it to -1, silently ignoring -1 targets."""
+    hidden, weight, targets = make_case(6, 8, 10, torch.float32, 0.0, target_dtype=torch.int32)
+    want = fused_linear_cross_entropy(hidden, weight, targets.long(), ignore_index=2**32 - 1)
+    torch.testing.assert_close(fused_linear_cross_entropy(hidden, weight, targets, ignore_index=2**32 - 1), want)
+    targets[2] = -1
+    with pytest.raises(ValueError, match=r"targets\[2\] = -1 .* ignore_index=4294967295"):
+        fused_linear_cross_entropy(hidden, weight, targets, ignore_index=2**32 - 1)
+
+
+def check_zero_width_hidden(impl):
+    """D = 0: every logit is 0, so each valid row's loss is log V and the gradients are empty
+    (the (-1, D) reshape used to fail on it)."""
+    h = torch.zeros(5, 0, requires_grad=True)
+    w = torch.zeros(7, 0, requires_grad=True)
+    loss = fused_linear_cross_entropy(h, w, torch.tensor([0, 1, 2, -1, 6]), impl=impl)
+    loss.backward()
+    assert abs(float(loss) - math.log(7)) < 1e-6
+    assert h.grad.shape == (5, 0) and w.grad.shape == (7, 0)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "eager"])
+def test_zero_width_hidden(impl):
+    check_zero_width_hidden(impl)
+
+
 def test_batched_hidden():
     hidden, weight, targets = make_case(24, 16, 30, torch.float32, 0.3)
     a = fused_linear_cross_entropy(hidden.view(4, 6, 16), weight, targets.view(4, 6), impl="chunked")
@@ -253,6 +280,10 @@ def test_only_weight_requires_grad():
         (dict(softcap=-1.0), ValueError, "softcap"),
         (dict(softcap=float("inf")), ValueError, "finite"),  # inf * tanh(z / inf) would be NaN
         (dict(softcap=float("nan")), ValueError, "softcap"),
+        (dict(softcap=True), TypeError, "softcap"),  # was taken as 1.0
+        (dict(ignore_index=None), TypeError, "ignore_index must be an int"),
+        (dict(ignore_index=1.7), TypeError, "ignore_index must be an int"),  # was truncated to 1
+        (dict(ignore_index=2**64), ValueError, "int64"),
     ],
 )
 def test_bad_arguments(kwargs, exc, match):
@@ -341,6 +372,48 @@ def test_interp_case_strided_targets_with_nothing_ignored():
         hidden, weight, targets = make_case(30, 16, 50, torch.float32, 0.0, seed=5, target_dtype=target_dtype)
         check_against_reference("triton", hidden, weight, strided_targets(targets), torch.float32)
     check_against_reference("triton", hidden, weight, targets[:1].expand(30), torch.float32)
+
+
+@needs_interp
+def test_interp_case_zero_width_hidden():
+    check_zero_width_hidden("triton")
+
+
+@needs_interp
+def test_interp_case_large_softcap_is_accurate():
+    """A cap far above the logits leaves them as they are. tanh's exp form has an absolute
+    error of ~1e-7, so c * tanh(z / c) was off by ~1e-7 c: 16% loss error at c = 1e8, and at
+    c = 1e10 every logit became 0 (loss log V)."""
+    hidden, weight, targets = make_case(50, 12, 77, torch.float32, 0.0, seed=21)
+    for softcap in (30.0, 1e3, 1e8, 1e10):
+        h64 = hidden.double().requires_grad_()
+        z = h64 @ weight.double().t()
+        ref = torch.nn.functional.cross_entropy(softcap * torch.tanh(z / softcap), targets)
+        ref.backward()
+        loss, dh, _ = run("triton", hidden, weight, targets, softcap=softcap)
+        assert abs(float(loss) - float(ref)) <= 1e-6 * float(ref), softcap
+        assert rel_err(dh, h64.grad) <= 1e-5, softcap
+
+
+@needs_interp
+def test_interp_case_fp16_upstream_gradient_above_fp16_max():
+    """reduction="sum" under a GradScaler's 65536: dZ = 65536 x (softmax - onehot) overflowed
+    fp16 in the target columns, making dH inf although every true dH entry fits in fp16."""
+    hidden, weight, targets = make_case(8, 16, 5000, torch.float16, 0.0, seed=22)
+    weight = (weight.float() * 0.01).half()
+    grads = {}
+    for impl in ("triton", "eager"):
+        h = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        (fused_linear_cross_entropy(h, w, targets, reduction="sum", impl=impl) * 65536.0).backward()
+        grads[impl] = (h.grad.float(), w.grad.float())
+    (dh, dw), (rdh, rdw) = grads["triton"], grads["eager"]
+    assert torch.isfinite(rdh).all() and torch.isfinite(dh).all()
+    assert rel_err(dh, rdh) <= REL_TOL[torch.float16]
+    # dW does overflow in places (the fp32 reference rounded to fp16 too): the same places
+    finite = torch.isfinite(rdw)
+    assert (~finite).any() and torch.equal(torch.isfinite(dw), finite) and torch.equal(dw[~finite], rdw[~finite])
+    assert rel_err(dw[finite], rdw[finite]) <= REL_TOL[torch.float16]
 
 
 @needs_interp

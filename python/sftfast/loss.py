@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 
 import torch
@@ -78,7 +79,7 @@ def _triton_available(device: torch.device) -> bool:
 # validation (one place, shared by every implementation)
 
 
-def _check_args(hidden, weight, targets, softcap, reduction, impl):
+def _check_args(hidden, weight, targets, ignore_index, softcap, reduction, impl):
     if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("hidden and weight must be torch.Tensor")
     if not isinstance(targets, torch.Tensor):
@@ -108,8 +109,14 @@ def _check_args(hidden, weight, targets, softcap, reduction, impl):
             f"hidden ({hidden.device}), weight ({weight.device}) and targets ({targets.device}) "
             "must be on one device"
         )
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, numbers.Real)):
+        raise TypeError(f"softcap must be None or a number, got {type(softcap).__name__} {softcap!r}")
     if softcap is not None and not (float(softcap) > 0.0 and math.isfinite(float(softcap))):
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
 
 
 def _check_targets(targets, V, ignore_index):
@@ -233,12 +240,14 @@ def fused_linear_cross_entropy(
     impl: str = "auto",
 ) -> torch.Tensor:
     """Cross-entropy of (hidden @ weight.T) against targets, skipping ignore_index; fp32 scalar."""
-    _check_args(hidden, weight, targets, softcap, reduction, impl)
+    _check_args(hidden, weight, targets, ignore_index, softcap, reduction, impl)
     softcap = float(softcap) if softcap is not None else None
     ignore_index = int(ignore_index)
-    D = hidden.shape[-1]
-    h2 = hidden.reshape(-1, D)
+    h2 = hidden.reshape(targets.numel(), hidden.shape[-1])  # not (-1, D): D may be 0
     t1 = targets.reshape(-1).contiguous()  # the kernels index targets as a dense vector
+    if t1.dtype == torch.int32 and not -(2**31) <= ignore_index < 2**31:
+        # no int32 target can equal it; comparing in int32 would wrap it (2**32 - 1 -> -1)
+        t1 = t1.long()
     _check_targets(t1, weight.shape[0], ignore_index)
     with autocast_off(hidden.device.type):
         return _dispatch(h2, weight, t1, ignore_index, softcap, reduction, impl)

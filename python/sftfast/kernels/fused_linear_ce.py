@@ -50,8 +50,10 @@ Performance notes (what was weighed; measured numbers live in docs/BENCHMARKS.md
   so with 8 N D V in all the fused loss is ~0.8-1.2x eager with nothing ignored and 1.5-2.4x
   with half the targets ignored. Not tried yet: TMA descriptors / persistent kernels for the
   two matmul kernels, and CCE-style skipping of negligible dZ tiles.
-- tanh is written with exp (`libdevice.tanh` fails in the interpreter); program ids are cast
-  to int64 before pointer arithmetic (N x V overflows int32).
+- tanh is written with exp and, near 0, its Taylor series (`libdevice.tanh` fails in the
+  interpreter); program ids are cast to int64 before pointer arithmetic (N x V overflows int32).
+- fp16 only: the part of the backward scale above 2^15 (reduction="sum" under a GradScaler)
+  is applied after the GEMMs, so dZ stays within fp16's range.
 - Under the interpreter bf16/fp16 tiles are upcast to fp32 before tl.dot (bf16 arithmetic
   and tl.dot are unreliable there); on GPU they go to the tensor cores as they are.
 """
@@ -80,8 +82,17 @@ def _interpreting() -> bool:
 
 @triton.jit
 def _tanh(x):
-    # exp form: libdevice.tanh fails under TRITON_INTERPRET; saturates cleanly to +-1.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    """tanh without libdevice (its tanh fails under TRITON_INTERPRET).
+
+    The exp form saturates cleanly to +-1 but has an absolute error of ~1e-7, a large relative
+    one near 0; a large softcap c makes z / c small, so c * tanh(z / c) was off by ~1e-7 c
+    (c = 1e10 collapsed every logit to 0). Below |x| = 0.25 the Taylor series to x^11 is used
+    instead (truncation < 3e-10 relative).
+    """
+    x2 = x * x
+    series = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+        -0.05396825396825397 + x2 * (0.021869488536155203 + x2 * -0.008863235529902197)))))
+    return tl.where(tl.abs(x) < 0.25, series, 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
 
 
 @triton.jit
@@ -319,6 +330,16 @@ def lce_backward(h, weight, targets, lse, scale, softcap=None, need_dh=True, nee
     n, D = h.shape
     V = weight.shape[0]
     cfg = dict(config or kernel_config(h.device, h.dtype, D))
+    post = None
+    if h.dtype == torch.float16:
+        # dZ is stored in fp16 times the scale: with reduction="sum" and a GradScaler's 65536
+        # the target column's -1 x 65536 overflows (fp16 max 65504) although the gradients fit.
+        # |softmax - onehot| <= 1, so the part of |scale| above 2^15 is taken out as a power of
+        # two (exact) and applied to the GEMM outputs instead; a smaller scale is left whole,
+        # as it keeps dZ's small entries out of fp16's subnormals (what a GradScaler is for).
+        # bf16 has fp32's range and needs none of this.
+        post = torch.exp2((torch.ceil(torch.log2(scale.abs())) - 15).clamp_min(0))
+        scale = scale / post
     C = chunk_columns(n, V, h.element_size(), cfg["BLOCK_V"])
     dz = torch.empty((n, min(C, V)), device=h.device, dtype=h.dtype)  # the only (rows, cols) buffer
     dh32 = torch.zeros((n, D), device=h.device, dtype=torch.float32) if need_dh else None
@@ -331,9 +352,13 @@ def lce_backward(h, weight, targets, lse, scale, softcap=None, need_dh=True, nee
         if need_dw:
             # one GEMM over all rows: fp32 accumulation inside cuBLAS, each dW element written once
             torch.mm(dz_c.t(), h, out=dw[v0:v1])
+            if post is not None:
+                dw[v0:v1].mul_(post)
         if need_dh:
             _accumulate_fp32(dh32, dz_c, w_chunk)
     del dz, dz_c  # before the fp32 -> half copy of dH: lowers the peak by rows x C x 2 bytes
+    if need_dh and post is not None:
+        dh32.mul_(post)
     dh = dh32.to(h.dtype) if need_dh else None
     return dh, dw
 
