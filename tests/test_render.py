@@ -117,6 +117,26 @@ def test_bad_input_names_message_and_reason(toks, conv, reason):
         ref.render_conversation(enc, conv)
 
 
+def test_tuples_and_mappings_are_accepted_alike(toks):
+    """Rust took a tuple of parts and any Mapping where the reference asked for list and dict
+    (so on_error="skip" listed different errors): both accept them now, with equal output."""
+    from types import MappingProxyType
+
+    tok, enc = toks
+    parts = ({"type": "python", "text": "1+1"}, MappingProxyType({"type": "python_output", "text": "2"}))
+    convs = [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": parts}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ()}]},
+        MappingProxyType({"messages": (MappingProxyType({"role": "user", "content": "q"}),
+                                       {"role": "assistant", "content": "a"})}),
+    ]
+    for conv in convs:
+        assert tok.render_conversation(conv) == ref.render_conversation(enc, conv)
+        assert tok.render_for_completion(conv) == ref.render_for_completion(enc, conv)
+    rendered, errors = tok.render_batch(convs, on_error="skip")
+    assert errors == [] and rendered == [ref.render_conversation(enc, c) for c in convs]
+
+
 def test_render_batch_fail_and_skip(toks):
     tok, enc = toks
     good = [SEED, {"messages": [{"role": "user", "content": "hi"}]}]

@@ -19,6 +19,7 @@ and every batch carries position ids / segment lengths for document-masked atten
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,8 +59,10 @@ def _err(location, message, reason):
 
 
 def validate(conversation, location="conversation"):
-    """Returns the message list after checking what nanochat asserts (and a bit more)."""
-    if not isinstance(conversation, dict):
+    """Returns the message list after checking what nanochat asserts (and a bit more).
+
+    Dicts may be any Mapping and lists (of messages, of parts) a list or tuple, as in Rust."""
+    if not isinstance(conversation, Mapping):
         raise _err(location, "-", f'a conversation must be a dict with "messages", got {type(conversation).__name__}')
     if "messages" not in conversation:
         raise _err(location, "-", 'missing field "messages"')
@@ -69,7 +72,7 @@ def validate(conversation, location="conversation"):
     if len(messages) == 0:
         raise _err(location, "-", "conversation has no messages")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict):
+        if not isinstance(m, Mapping):
             raise _err(location, i, f"a message must be a dict, got {type(m).__name__}")
         if "role" not in m:
             raise _err(location, i, 'missing field "role"')
@@ -78,9 +81,9 @@ def validate(conversation, location="conversation"):
         if "content" not in m:
             raise _err(location, i, 'missing field "content"')
         content = m["content"]
-        if m["role"] == "assistant" and isinstance(content, list):
+        if m["role"] == "assistant" and isinstance(content, (list, tuple)):
             for j, part in enumerate(content):
-                if not isinstance(part, dict):
+                if not isinstance(part, Mapping):
                     raise _err(location, i, f"part {j} must be a dict, got {type(part).__name__}")
                 if "type" not in part:
                     raise _err(location, i, f'part {j}: missing field "type"')
