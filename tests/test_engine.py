@@ -82,6 +82,11 @@ def test_sample_next_token():
     assert {s[0] for s in seen} == {1, 3}  # only the two best of row 0, and both of them
     with pytest.raises(ValueError):
         sample_next_token(logits, rng, temperature=-1.0)
+    with pytest.raises(ValueError):
+        sample_next_token(logits, rng, temperature=float("nan"))
+    # a temperature so small that logits / temperature overflows: greedy, not NaN probabilities
+    for t in (1e-45, 1e-30):
+        assert sample_next_token(logits, rng, temperature=t).tolist() == [[1], [0]]
 
 
 class ScriptedModel(torch.nn.Module):
@@ -162,6 +167,27 @@ def test_bad_arguments(model, tok):
         list(engine.generate([], max_tokens=3))
     with pytest.raises(ValueError):
         list(engine.generate([1, 2], num_samples=0, max_tokens=3))
+    # prompt ids outside the vocabulary (the embedding would fail; a device assert on CUDA)
+    for prompt in ([1, tok.n_vocab], [-1], [True, 2]):
+        with pytest.raises(ValueError, match="prompt"):
+            list(engine.generate(prompt, max_tokens=3))
+    for kwargs in (dict(max_tokens=3.5), dict(top_k=2.5), dict(num_samples=2.0)):
+        with pytest.raises(TypeError, match=next(iter(kwargs))):
+            list(engine.generate([1, 2], **kwargs))
+    with pytest.raises(ValueError, match="temperature"):
+        list(engine.generate([1, 2], max_tokens=0, temperature=float("nan")))
+
+
+def test_padded_model_vocabulary_is_never_sampled(tok):
+    """A model with more embedding rows than the tokenizer has tokens: an id past n_vocab meant
+    nothing to decode (inside a python block it ended the whole batch with an error)."""
+    padded = tiny_model(tok.n_vocab + 64)
+    with torch.no_grad():
+        padded.lm_head.weight[tok.n_vocab:] += 100.0 * padded.lm_head.weight[:1].sign()  # make them win
+    engine = Engine(padded, tok)
+    assert engine.last_logits(torch.tensor([[tok.bos_id]])).shape == (1, tok.n_vocab)
+    results, _ = engine.generate_batch([tok.bos_id], num_samples=3, max_tokens=20, temperature=1.0)
+    assert all(0 <= t < tok.n_vocab for row in results for t in row)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

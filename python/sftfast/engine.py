@@ -98,11 +98,14 @@ class KVCache:
 @torch.inference_mode()
 def sample_next_token(logits: torch.Tensor, rng: torch.Generator, temperature: float = 1.0, top_k: int | None = None):
     """(B, V) logits -> (B, 1) ids: argmax when temperature is 0, else top-k then softmax sampling."""
-    if temperature < 0:
+    if not temperature >= 0:  # also NaN
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    # Shifted so the largest logit is 0 before dividing: a tiny temperature then gives -inf
+    # for the others (greedy) instead of inf / inf = NaN probabilities.
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k > 0:
         k = min(top_k, logits.size(-1))
         values, indices = torch.topk(logits, k, dim=-1)
@@ -131,6 +134,9 @@ class Engine:
         self.assistant_end = sid("<|assistant_end|>")
         self.python_start, self.python_end = sid("<|python_start|>"), sid("<|python_end|>")
         self.output_start, self.output_end = sid("<|output_start|>"), sid("<|output_end|>")
+        # A model may have more embedding rows than the tokenizer has tokens (a padded
+        # vocabulary): ids past n_vocab are never sampled, they would mean nothing to decode.
+        self.n_vocab = tokenizer.n_vocab
 
     def _model_shape(self):
         c = self.model.config
@@ -140,7 +146,7 @@ class Engine:
         return next(self.model.parameters()).device
 
     def last_logits(self, ids: torch.Tensor, kv_cache=None) -> torch.Tensor:
-        """(B, T) ids -> (B, V) float logits of the last position only.
+        """(B, T) ids -> (B, V) float logits of the last position only, V = the tokenizer's size.
 
         With sftfast.model's GPT this projects just the last hidden state (a 2K-token prompt
         with a 64K vocabulary would otherwise build a 0.5 GB (1, T, V) tensor to keep one row),
@@ -151,8 +157,9 @@ class Engine:
             softcap = getattr(m.config, "softcap", 0) or None
             if softcap is not None:
                 logits = softcap * torch.tanh(logits / softcap)
-            return logits
-        return m(ids, kv_cache=kv_cache)[:, -1, :]
+        else:
+            logits = m(ids, kv_cache=kv_cache)[:, -1, :]
+        return logits[:, : self.n_vocab]
 
     def _tool_step(self, row: _Row, token: int) -> None:
         """Track a row's python block; on <|python_end|> queue the calculator's output as forced tokens."""
@@ -171,10 +178,18 @@ class Engine:
     def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int | None = None,
                  temperature: float = 1.0, top_k: int | None = None, seed: int = 42, use_kv_cache: bool = True):
         """Yield (token_column, mask_column) per step: one token per sample; mask 1 sampled, 0 forced."""
-        if not tokens or not all(isinstance(t, int) for t in tokens):
+        if not tokens or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
             raise ValueError("generate: the prompt must be a non-empty list of token ids")
+        bad = next((i for i, t in enumerate(tokens) if not 0 <= t < self.n_vocab), None)
+        if bad is not None:  # the embedding would fail (a device-side assert on CUDA)
+            raise ValueError(f"generate: prompt token {bad} is {tokens[bad]}, outside the vocabulary [0, {self.n_vocab})")
+        for name, value in (("num_samples", num_samples), ("max_tokens", max_tokens), ("top_k", top_k)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"generate: {name} must be an int, got {type(value).__name__} {value!r}")
         if num_samples < 1:
             raise ValueError(f"generate: num_samples must be >= 1, got {num_samples}")
+        if not temperature >= 0:
+            raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
         # Never run past the positions the model has rotary tables for (sftfast.model: 10x its
         # training length): stop there instead of failing mid-generation.
         limit = getattr(self.model, "rotary_seq_len", None)
