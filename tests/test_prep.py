@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from hypothesis import strategies as st
 from sftfast import _core, prep
 from sftfast.reference import chat_encoding, render_conversation
 from sftfast.shards import ShardDataset, is_shard
+from sftfast.train_data import read_training_data
 
 CL100K_FILE = Path(importlib.util.find_spec("tiktoken_ext").submodule_search_locations[0]) / "data" / "cl100k_base.tiktoken"
 PY = sys.executable
@@ -597,9 +599,10 @@ def test_sftloader_trains_from_a_shard(tmp_path, tok, capsys):
 
 
 def test_rendered_chunk_reads_like_items_and_names_corrupt_records(tmp_path, capsys):
-    """ShardDataset.rendered_chunk (the loader's one-call path) holds what [i] returns; a
-    corrupt record (an id beyond int32, which opening does not check) is named by the caller's
-    name for it, and skipped with on_error="skip"."""
+    """ShardDataset.rendered_chunk (the loader's one-call path) holds what [i] returns. Opening
+    a shard checks every token; a record corrupted on disk after that (the files are mapped)
+    is named by the shard, its index and the caller's name for it, and skipped with
+    on_error="skip"; opening the shard again refuses it, naming conversation and token."""
     from sftfast import Packer
 
     convs = conversations(30, seed=3)
@@ -622,15 +625,56 @@ def test_rendered_chunk_reads_like_items_and_names_corrupt_records(tmp_path, cap
     raw[int(data.offsets[3]) + 1] = 2**32 - 1
     raw.flush()
     del raw
-    data = ShardDataset(tmp_path / "s")
-    with pytest.raises(_core.ConversationError, match=r"conversation 101: ids\[1\] = 4294967295 does not fit"):
+    shard = re.escape(str(tmp_path / "s"))
+    with pytest.raises(_core.ConversationError, match=rf"conversation 101: {shard}: conversation 3: ids\[1\] = 4294967295 does not fit"):
         data.rendered_chunk(order, names=[100, 101, 102, 103])
     chunk = data.rendered_chunk(order, on_error="skip")
     assert len(chunk) == 4 and [i for i, _ in chunk.errors] == [1, 3]
-    # a mask byte other than 0/1 (opening does not check mask bytes either) is refused too
+    with pytest.raises(_core.ShardError, match="conversation 3, token 1: id 4294967295 is not below the vocabulary size"):
+        ShardDataset(tmp_path / "s")
+    # a mask byte other than 0/1
     raw = np.memmap(tmp_path / "s" / "mask.u8", dtype="u1", mode="r+")
     raw[int(data.offsets[7]) + 2] = 2
     raw.flush()
     del raw
-    with pytest.raises(_core.ConversationError, match=r"conversation 7: mask\[2\] = 2 \(must be 0 or 1\)"):
-        ShardDataset(tmp_path / "s").rendered_chunk([7])
+    with pytest.raises(_core.ConversationError, match=rf"conversation 7: {shard}: mask\[2\] = 2 \(must be 0 or 1\)"):
+        data.rendered_chunk([7])
+
+
+def test_opening_a_shard_checks_ids_masks_and_the_manifest_against_the_tokenizer(tmp_path, capsys, tok):
+    """Corruptions the sizes cannot show were accepted: ids past the vocabulary reached the
+    batches (and the model's embedding), a mask flip changed what is trained, the manifest's
+    bos_id (the padding id) was trusted. Now opening, or checking against the tokenizer,
+    refuses each, naming the shard and where."""
+    write_jsonl(tmp_path / "a.jsonl", conversations(10, seed=4))
+    assert run_prep(tmp_path / "a.jsonl", "--out", tmp_path / "s", capsys=capsys)[0] == 0
+    data = ShardDataset(tmp_path / "s")
+    n_vocab, first_len = data.manifest["tokenizer"]["n_vocab"], int(data.offsets[1])
+
+    def corrupt(name, dtype, pos, value):
+        raw = np.memmap(tmp_path / "s" / name, dtype=dtype, mode="r+")
+        old, raw[pos] = int(raw[pos]), value
+        raw.flush()
+        return old
+
+    old = corrupt("ids.u32", "<u4", first_len + 2, n_vocab)
+    with pytest.raises(_core.ShardError, match=f"conversation 1, token 2: id {n_vocab} is not below the vocabulary size {n_vocab}"):
+        ShardDataset(tmp_path / "s")
+    corrupt("ids.u32", "<u4", first_len + 2, old)
+    pos = int(np.flatnonzero(data.mask == 0)[-1])
+    corrupt("mask.u8", "u1", pos, 1)
+    with pytest.raises(_core.ShardError, match="supervised tokens, the manifest says"):
+        ShardDataset(tmp_path / "s")
+    corrupt("mask.u8", "u1", pos, 0)
+    ShardDataset(tmp_path / "s")  # intact again
+
+    manifest_path = tmp_path / "s" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["tokenizer"]["bos_id"] = manifest["tokenizer"]["bos_id"] + 1  # still a token
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(_core.ShardError, match="bos_id"):
+        ShardDataset(tmp_path / "s").check_tokenizer(tok)
+    # a manifest that no longer parses is reported as such, not taken for a JSONL path
+    manifest_path.write_text("{" + manifest_path.read_text())
+    with pytest.raises(_core.ShardError, match="manifest.json"):
+        read_training_data(tmp_path / "s", tok)

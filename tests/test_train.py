@@ -5,6 +5,7 @@ whole file takes well under a minute on 2 cores (the torchrun case a little more
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -131,6 +132,58 @@ def test_incomplete_checkpoint_is_ignored_and_pickles_refused(base_dir, tmp_path
     torch.save({"x": Evil()}, d / "model_000005.pt")
     with pytest.raises(ckpt.CheckpointError, match="weights_only"):
         ckpt.load_checkpoint(str(d), 5)
+
+
+def test_damaged_checkpoint_meta_and_state_are_refused_clearly(base_dir):
+    """An edited meta was trusted before the weights were looked at: n_layer 2**40 built layers
+    for hours; n_head 0 divided by zero; a null meta or a non-dict model file gave bare
+    TypeErrors. Each is now a CheckpointError naming the checkpoint, before any allocation."""
+    d = base_dir / "base_checkpoints" / "d2"
+    meta_file = d / "meta_000005.json"
+    good = json.loads(meta_file.read_text())
+
+    def load_with(meta):
+        meta_file.write_text(json.dumps(meta))
+        return ckpt.load_model(str(base_dir), "base")
+
+    for change, match in (
+        (dict(n_layer=2**40), r"n_layer=1099511627776 but the weights hold 2 layers"),
+        (dict(n_head=0), r"positive integers, got n_head=0"),
+        (dict(vocab_size=2**27), r"transformer\.wte\.weight \(265, 32\) \(model_config: \(134217728, 32\)\)"),
+        (dict(n_layer="2"), r"positive integers, got n_layer='2'"),
+    ):
+        with pytest.raises(ckpt.CheckpointError, match=rf"d2 step 5: .*{match}"):
+            load_with(dict(good, model_config=dict(good["model_config"], **change)))
+    with pytest.raises(ckpt.CheckpointError, match="expected a JSON object, got NoneType"):
+        load_with(None)
+    load_with(good)  # intact again
+    torch.save([torch.zeros(1)], d / "model_000005.pt")
+    with pytest.raises(ckpt.CheckpointError, match="model_000005.pt: expected a state dict of tensors, got list"):
+        ckpt.load_model(str(base_dir), "base")
+
+
+def test_resume_refuses_a_damaged_trainer_state(base_dir):
+    """A trainer state with fewer optimizer states than optimizers was zip()-truncated (the
+    optimizer silently restarted); loader positions that no loader can have saved changed the
+    data order silently."""
+    train.run(make_args(base_dir, "--num-iterations", "4", "--save-every", "2", "--eval-every", "-1"))
+    out = base_dir / "chatsft_checkpoints" / "d2"
+    os.unlink(out / "meta_000004.json")  # resume from step 2
+    state_file = out / "optim_000002_rank0.pt"
+    good = torch.load(state_file, weights_only=True)
+    for damage, match in (
+        (lambda s: s.update(optimizers=s["optimizers"][:1]), "holds 1 optimizer states, this run has 2"),
+        (lambda s: s["loader"].update(held=[10**12]), "loader state is inconsistent"),
+        (lambda s: s["loader"].update(held=s["loader"]["held"] + s["loader"]["held"][:1]), "loader state is inconsistent"),
+        (lambda s: s["loader"].update(cursor="7"), "non-negative ints"),
+    ):
+        state = copy.deepcopy(good)
+        damage(state)
+        torch.save(state, state_file)
+        with pytest.raises(ckpt.CheckpointError, match=match):
+            train.run(make_args(base_dir, "--num-iterations", "4", "--resume", "--eval-every", "-1"))
+    torch.save(good, state_file)
+    assert train.run(make_args(base_dir, "--num-iterations", "4", "--resume", "--eval-every", "-1"))["step"] == 4
 
 
 # --- optimizers and schedules ---------------------------------------------------------------

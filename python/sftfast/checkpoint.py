@@ -112,15 +112,20 @@ def read_meta(ckpt_dir: str, step: int) -> dict:
         raise CheckpointError(f"checkpoint step {step} in {ckpt_dir} is incomplete or missing: no {os.path.basename(mpath)}")
     with open(mpath, encoding="utf-8") as f:
         try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{mpath}: invalid JSON at line {e.lineno}: {e.msg}") from e
+            meta = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{mpath}: invalid JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{mpath}: expected a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 def load_checkpoint(ckpt_dir: str, step: int, device="cpu", load_trainer_state: bool = False, rank: int = 0):
     """-> (model_state, trainer_state or None, meta)."""
     meta = read_meta(ckpt_dir, step)
     model_state = _load(model_path(ckpt_dir, step), device)
+    if not isinstance(model_state, dict) or not all(isinstance(v, torch.Tensor) for v in model_state.values()):
+        raise CheckpointError(f"{model_path(ckpt_dir, step)}: expected a state dict of tensors, got {type(model_state).__name__}")
     # torch.compile prefixes keys with _orig_mod.; DDP with module.
     model_state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in model_state.items()}
     trainer_state = _load(optim_path(ckpt_dir, step, rank), device) if load_trainer_state else None
@@ -203,18 +208,36 @@ def model_config_meta(config) -> dict:
                 sftfast_model_config={k: v for k, v in full.items() if k not in NANOCHAT_CONFIG_KEYS})
 
 
-def build_model(model_state: dict, meta: dict, device="cpu"):
-    """GPT from a loaded state dict and its meta (model_config, plus sftfast_model_config when present)."""
+def build_model(model_state: dict, meta: dict, device="cpu", where: str = "checkpoint"):
+    """GPT from a loaded state dict and its meta (model_config, plus sftfast_model_config when present).
+
+    The config is checked against the state dict's shapes on the meta device before anything
+    is allocated: an edited meta (n_layer 2**40, a huge vocabulary) fails at once, clearly,
+    instead of building for hours or allocating terabytes. `where` names the checkpoint."""
     from sftfast.model import GPT, GPTConfig
 
-    if "model_config" not in meta:
-        raise CheckpointError("meta has no model_config")
+    if not isinstance(meta.get("model_config"), dict):
+        raise CheckpointError(f"{where}: meta has no model_config object")
+    fields = {**meta["model_config"], **(meta.get("sftfast_model_config") or {})}
+    bad = [f"{k}={fields[k]!r}" for k in NANOCHAT_CONFIG_KEYS
+           if k in fields and (isinstance(fields[k], bool) or not isinstance(fields[k], int) or fields[k] < 1)]
+    if bad:
+        raise CheckpointError(f"{where}: model_config needs positive integers, got {', '.join(bad)}")
+    layers = {k.split(".")[2] for k in model_state if k.startswith("transformer.h.")}
+    if fields.get("n_layer", GPTConfig.n_layer) != len(layers):
+        raise CheckpointError(f"{where}: model_config n_layer={fields.get('n_layer')} but the weights hold {len(layers)} layers")
     try:
-        config = GPTConfig(**{**meta["model_config"], **meta.get("sftfast_model_config", {})})
-    except TypeError as e:
-        raise CheckpointError(f"meta model_config does not match GPTConfig: {e}") from e
+        config = GPTConfig(**fields)
+        config.validate()
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: meta model_config does not fit GPTConfig: {e}") from e
     with torch.device("meta"):
         model = GPT(config)
+    want = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (model_config: {tuple(want[k].shape)})"
+             for k, v in model_state.items() if k in want and v.shape != want[k].shape]
+    if wrong:
+        raise CheckpointError(f"{where}: the weights do not match model_config: {'; '.join(wrong[:3])}")
     model.to_empty(device=device)
     model.init_weights()  # fills the (non-persistent) rotary buffers
     # bf16 weights from a GPU run train in fp32 here (autocast handles low precision on GPU)
@@ -222,7 +245,7 @@ def build_model(model_state: dict, meta: dict, device="cpu"):
     try:
         model.load_state_dict(model_state, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint does not match its model_config: {e}") from e
+        raise CheckpointError(f"{where}: checkpoint does not match its model_config: {e}") from e
     return model
 
 
@@ -230,6 +253,6 @@ def load_model(base_dir: str, source: str, model_tag: str | None = None, step: i
     """-> (model, meta) of a checkpoint in nanochat's layout."""
     ckpt_dir, tag, step = resolve(base_dir, source, model_tag, step)
     model_state, _, meta = load_checkpoint(ckpt_dir, step, device)
-    model = build_model(model_state, meta, device)
+    model = build_model(model_state, meta, device, where=f"{ckpt_dir} step {step}")
     meta = dict(meta, model_tag=tag, step=step, checkpoint_dir=ckpt_dir)
     return model, meta

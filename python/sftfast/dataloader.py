@@ -195,6 +195,24 @@ def _close_running_loaders() -> None:
         loader.close(timeout=10.0)  # a source stuck in __getitem__ must not hang the exit
 
 
+def _check_positions(state: dict) -> None:
+    """A loader state's stream positions must be what a loader can have saved: every fetched
+    position (below `cursor`) either consumed (yielded or skipped) or held in the packer's
+    buffer, once. A damaged checkpoint (held [10**12], or [3, 3, 3]) silently changed the data
+    order; now it is refused."""
+    cursor, held, consumed = state["cursor"], state["held"], state["consumed"]
+
+    def count(x):
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    if not (count(cursor) and count(consumed) and isinstance(held, list) and all(count(t) for t in held)):
+        raise ValueError(f"loader state: cursor, consumed and held must be non-negative ints (held a list), got "
+                         f"cursor={cursor!r}, consumed={consumed!r}, held={str(held)[:80]}")
+    if any(t >= cursor for t in held) or len(set(held)) != len(held) or consumed + len(held) != cursor:
+        raise ValueError(f"loader state is inconsistent: {consumed} consumed + {len(held)} held positions "
+                         f"(max {max(held, default=None)}, distinct {len(set(held))}) must account for cursor {cursor} once each")
+
+
 class SFTLoader:
     def __init__(
         self,
@@ -403,6 +421,7 @@ class SFTLoader:
         if state["settings"] != self._settings():
             diff = {k: (v, self._settings().get(k)) for k, v in state["settings"].items() if self._settings().get(k) != v}
             raise ValueError(f"loader state was saved with other settings (saved, now): {diff}")
+        _check_positions(state)
         total = self._total_tags()
         if total is not None and state["cursor"] > total:
             raise ValueError(f"loader state is at stream position {state['cursor']}, past the end of "

@@ -148,6 +148,15 @@ class ShardDataset:
                 f"{self.path}: rendered with tokenizer {want}, but the given tokenizer is {have}; "
                 "re-run python -m sftfast.prep with this tokenizer"
             )
+        # The fingerprint covers the ranks and specials, not these copies the loader uses (bos_id
+        # pads every batch): a manifest edited by hand must not change them silently.
+        recorded = self.manifest.get("tokenizer") or {}
+        for key, value in (("n_vocab", tokenizer.n_vocab), ("bos_id", tokenizer.bos_id)):
+            if key in recorded and recorded[key] != value:
+                raise _core.ShardError(
+                    f"{self.path}: the manifest records tokenizer {key} {recorded[key]!r}, the tokenizer "
+                    f"with the same fingerprint has {value}: the manifest was changed"
+                )
 
     def __repr__(self) -> str:
         return f"ShardDataset({str(self.path)!r}, conversations={len(self)}, tokens={self.num_tokens})"

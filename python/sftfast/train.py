@@ -382,7 +382,7 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
             raise ckpt.CheckpointError(f"{ckpt.optim_path(out_dir, start, info.rank)} is not this checkpoint's: it was written "
                                        f"at step {trainer_state.get('step')} by {trainer_state.get('world_size')} ranks")
         check_resume_settings(trainer_state.get("settings"), settings, f"{out_dir} step {start}")
-        model = ckpt.build_model(model_state, meta, device)
+        model = ckpt.build_model(model_state, meta, device, where=f"{out_dir} step {start}")
         log.print(f"resuming {out_dir} at step {start}")
     else:
         model, meta = ckpt.load_model(args.base_dir, args.source, args.model_tag, args.step, device)
@@ -451,8 +451,17 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
                                   args.init_lr_frac, info.rank, info.world_size)
     step = 0
     if trainer_state is not None:
-        for opt, s in zip(optimizers, trainer_state["optimizers"]):
-            opt.load_state_dict(s)
+        saved = trainer_state.get("optimizers")
+        if not isinstance(saved, list) or len(saved) != len(optimizers):
+            found = f"{len(saved)}" if isinstance(saved, list) else f"a {type(saved).__name__}"
+            raise ckpt.CheckpointError(f"{out_dir} step {trainer_state['step']}: its trainer state holds {found} optimizer "
+                                       f"states, this run has {len(optimizers)} optimizers")
+        for opt, s in zip(optimizers, saved):
+            try:
+                opt.load_state_dict(s)
+            except (KeyError, TypeError, ValueError) as e:
+                raise ckpt.CheckpointError(f"{out_dir} step {trainer_state['step']}: its {type(opt).__name__} state "
+                                           f"does not fit this model's parameters: {e!r}") from e
         try:
             train_loader.load_state_dict(trainer_state["loader"])
         except (KeyError, TypeError, ValueError) as e:

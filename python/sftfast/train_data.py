@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -170,9 +171,11 @@ class ShuffledShard(Shuffled):
 def read_training_data(path, tokenizer, shuffle: bool = True):
     """A shard directory written by `python -m sftfast.prep` (checked against the tokenizer,
     items already rendered), or a JSONL file of conversations; shuffled with seed 42."""
-    from sftfast.shards import ShardDataset, is_shard
+    from sftfast.shards import MANIFEST_FILE, ShardDataset, is_shard
 
-    if is_shard(path):
+    # A directory with a manifest is meant as a shard: a damaged manifest is reported as such
+    # (ShardDataset says what is wrong) rather than the path being read as a JSONL file.
+    if is_shard(path) or (Path(path) / MANIFEST_FILE).is_file():
         data = ShardDataset(path)
         data.check_tokenizer(tokenizer)
         data.prerendered = True

@@ -259,8 +259,15 @@ impl PyShardReader {
                 match check_rendered(ids, mask) {
                     Ok(()) => items.push((k, ids.to_vec(), mask.to_vec())),
                     Err(why) => {
-                        let name = names.as_ref().map_or(i, |v| v[k]);
-                        errors.push((k, format!("conversation {name}: {why}")));
+                        // Open checked every token; this catches files changed since then.
+                        let shard = self.inner.dir().display();
+                        let msg = match names.as_ref().map(|v| v[k]) {
+                            Some(name) if name != i => {
+                                format!("conversation {name}: {shard}: conversation {i}: {why}")
+                            }
+                            _ => format!("conversation {i}: {shard}: {why}"),
+                        };
+                        errors.push((k, msg));
                     }
                 }
             }
