@@ -320,6 +320,28 @@ def test_from_nanochat_refuses_other_globals(tmp_path):
         Tokenizer.from_nanochat(tmp_path)
 
 
+def test_errors_reading_a_tokenizer_file_name_the_file(tmp_path, cl100k_tok):
+    """A bad pattern in a saved tokenizer, a bad vocabulary in a pickle and a truncated pickle
+    said what was wrong but not in which file."""
+    from sftfast.tokenizer import load_tokenizer
+
+    small = Tokenizer.from_ranks({bytes([i]): i for i in range(256)}, r"\S+|\s+")
+    small.save(tmp_path / "t.sftfast")
+    header, rest = (tmp_path / "t.sftfast").read_text().split("\n", 1)
+    (tmp_path / "t.sftfast").write_text(header.replace('"pattern":"\\\\S+|\\\\s+"', '"pattern":"(unclosed"') + "\n" + rest)
+    with pytest.raises(_core.PatternError, match=f"^{tmp_path / 't.sftfast'}: invalid split pattern"):
+        load_tokenizer(tmp_path / "t.sftfast")
+    data = pickle.dumps(cl100k_tok.to_tiktoken())
+    (tmp_path / "tokenizer.pkl").write_bytes(data[: len(data) // 2])
+    with pytest.raises(pickle.UnpicklingError, match=f"^{tmp_path / 'tokenizer.pkl'}: not a readable tokenizer pickle"):
+        load_tokenizer(tmp_path / "tokenizer.pkl")
+    bad = small.to_tiktoken()
+    bad._mergeable_ranks = {b"a": 0, b"b": 0}  # what its pickle carries: two tokens, one rank
+    (tmp_path / "tokenizer.pkl").write_bytes(pickle.dumps(bad))
+    with pytest.raises(_core.SftfastError, match=f"^{tmp_path / 'tokenizer.pkl'}: "):
+        load_tokenizer(tmp_path / "tokenizer.pkl")
+
+
 # --- training -------------------------------------------------------------------------------
 
 

@@ -27,6 +27,7 @@ Lines 2+ are exactly a tiktoken rank file, so `tail -n +2 tok.sftfast` can be re
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import warnings
@@ -102,6 +103,22 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{self.path}: persistent ids are not allowed")
 
 
+@contextlib.contextmanager
+def _errors_name(path):
+    """Errors from reading a tokenizer file name the file: the Rust parsers name it for rank
+    lines, not for a bad pattern or vocabulary; a truncated pickle says only "truncated"."""
+    try:
+        yield
+    except _core.SftfastError as e:
+        if str(path) in str(e):
+            raise
+        raise type(e)(f"{path}: {e}") from e
+    except (EOFError, UnicodeDecodeError, MemoryError, pickle.UnpicklingError) as e:
+        if str(path) in str(e):
+            raise
+        raise pickle.UnpicklingError(f"{path}: not a readable tokenizer pickle: {type(e).__name__}: {e}") from e
+
+
 class Tokenizer:
     """Byte-level BPE with ordinary encoding, batch encoding, decoding and training."""
 
@@ -123,7 +140,8 @@ class Tokenizer:
         if isinstance(special_tokens, Mapping):
             core = _core.CoreTokenizer.from_tiktoken_file(os.fspath(path), pattern, [])
             return cls(_core.CoreTokenizer.from_ranks(core.ranks(), pattern, _special_pairs(special_tokens, 0)))
-        return cls(_core.CoreTokenizer.from_tiktoken_file(os.fspath(path), pattern, list(special_tokens)))
+        with _errors_name(path):
+            return cls(_core.CoreTokenizer.from_tiktoken_file(os.fspath(path), pattern, list(special_tokens)))
 
     @classmethod
     def from_nanochat(cls, tokenizer_dir) -> "Tokenizer":
@@ -134,7 +152,7 @@ class Tokenizer:
         path = Path(tokenizer_dir)
         if path.is_dir():
             path = path / "tokenizer.pkl"
-        with open(path, "rb") as f:
+        with open(path, "rb") as f, _errors_name(path):
             obj = _RestrictedUnpickler(f, str(path)).load()
         if not isinstance(obj, _PickledEncoding) or not hasattr(obj, "state"):
             raise pickle.UnpicklingError(f"{path}: expected a pickled tiktoken Encoding, got {type(obj).__name__}")
@@ -154,7 +172,8 @@ class Tokenizer:
             raise _core.VocabError(f"{path}: mergeable_ranks must be a dict bytes -> int")
         if not isinstance(specials, dict) or not all(isinstance(k, str) and type(v) is int for k, v in specials.items()):
             raise _core.VocabError(f"{path}: special_tokens must be a dict str -> int")
-        return cls.from_ranks(ranks, pat_str, specials)
+        with _errors_name(path):
+            return cls.from_ranks(ranks, pat_str, specials)
 
     @classmethod
     def train(
@@ -183,7 +202,8 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path) -> "Tokenizer":
-        return cls(_core.CoreTokenizer.load(os.fspath(path)))
+        with _errors_name(path):
+            return cls(_core.CoreTokenizer.load(os.fspath(path)))
 
     def save(self, path) -> None:
         """Writes the plain-text format described in the module docstring (atomically)."""
