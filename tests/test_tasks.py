@@ -7,6 +7,7 @@ import os
 import random
 import re
 
+import datasets
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -57,10 +58,17 @@ def data_dir(tmp_path_factory):
     return str(root)
 
 
+def at_row(task, row):
+    """The example of row `row` of the task's split file: hub tasks shuffle with seed 42, as
+    nanochat's do (datasets' permutation depends only on the length and the seed)."""
+    order = datasets.Dataset.from_dict({"i": list(range(task.num_examples()))}).shuffle(seed=42)["i"]
+    return task[order.index(row)]
+
+
 def test_arc_renders_exactly(data_dir):
     task = ARC("ARC-Easy", "train", data_dir=data_dir)
     assert len(task) == 3 and task.eval_type == "categorical"
-    conv = task[0]
+    conv = at_row(task, 0)
     assert conv["messages"][0] == {
         "role": "user",
         "content": "Multiple Choice question: Which is a mammal?\n- shark=A\n- whale=B\n- trout=C\n- eel=D\n"
@@ -68,21 +76,21 @@ def test_arc_renders_exactly(data_dir):
     }
     assert conv["messages"][1] == {"role": "assistant", "content": "B"}
     assert conv["letters"] == ["A", "B", "C", "D"]
-    assert task[1]["letters"] == ["1", "2", "3"] and task[1]["messages"][1]["content"] == "1"
+    assert at_row(task, 1)["letters"] == ["1", "2", "3"] and at_row(task, 1)["messages"][1]["content"] == "1"
     assert task.evaluate(conv, "B") and not task.evaluate(conv, "A")
 
 
 def test_mmlu(data_dir):
     task = MMLU("test", data_dir=data_dir)
-    conv = task[1]
+    conv = at_row(task, 1)
     assert conv["messages"][0]["content"].startswith("Multiple Choice question: Capital of France?\n- Paris=A\n")
     assert conv["messages"][1]["content"] == "A" and conv["subject"] == "geo"
-    assert task.evaluate(task[0], "B")
+    assert task.evaluate(at_row(task, 0), "B")
 
 
 def test_gsm8k_tool_parts_and_numeric_answer(data_dir):
     task = GSM8K("train", data_dir=data_dir)
-    parts = task[0]["messages"][1]["content"]
+    parts = at_row(task, 0)["messages"][1]["content"]
     assert parts[:4] == [
         {"type": "text", "text": "Natalia sold 48/2 = "},
         {"type": "python", "text": "48/2"},
@@ -94,9 +102,9 @@ def test_gsm8k_tool_parts_and_numeric_answer(data_dir):
     for p, out in zip(parts, parts[1:]):
         if p["type"] == "python":
             assert numbers_equal(calculate(p["text"]), out["text"])
-    assert task.evaluate(task[0], "... so the answer is\n#### 72.0")
-    assert task.evaluate(task[1], "#### 2400") and task.evaluate(task[1], "#### $2,400")
-    assert not task.evaluate(task[0], "#### 71") and not task.evaluate(task[0], "72")
+    assert task.evaluate(at_row(task, 0), "... so the answer is\n#### 72.0")
+    assert task.evaluate(at_row(task, 1), "#### 2400") and task.evaluate(at_row(task, 1), "#### $2,400")
+    assert not task.evaluate(at_row(task, 0), "#### 71") and not task.evaluate(at_row(task, 0), "72")
 
 
 @pytest.mark.parametrize(
@@ -134,14 +142,14 @@ def test_gsm8k_rows_with_odd_spans_load(tmp_path):
     rows = GSM8K_ROWS + [{"question": "q", "answer": "<<7>>7 and <<2<3=True>>True\n#### 7"}]
     task = GSM8K("train", data_dir=write_gsm8k_mirror(tmp_path, rows))
     assert list(task.errors()) == []
-    assert task[2]["messages"][1]["content"][:2] == [{"type": "python", "text": "7"}, {"type": "python_output", "text": ""}]
-    assert task.evaluate(task[2], "#### 7")
+    assert at_row(task, 2)["messages"][1]["content"][:2] == [{"type": "python", "text": "7"}, {"type": "python_output", "text": ""}]
+    assert task.evaluate(at_row(task, 2), "#### 7")
 
 
 def test_smoltalk_jsonl(data_dir):
     train = SmolTalk("train", data_dir=data_dir)
     assert len(train) == 6
-    assert train[0]["messages"][0]["role"] == "system" and "source" not in train[0]
+    assert at_row(train, 0)["messages"][0]["role"] == "system" and "source" not in at_row(train, 0)
     assert len(get_task("SmolTalk", data_dir=data_dir)) == 6  # eval role: the test split
 
 
@@ -175,7 +183,7 @@ def test_malformed_rows_name_dataset_split_index(tmp_path, maker, rows, bad_inde
     errors = list(task.errors())
     assert len(errors) == 1
     message = str(errors[0])
-    assert f"index {bad_index}" in message and match in message
+    assert f"row {bad_index} (shuffled index " in message and match in message
     split = {"ARC": "train", "MMLU": "test", "GSM8K": "train"}[key]
     assert f" {split} " in message
 
@@ -187,8 +195,8 @@ def test_smoltalk_bad_roles(tmp_path):
     with open(smol / "train.jsonl", "w") as f:
         f.write("\n".join(json.dumps(r) for r in rows) + "\n")
     task = SmolTalk("train", data_dir=str(tmp_path))
-    with pytest.raises(TaskError, match=r"SmolTalk train index 2: message 0 has role 'assistant'"):
-        task[2]
+    with pytest.raises(TaskError, match=r"SmolTalk train row 2 \(shuffled index \d+\): message 0 has role 'assistant'"):
+        at_row(task, 2)
 
 
 def test_missing_local_split(tmp_path):
@@ -457,7 +465,8 @@ def test_check_cli_lists_every_bad_row(tmp_path, capsys):
     out = capsys.readouterr()
     lines = out.out.strip().splitlines()
     assert len(lines) == 2  # checked once although listed twice
-    assert "GSM8K train index 1: answer has no final" in lines[0] and "GSM8K train index 3: question" in lines[1]
+    assert sorted(line.split(" (shuffled")[0] for line in lines) == ["GSM8K train row 1", "GSM8K train row 3"]
+    assert any("answer has no final" in line for line in lines) and any(": question" in line for line in lines)
     assert "2 malformed rows" in out.err
     assert main(["show", "identity:stop=2", "-n", "5"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 2

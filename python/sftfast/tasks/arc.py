@@ -9,7 +9,7 @@ Schema (hub): id str, question str, choices {text: list[str], label: list[str]},
 
 from __future__ import annotations
 
-from sftfast.tasks.base import Task, TaskError, load_split, render_mc, require_columns
+from sftfast.tasks.base import Task, TaskError, load_split, render_mc, require_columns, row_label
 
 HUB_NAME = "allenai/ai2_arc"
 SUBSETS = ("ARC-Easy", "ARC-Challenge")
@@ -35,7 +35,7 @@ class ARC(Task):
 
     def get_example(self, index: int) -> dict:
         row = self.ds[index]
-        where = f"{self.name} {self.split} index {index}"
+        where = f"{self.name} {self.split} {row_label(self.ds, index)}"
         question, choices, answer = row["question"], row["choices"], row["answerKey"]
         if not isinstance(question, str) or not question.strip():
             raise TaskError(f"{where}: question must be a non-empty string")

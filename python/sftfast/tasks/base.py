@@ -170,8 +170,31 @@ def local_root(hub_name: str, source: str | None = None, data_dir: str | None = 
     return None
 
 
+# nanochat shuffles every hub dataset it loads with this seed (`.shuffle(seed=42)` in its ARC,
+# MMLU, GSM8K and SmolTalk tasks), so index i, a `stop=10_000` prefix and the first 1024
+# evaluation problems are its rows too. Hub files are ordered (MMLU by subject: unshuffled, its
+# first 1024 test problems cover 8 of 57 subjects).
+SHUFFLE_SEED = 42
+
+
 def load_split(hub_name: str, config: str | None, split: str, source: str | None = None, data_dir: str | None = None):
-    """A `datasets.Dataset` for one split: from local files when a mirror exists, else from the hub."""
+    """A `datasets.Dataset` for one split, shuffled with SHUFFLE_SEED as nanochat's are: from
+    local files when a mirror exists, else from the hub."""
+    return _load_split(hub_name, config, split, source, data_dir).shuffle(seed=SHUFFLE_SEED)
+
+
+def row_label(ds, index: int) -> str:
+    """Where shuffled example `index` of a `load_split` dataset is in the split's own files,
+    for error messages: "row 812 (shuffled index 5)"."""
+    try:  # datasets' shuffle mapping: an Arrow table of row numbers, None when not permuted
+        indices = ds._indices  # (a private attribute)
+        row = index if indices is None else int(indices.column(0)[index].as_py())
+    except Exception:
+        return f"shuffled index {index}"
+    return f"row {row} (shuffled index {index})"
+
+
+def _load_split(hub_name: str, config: str | None, split: str, source: str | None, data_dir: str | None):
     import datasets  # heavy import, only when a real dataset is wanted
 
     root = local_root(hub_name, source, data_dir)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 
 from sftfast.tasks.base import (Task, TaskError, assistant_text, extract_final_answer, load_split,
-                                numbers_equal, require_columns)
+                                numbers_equal, require_columns, row_label)
 
 HUB_NAME = "openai/gsm8k"
 SUBSETS = ("main", "socratic")
@@ -65,7 +65,7 @@ class GSM8K(Task):
 
     def get_example(self, index: int) -> dict:
         row = self.ds[index]
-        where = f"GSM8K {self.split} index {index}"
+        where = f"GSM8K {self.split} {row_label(self.ds, index)}"
         question, answer = row["question"], row["answer"]
         if not isinstance(question, str) or not question.strip():
             raise TaskError(f"{where}: question must be a non-empty string")

@@ -10,7 +10,7 @@ Splits: auxiliary_train, dev, validation, test.
 
 from __future__ import annotations
 
-from sftfast.tasks.base import Task, TaskError, load_split, render_mc, require_columns
+from sftfast.tasks.base import Task, TaskError, load_split, render_mc, require_columns, row_label
 
 HUB_NAME = "cais/mmlu"
 SPLITS = ("auxiliary_train", "dev", "validation", "test")
@@ -34,7 +34,7 @@ class MMLU(Task):
 
     def get_example(self, index: int) -> dict:
         row = self.ds[index]
-        where = f"MMLU {self.split} index {index}"
+        where = f"MMLU {self.split} {row_label(self.ds, index)}"
         question, choices, answer = row["question"], row["choices"], row["answer"]
         if not isinstance(question, str) or not question.strip():
             raise TaskError(f"{where}: question must be a non-empty string")

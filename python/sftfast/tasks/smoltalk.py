@@ -10,7 +10,7 @@ other columns are ignored. No automatic evaluation: it is the validation-loss se
 
 from __future__ import annotations
 
-from sftfast.tasks.base import Task, TaskError, load_split, require_columns, validate_messages
+from sftfast.tasks.base import Task, TaskError, load_split, require_columns, row_label, validate_messages
 
 HUB_NAME = "HuggingFaceTB/smol-smoltalk"
 SPLITS = ("train", "test")
@@ -33,4 +33,4 @@ class SmolTalk(Task):
 
     def get_example(self, index: int) -> dict:
         messages = self.ds[index]["messages"]
-        return {"messages": validate_messages(messages, f"SmolTalk {self.split} index {index}")}
+        return {"messages": validate_messages(messages, f"SmolTalk {self.split} {row_label(self.ds, index)}")}
