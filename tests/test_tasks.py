@@ -348,6 +348,26 @@ def test_spelling_tasks_deterministic_and_correct():
         assert bee.evaluate(conv, f"...\n#### {output}") and not bee.evaluate(conv, f"#### {int(output) + 1}")
 
 
+def test_spelling_tasks_use_different_words_and_keep_the_words_case():
+    """Both tasks seed index i alike; on one word order they spelled the same word at every
+    index (300 of 300 in the seed mixture). An upper-cased question upper-cased the word too,
+    while the answer spells it in lower case."""
+    simple, bee = SimpleSpelling(size=300), SpellingBee(size=300)
+
+    def word(conv):
+        answer = conv["messages"][1]["content"]
+        if isinstance(answer, str):  # SimpleSpelling: "word:w,o,r,d"
+            return answer.split(":")[0]
+        return re.search(r"in the word '([a-z]+)'", answer[0]["text"]).group(1)
+
+    same = sum(word(simple[i]) == word(bee[i]) for i in range(300))
+    assert same <= 3, same
+    for i in range(300):
+        conv = bee[i]
+        w = word(conv)
+        assert w in conv["messages"][0]["content"], (i, conv["messages"][0]["content"], w)
+
+
 def test_arithmetic_task():
     task = Arithmetic(size=100)
     for i in range(0, 100, 9):

@@ -83,6 +83,14 @@ class SimpleSpelling(_Synthetic):
     name = "SimpleSpelling"
     eval_type = "generative"
 
+    def __init__(self, size: int, split: str = "train", words_file: str = WORDS_FILE, **kwargs):
+        super().__init__(size, split, words_file, **kwargs)
+        # Its own word order (as nanochat's SimpleSpelling): with SpellingBee's, index i would
+        # pick the same word in both tasks (same seed per index), halving the words seen.
+        words = list(self.words)
+        random.Random(42).shuffle(words)
+        self.words = tuple(words)
+
     def get_example(self, index: int) -> dict:
         rng = self.rng(index)
         word = rng.choice(self.words)
@@ -110,9 +118,13 @@ class SpellingBee(_Synthetic):
         # Mostly letters of the word (counts >= 1), sometimes any letter (count may be 0).
         letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(LETTERS)
         count = word.count(letter)
-        prompt = rng.choice(COUNT_TEMPLATES).format(letter=letter, word=word)
+        template = rng.choice(COUNT_TEMPLATES)
         if rng.random() < 0.3:
-            prompt = prompt.upper() if rng.random() < 0.3 else prompt.lower()
+            # the question's case varies, never the word's or the letter's: the answer spells
+            # them as they are
+            template = template.upper() if rng.random() < 0.3 else template.lower()
+            template = template.replace("{LETTER}", "{letter}").replace("{WORD}", "{word}")
+        prompt = template.format(letter=letter, word=word)
         lines = [f"We are asked how many times the letter '{letter}' appears in the word '{word}'.",
                  "", "First, spell the word out:", f"{word}:{','.join(word)}", "",
                  f"Now count the '{letter}'s one position at a time:"]
