@@ -264,6 +264,13 @@ def test_eval_cli_checks_every_task_name_first(saved_run, capsys):
     out = capsys.readouterr()
     assert "unknown task 'Arithmetc'" in out.err and "Arithmetic" not in out.out  # nothing evaluated first
     assert eval_cli.main(["--base-dir", saved_run, "-a", ","]) == 2
+    # a task with nothing to score (training data) is refused up front too, not after the others
+    assert eval_cli.main(["--base-dir", saved_run, "-a", "Arithmetic|identity", "-x", "2", "-m", "8"]) == 1
+    out = capsys.readouterr()
+    assert "identity: no automatic evaluation" in out.err and "Arithmetic" not in out.out
+    # nanochat's "|" separates tasks as "," does
+    assert eval_cli.main(["--base-dir", saved_run, "-a", "Arithmetic|SpellingBee", "-x", "1", "-m", "4", "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)["results"]) == {"Arithmetic", "SpellingBee"}
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):

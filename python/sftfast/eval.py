@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 import torch
@@ -32,7 +33,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m sftfast.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_arguments(p)
-    p.add_argument("-a", "--task-name", default=DEFAULT_TASKS, help=f"comma-separated tasks (default {DEFAULT_TASKS})")
+    p.add_argument("-a", "--task-name", default=DEFAULT_TASKS, help=f"tasks separated by , or | (default {DEFAULT_TASKS})")
     p.add_argument("-x", "--max-problems", type=int, default=None, help="evaluate at most this many problems per task")
     p.add_argument("-b", "--batch-size", type=int, default=8, help="batch size of categorical evaluation (default: 8)")
     p.add_argument("-n", "--num-samples", type=int, default=1, help="samples per generative problem, pass@n (default: 1)")
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
     if args.max_problems is not None and args.max_problems < 1:
         print("error: --max-problems must be >= 1", file=sys.stderr)
         return 2
-    names = [n.strip() for n in args.task_name.split(",") if n.strip()]
+    names = [n.strip() for n in re.split(r"[,|]", args.task_name) if n.strip()]  # nanochat separates with |
     if not names:
         print(f"error: --task-name names no task (e.g. {DEFAULT_TASKS})", file=sys.stderr)
         return 2
@@ -71,6 +72,10 @@ def main(argv=None) -> int:
         # every task is found (and its data loaded) before the model, and before the first is
         # evaluated: a typo in the last name must not cost the results of the ones before it
         tasks = {name: get_task(name, data_dir=args.data_dir, role="eval") for name in names}
+        unscored = [name for name, task in tasks.items() if not task.can_evaluate]
+        if unscored:
+            raise ValueError(f"{', '.join(unscored)}: no automatic evaluation (training data only); "
+                             f"evaluable tasks include {DEFAULT_TASKS}, SpellingBee, SimpleSpelling")
         model, tokenizer, meta = load_for_inference(args.base_dir, args.source, args.model_tag, args.step,
                                                     device=device, tokenizer_path=args.tokenizer)
         engine = Engine(model, tokenizer)

@@ -63,6 +63,11 @@ class Task:
     def evaluate(self, conversation: dict, response: str) -> bool:
         raise NotImplementedError(f"{self.name} has no automatic evaluation")
 
+    @property
+    def can_evaluate(self) -> bool:
+        """Whether this task scores answers (training-only data such as SmolTalk does not)."""
+        return type(self).evaluate is not Task.evaluate
+
     # --- sequence protocol over the slice ---
     def __len__(self) -> int:
         stop = self.num_examples() if self.stop is None else min(self.stop, self.num_examples())
