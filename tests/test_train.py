@@ -13,6 +13,7 @@ import random
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -184,6 +185,31 @@ def test_resume_refuses_a_damaged_trainer_state(base_dir):
             train.run(make_args(base_dir, "--num-iterations", "4", "--resume", "--eval-every", "-1"))
     torch.save(good, state_file)
     assert train.run(make_args(base_dir, "--num-iterations", "4", "--resume", "--eval-every", "-1"))["step"] == 4
+
+
+def test_bits_per_byte_without_byte_tokens_is_undefined_not_zero():
+    """Targets that are all special tokens (0 bytes each) carry no bytes: val_bpb was 0.0."""
+    tok = byte_tokenizer()
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
+    model.init_weights(seed=0)
+    special = tok.special_token_id("<|assistant_end|>")
+    batch = SimpleNamespace(inputs=torch.full((1, 4), tok.bos_id), targets=torch.tensor([[special, -1, special, -1]]),
+                            doc_ids=torch.zeros(1, 4, dtype=torch.int32), progress=1.0)
+    loader = SimpleNamespace(next=lambda: batch)
+    info = train.DistInfo(ddp=False, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    token_bytes = train.token_bytes_tensor(tok, "cpu")
+    out = train.evaluate_loss(model, loader, 1, token_bytes, info, torch.autocast("cpu", enabled=False))
+    assert out["val_tokens"] == 2 and math.isfinite(out["val_loss"]) and math.isnan(out["val_bpb"])
+    batch.targets = torch.tensor([[ord("a"), -1, special, ord("b")]])
+    assert math.isfinite(train.evaluate_loss(model, loader, 1, token_bytes, info, torch.autocast("cpu", enabled=False))["val_bpb"])
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 836e12),
+                                        ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA GeForce GTX 1080", None)])
+def test_mfu_peak_by_device_name(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert train.gpu_peak_flops(torch.device("cuda")) == peak
 
 
 # --- optimizers and schedules ---------------------------------------------------------------

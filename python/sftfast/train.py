@@ -187,8 +187,9 @@ def evaluate_loss(model, loader, steps, token_bytes, info: DistInfo, autocast, d
             break
     all_reduce(sums, info)
     model.train()
-    return dict(val_loss=(sums[0] / sums[1].clamp(min=1)).item(), val_bpb=(sums[2] / (math.log(2) * sums[3].clamp(min=1))).item(),
-                val_tokens=int(sums[1].item()))
+    # no byte-carrying target at all (every one special): bits per byte is undefined, not 0
+    bpb = (sums[2] / (math.log(2) * sums[3])).item() if sums[3] > 0 else float("nan")
+    return dict(val_loss=(sums[0] / sums[1].clamp(min=1)).item(), val_bpb=bpb, val_tokens=int(sums[1].item()))
 
 
 def categorical_accuracy(model, tokenizer, task, max_problems=1024, batch_size=8) -> float:
@@ -206,7 +207,10 @@ def categorical_accuracy(model, tokenizer, task, max_problems=1024, batch_size=8
 # -----------------------------------------------------------------------------
 # settings
 
-GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+# Dense bf16 peaks by device-name substring, the first match wins (so the PCIe / NVL variants,
+# clocked lower than the SXM parts, come before their family): MFU on an H100 PCIe was 31% high.
+GPU_PEAK_FLOPS = {"H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "H200 NVL": 836e12, "H200": 989e12,
+                  "H800 PCIe": 756e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
                   "4090": 165e12, "B200": 2250e12}
 
 
@@ -243,7 +247,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-data", default=None, help="validation shard directory or JSONL (with --train-data)")
     g.add_argument("--max-seq-len", type=int, default=2048, help="positions per row")
     g.add_argument("--packing", default="bestfit", choices=["bestfit", "padded"],
-                   help="bestfit: several conversations per row (nanochat); padded: one per row, padded to the longest")
+                   help="bestfit: several conversations per row (current nanochat), so a step of "
+                        "--target-examples-per-step rows holds more conversations and the schedule follows the data "
+                        "consumed; padded: the seed's collate, one conversation per row, padded to the longest")
     g.add_argument("--loader", default="rust", choices=["rust", "python"], help="data path: Rust SFTLoader or the Python reference")
     g.add_argument("--loader-workers", type=int, default=0,
                    help="processes per rank that read and render the training conversations (Rust loader; 0: a "
@@ -270,9 +276,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--loss-norm", default="microbatch", choices=["microbatch", "token"],
                    help="microbatch: mean per micro-batch / grad_accum (nanochat); token: sum / the step's supervised tokens")
     g = p.add_argument_group("evaluation and logging")
-    g.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps and at the end (-1: never)")
+    g.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps (-1: only at the end)")
     g.add_argument("--eval-steps", type=int, default=100, help="validation batches per evaluation")
-    g.add_argument("--eval-metrics-every", type=int, default=200, help="task accuracies every N steps and at the end (-1: never)")
+    g.add_argument("--eval-metrics-every", type=int, default=200, help="task accuracies every N steps (-1: only at the end)")
     g.add_argument("--eval-metrics-max-problems", type=int, default=1024, help="problems per task and evaluation")
     g.add_argument("--eval-tasks", default="MMLU,ARC-Easy", help="categorical tasks scored every eval_metrics_every steps ('' = none)")
     g.add_argument("--log-jsonl", default=None, help="append one JSON object per step and per evaluation to this file")
