@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -221,6 +222,42 @@ BAD = {
     7: '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": [{"type": "sql", "text": "x"}]}]}',
     9: '{"no_messages": 1}',
 }
+
+
+def test_prep_and_the_training_loader_read_a_jsonl_file_alike(tmp_path, capsys):
+    """prep (Rust) and the loader's JSONL reader (CustomJSON, Python) disagreed: a lone CR
+    ended a line for one and not the other (records merged, line numbers shifted); a line of
+    Unicode white space was a bad record for prep; a message field that rendering drops
+    ("weight": 0) and a conversation with no assistant message were trained on by prep;
+    NaN/Infinity were read by Python only. Now both skip, refuse and name the same lines."""
+    from sftfast.tasks import CustomJSON, TaskError
+
+    good = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    dropped = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]})
+    dropped_part = json.dumps({"messages": [{"role": "user", "content": "q"},
+                                            {"role": "assistant", "content": [{"type": "text", "text": "a", "lang": "en"}]}]})
+    user_only = json.dumps([{"role": "user", "content": "q"}])
+    named = json.dumps([{"role": "user", "content": "q", "name": "bob"}, {"role": "assistant", "content": "a", "name": None}])
+    lines = {good: None, dropped: "not rendered", dropped_part: "not rendered", user_only: "assistant",
+             '{"messages": [], "x": NaN}': "JSON", named: None, "\u00a0\u2028\x1f": "blank"}
+    text = "\r".join([good, good]) + "\n" + "\n".join(lines) + "\r\n" + good  # two lone-CR lines, then LF, then CRLF
+    src = tmp_path / "mixed.jsonl"
+    src.write_bytes(text.encode())
+    bad_lines = [3 + k for k, why in enumerate(lines.values()) if why not in (None, "blank")]
+    rc, out = run_prep(src, "--out", tmp_path / "shard", "--on-error", "skip", capsys=capsys)
+    assert rc == prep.EXIT_SKIPPED, out.err
+    report = (tmp_path / "shard" / "bad_records.txt").read_text().splitlines()
+    assert [int(line.split(":")[1]) for line in report] == bad_lines, report
+    assert "not rendered" in report[0] and "assistant" in report[2] and "JSON" in report[3]
+    assert len(ShardDataset(tmp_path / "shard")) == 5  # good x2, good, named, the last good
+    for n in bad_lines:  # the loader's reader refuses each of them, at the same line
+        one = tmp_path / f"only{n}.jsonl"
+        one.write_bytes(("\n" * (n - 1) + text.replace("\r\n", "\n").replace("\r", "\n").split("\n")[n - 1]).encode())
+        with pytest.raises(TaskError, match=f"{one}:{n}: "):
+            CustomJSON(str(one))
+    clean = tmp_path / "clean.jsonl"
+    clean.write_bytes(text.replace("\n".join(lines), "\n".join(k for k, v in lines.items() if v in (None, "blank"))).encode())
+    assert len(CustomJSON(str(clean))) == 5
 
 
 def test_on_error_fail_names_first_bad_record_and_writes_nothing(tmp_path, capsys):
@@ -499,8 +536,10 @@ def test_mixture_records_a_task_cannot_produce(tmp_path, enc, capsys):
     spec = "GSM8K,identity:stop=3"
     mix = tasks.build_mixture(spec, data_dir=data_dir)
     name = f"mixture:{spec}@train"
-    bad = sorted(i for i, (t, j) in enumerate(mix.index_map) if t == 0 and j in (1, 3))  # mixture positions
-    row_of = {i: mix.index_map[i][1] for i in bad}
+    # GSM8K examples are its rows shuffled with seed 42 (as nanochat's): example j is row order[j]
+    order = datasets.Dataset.from_dict({"i": list(range(len(rows)))}).shuffle(seed=42)["i"]
+    bad = sorted(i for i, (t, j) in enumerate(mix.index_map) if t == 0 and order[j] in (1, 3))  # mixture positions
+    row_of = {i: f"row {order[mix.index_map[i][1]]} (shuffled index {mix.index_map[i][1]})" for i in bad}
     jsonl = tmp_path / "bad.jsonl"
     convs = conversations(12, seed=3)
     write_jsonl(jsonl, convs, BAD)
@@ -510,7 +549,7 @@ def test_mixture_records_a_task_cannot_produce(tmp_path, enc, capsys):
     # fail: stops at the first, named by mixture index and by dataset/split/row; nothing written
     rc, o = run_prep(*args, capsys=capsys)
     assert rc == prep.EXIT_ERROR and "no shard written" in o.err
-    assert f"{name}[{bad[0]}]: GSM8K train index {row_of[bad[0]]}: answer has no final '#### N' line" in o.err
+    assert f"{name}[{bad[0]}]: GSM8K train {row_of[bad[0]]}: answer has no final '#### N' line" in o.err
     assert not out.exists() and leftovers(tmp_path) == []
 
     # skip: counted and reported exactly as records that fail to render, in source order
@@ -523,7 +562,7 @@ def test_mixture_records_a_task_cannot_produce(tmp_path, enc, capsys):
     assert m["bad_records"] == "bad_records.txt" and not m["key"].startswith(prep.PENDING_KEY_PREFIX)
     report = (out / "bad_records.txt").read_text().splitlines()
     assert [line.split(": ")[0] for line in report] == [f"{jsonl}:{n}" for n in sorted(BAD)] + [f"{name}[{i}]" for i in bad]
-    assert all(f"GSM8K train index {row_of[i]}: answer has no final" in line for i, line in zip(bad, report[len(BAD):]))
+    assert all(f"GSM8K train {row_of[i]}: answer has no final" in line for i, line in zip(bad, report[len(BAD):]))
     good = [mix.tasks[t][j] for i, (t, j) in enumerate(mix.index_map) if i not in bad]
     assert len(data) == len(convs) + len(good)
     for k, conv in enumerate(good):

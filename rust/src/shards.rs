@@ -393,20 +393,57 @@ impl JsonlReader {
                 break;
             }
             self.bytes_read += n as u64;
-            let pos = self.next_line;
-            self.next_line += 1;
             // A UTF-8 byte-order mark (written by some Windows tools) is not part of the record.
-            if pos == 1 && chunk.buf[start..].starts_with(UTF8_BOM) {
+            if self.next_line == 1 && chunk.buf[start..].starts_with(UTF8_BOM) {
                 chunk.buf.drain(start..start + UTF8_BOM.len());
             }
-            // Blank lines are not records (a trailing newline, spacing between records).
-            if chunk.buf[start..].iter().all(|b| b.is_ascii_whitespace()) {
-                chunk.buf.truncate(start);
-                continue;
+            // Lines end as Python's text mode ends them (the training loader reads JSONL that
+            // way, as nanochat does): at "\n", "\r\n" or a lone "\r", so both count the same
+            // lines and read the same records.
+            let end = chunk.buf.len();
+            let mut line_start = start;
+            let mut kept = start; // records are compacted over the blank lines dropped
+            while line_start < end {
+                let line_end = line_end(&chunk.buf[line_start..end]) + line_start;
+                let pos = self.next_line;
+                self.next_line += 1;
+                // Blank lines are not records (a trailing newline, spacing between records).
+                if !is_blank(&chunk.buf[line_start..line_end]) {
+                    chunk.buf.copy_within(line_start..line_end, kept);
+                    chunk
+                        .records
+                        .push((pos, kept, kept + line_end - line_start));
+                    kept += line_end - line_start;
+                }
+                line_start = line_end;
             }
-            chunk.records.push((pos, start, chunk.buf.len()));
+            chunk.buf.truncate(kept);
         }
         Ok(!chunk.is_empty())
+    }
+}
+
+/// Length of the first line of `bytes`, its terminator included: up to the first "\n", or
+/// a "\r" not followed by "\n", or all of it.
+fn line_end(bytes: &[u8]) -> usize {
+    match bytes.iter().position(|&b| b == b'\n' || b == b'\r') {
+        None => bytes.len(),
+        Some(at) if bytes[at] == b'\r' && bytes.get(at + 1) == Some(&b'\n') => at + 2,
+        Some(at) => at + 1,
+    }
+}
+
+/// Whether a line holds only whitespace as Python's `str.strip()` sees it (Unicode white
+/// space and the separators U+001C-U+001F): the loader skips such lines, so prep does too.
+fn is_blank(line: &[u8]) -> bool {
+    if line.iter().all(|b| b.is_ascii_whitespace()) {
+        return true; // the usual case, without decoding
+    }
+    match std::str::from_utf8(line) {
+        Ok(text) => text
+            .chars()
+            .all(|c| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)),
+        Err(_) => false,
     }
 }
 
@@ -510,6 +547,7 @@ impl RecordRenderer for ChatRenderer {
 
     fn render_value(&self, value: &Value, location: &str) -> Result<Rendered> {
         let conv = chat::parse_json_conversation(value, location)?;
+        check_training_record(value, location)?;
         Ok(render_truncating(
             &self.bpe,
             &self.tokens,
@@ -519,9 +557,76 @@ impl RecordRenderer for ChatRenderer {
     }
 }
 
+/// What the training loader's JSONL reader (sftfast.tasks.CustomJSON) also refuses, on top of
+/// the renderer's rules, so that prep and the loader train on the same records: a message or
+/// part field that rendering would drop (`"weight": 0` means "do not train on this turn" in
+/// some formats; dropping it silently would train on it), other than a message's `name` or a
+/// null; and a conversation without an assistant message (nothing to learn). `value` has
+/// passed `chat::parse_json_conversation`.
+fn check_training_record(value: &Value, location: &str) -> Result<()> {
+    let messages = match value {
+        Value::Object(obj) => obj.get("messages").and_then(Value::as_array),
+        Value::Array(a) => Some(a),
+        _ => None,
+    };
+    let messages = messages.map(Vec::as_slice).unwrap_or_default();
+    let dropped = |obj: &Map<String, Value>,
+                   rendered: [&str; 2],
+                   ignored: &[&str]|
+     -> Vec<String> {
+        obj.iter()
+            .filter(|(k, v)| {
+                !rendered.contains(&k.as_str()) && !ignored.contains(&k.as_str()) && !v.is_null()
+            })
+            .map(|(k, _)| format!("{k:?}"))
+            .collect()
+    };
+    let mut has_assistant = false;
+    for (i, m) in messages.iter().enumerate() {
+        let Some(obj) = m.as_object() else { continue };
+        let extra = dropped(obj, ["role", "content"], &["name"]);
+        if !extra.is_empty() {
+            return Err(chat::conv_err(
+                location,
+                i,
+                format!("field(s) {} are not rendered (only \"role\" and \"content\" are; \"name\" is ignored): refusing to drop them", extra.join(", ")),
+            ));
+        }
+        has_assistant |= obj.get("role").and_then(Value::as_str) == Some("assistant");
+        for (j, part) in obj
+            .get("content")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            let extra = part
+                .as_object()
+                .map(|p| dropped(p, ["type", "text"], &[]))
+                .unwrap_or_default();
+            if !extra.is_empty() {
+                return Err(chat::conv_err(
+                    location,
+                    i,
+                    format!("part {j}: field(s) {} are not rendered (only \"type\" and \"text\" are): refusing to drop them", extra.join(", ")),
+                ));
+            }
+        }
+    }
+    if !has_assistant {
+        return Err(chat::conv_err(
+            location,
+            "-",
+            "no assistant message: nothing to train on",
+        ));
+    }
+    Ok(())
+}
+
 /// Bumped whenever the renderer's output changes on purpose; part of every shard's cache key.
 /// (The probe below catches changes nobody remembered to version.)
-pub const RENDERER_VERSION: &str = "sftfast-chat-1";
+pub const RENDERER_VERSION: &str = "sftfast-chat-2"; // 2: prep refuses what the loader refuses
 
 /// Bytes that change whenever rendering changes: the renderer version plus the ids and masks
 /// of a fixed set of probe conversations covering every rule of SPEC 2 (system merge, parts,
@@ -1249,6 +1354,35 @@ mod tests {
         fs::write(&a, "{\n\"messages\": [}").unwrap();
         let err = read_json_file(&a).unwrap_err().to_string();
         assert!(err.contains("a.json:2"), "{err}");
+    }
+
+    #[test]
+    fn lines_end_and_blank_lines_are_skipped_as_python_text_mode_reads_them() {
+        let d = tmp("lines");
+        let j = d.join("a.jsonl");
+        // LF, CRLF, lone CR (twice on one LF-line), a last line without a terminator;
+        // blank lines of ASCII and Unicode white space (NBSP, U+2028, U+001F) are not records
+        let text = "a\nb\r\nc\rd\re\n \t\n\u{a0}\u{2028}\x1f\n\x0b\r\nf";
+        fs::write(&j, text).unwrap();
+        let mut reader = JsonlReader::open(&j).unwrap();
+        let mut chunk = Chunk::default();
+        assert!(reader.read_chunk(&mut chunk, 100, 1 << 20).unwrap());
+        let records: Vec<(u64, &[u8])> = chunk
+            .records
+            .iter()
+            .map(|&(pos, a, b)| (pos, &chunk.buf[a..b]))
+            .collect();
+        assert_eq!(
+            records,
+            vec![
+                (1, &b"a\n"[..]),
+                (2, &b"b\r\n"[..]),
+                (3, &b"c\r"[..]),
+                (4, &b"d\r"[..]),
+                (5, &b"e\n"[..]),
+                (9, &b"f"[..]),
+            ]
+        );
     }
 
     #[test]

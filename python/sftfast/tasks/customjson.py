@@ -21,6 +21,18 @@ from sftfast.tasks.base import Task, TaskError, read_text_lines, validate_messag
 IDENTITY_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "identity.jsonl")
 
 
+def _not_json(name: str):
+    # Python's json reads NaN and Infinity, which JSON (and prep's Rust parser) does not
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
 class CustomJSON(Task):
     eval_type = "generative"
 
@@ -35,9 +47,11 @@ class CustomJSON(Task):
                 continue
             where = f"{path}:{lineno}"
             try:
-                record = json.loads(line)
+                record = json.loads(line, parse_constant=_not_json, parse_float=_finite_float)
             except json.JSONDecodeError as e:
                 raise TaskError(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
+            except (ValueError, RecursionError) as e:  # NaN/Infinity, 1e400, 5000-digit ints, deep nesting
+                raise TaskError(f"{where}: invalid JSON: {type(e).__name__}: {e}") from None
             if isinstance(record, list):
                 record = {"messages": record}
             elif not isinstance(record, dict) or "messages" not in record:
