@@ -182,6 +182,20 @@ class FlakySource:
         return self.convs[i]
 
 
+def test_a_loader_that_skipped_everything_saves_a_state_it_can_load(tok):
+    """With every conversation skipped no batch carried the final position: the state said 10
+    consumed at position 0, which load_state_dict (rightly) refuses as impossible."""
+    convs = make_convs(10)
+    loader = SFTLoader(FlakySource(convs, bad=range(10)), tok, batch_size=2, seq_len=64, on_error="skip", num_epochs=1)
+    with pytest.warns(UserWarning):
+        assert list(loader) == []
+    state = json.loads(json.dumps(loader.state_dict()))
+    assert (state["cursor"], state["consumed"], state["held"]) == (10, 10, [])
+    resumed = SFTLoader(FlakySource(convs, bad=range(10)), tok, batch_size=2, seq_len=64, on_error="skip", num_epochs=1)
+    resumed.load_state_dict(state)
+    assert list(resumed) == [] and len(resumed.errors) == 10
+
+
 def test_records_the_source_cannot_produce_are_bad_conversations(tok):
     convs = make_convs(40)
     convs[30] = {"messages": [{"role": "assistant", "content": "first"}]}  # fails to render

@@ -2,6 +2,7 @@
 temperature/top-k/seed, generation stops at <|assistant_end|>/<|bos|>, and tool calls
 force the calculator's output into the stream."""
 
+import json
 import types
 
 import pytest
@@ -241,3 +242,13 @@ def test_generate_without_max_tokens_does_not_preallocate_the_whole_context(mode
     prompt = [tok.bos_id] + tok.encode("hello")
     steps = list(zip(range(4), Engine(model, tok).generate(prompt, temperature=0.0)))
     assert len(steps) == 4 and max(sizes) <= len(prompt) + 256 < model.rotary_seq_len
+
+
+def test_generation_benchmark_runs(capsys):
+    """`python -m sftfast.bench generate` (its stand-in tokenizer must satisfy the Engine)."""
+    from sftfast.bench.__main__ import main
+
+    assert main(["generate", "--json", "--depth", "1", "--width", "32", "--heads", "2", "--kv-heads", "2",
+                 "--vocab-size", "300", "--prompt-tokens", "4", "--new-tokens", "4", "--batch", "2", "--repeats", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "error" not in json.dumps(out)

@@ -204,6 +204,18 @@ def test_bits_per_byte_without_byte_tokens_is_undefined_not_zero():
     assert math.isfinite(train.evaluate_loss(model, loader, 1, token_bytes, info, torch.autocast("cpu", enabled=False))["val_bpb"])
 
 
+def test_log_jsonl_stays_strict_json_with_an_undefined_metric(tmp_path):
+    """json.dumps writes NaN bare, which jq or serde refuse: an undefined val_bpb is null."""
+    path = tmp_path / "log.jsonl"
+    args = SimpleNamespace(log_jsonl=str(path), run="dummy")
+    log = train.Logger(args, train.DistInfo(ddp=False, rank=0, local_rank=0, world_size=1, device=torch.device("cpu")))
+    log.record("eval", dict(step=3, val_loss=1.5, val_bpb=float("nan")))
+    log.close()
+    line = path.read_text()
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in {line}")) == \
+        dict(type="eval", step=3, val_loss=1.5, val_bpb=None)
+
+
 @pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
                                         ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 836e12),
                                         ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA GeForce GTX 1080", None)])

@@ -224,8 +224,9 @@ def build_model(model_state: dict, meta: dict, device="cpu", where: str = "check
     if bad:
         raise CheckpointError(f"{where}: model_config needs positive integers, got {', '.join(bad)}")
     layers = {k.split(".")[2] for k in model_state if k.startswith("transformer.h.")}
-    if fields.get("n_layer", GPTConfig.n_layer) != len(layers):
-        raise CheckpointError(f"{where}: model_config n_layer={fields.get('n_layer')} but the weights hold {len(layers)} layers")
+    n_layer = fields.get("n_layer", GPTConfig.n_layer)
+    if n_layer != len(layers):
+        raise CheckpointError(f"{where}: model_config n_layer={n_layer} but the weights hold {len(layers)} layers")
     try:
         config = GPTConfig(**fields)
         config.validate()

@@ -175,7 +175,7 @@ class _Producer:
                 b, slot, _, _, before = pending
                 pending, skipped = (b, slot, packer.held_tags(), cursor, before + skipped), []
                 q.put(("batch", pending, True))
-            q.put(("end", skipped, None))
+            q.put(("end", skipped, cursor))  # with no batch at all (everything skipped), the position too
         except BaseException as e:  # surfaced to the consumer by __next__
             if pending is not None and not stop.is_set():
                 q.put(("batch", pending, False))  # a good batch made before the error comes first
@@ -326,6 +326,8 @@ class SFTLoader:
             raise payload
         if kind == "end":
             self._note_skipped(payload)
+            if last is not None:  # the cursor: every fetched conversation was consumed or skipped
+                self._held, self._cursor = [], last
             self._finish()
             raise StopIteration
         b, slot, held, cursor, skipped = payload

@@ -336,7 +336,8 @@ class Logger:
         if not self.master:
             return
         if self.jsonl:
-            self.jsonl.write(json.dumps(dict(type=kind, **data)) + "\n")
+            # strict JSON: an undefined metric (NaN bits per byte) is null, not a bare NaN
+            self.jsonl.write(json.dumps(dict(type=kind, **finite_or_none(data))) + "\n")
             self.jsonl.flush()
         if self.wandb:
             self.wandb.log({f"{kind}/{k}" if k != "step" else k: v for k, v in data.items()})

@@ -40,9 +40,10 @@ class _BenchTokenizer:
     SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
                 "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
 
-    def __init__(self):
+    def __init__(self, n_vocab: int):
         self.ids = {name: 256 + i for i, name in enumerate(self.SPECIALS)}
         self.bos_id = self.ids["<|bos|>"]
+        self.n_vocab = n_vocab  # the model's: the Engine samples over it (ids past 264 are plain tokens)
 
     def special_token_id(self, name):
         return self.ids[name]
@@ -66,8 +67,8 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
-    tok = _BenchTokenizer()
-    vocab = max(args.vocab_size, 256 + len(tok.SPECIALS))
+    vocab = max(args.vocab_size, 256 + len(_BenchTokenizer.SPECIALS))
+    tok = _BenchTokenizer(vocab)
     seq_len = args.prompt_tokens + args.new_tokens
     config = GPTConfig(sequence_len=seq_len, vocab_size=vocab, n_layer=args.depth, n_head=args.heads,
                        n_kv_head=args.kv_heads, n_embd=args.width)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from sftfast.tasks.base import Task, TaskError, read_text_lines, validate_messages
 
@@ -33,6 +34,14 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _float_range_int(text: str) -> int:
+    # prep's parser holds numbers beyond 64 bits as floats: past the float range it refuses them
+    value = int(text)
+    if abs(value) > sys.float_info.max:
+        raise ValueError(f"number {text[:20]}... is out of range")
+    return value
+
+
 class CustomJSON(Task):
     eval_type = "generative"
 
@@ -47,7 +56,7 @@ class CustomJSON(Task):
                 continue
             where = f"{path}:{lineno}"
             try:
-                record = json.loads(line, parse_constant=_not_json, parse_float=_finite_float)
+                record = json.loads(line, parse_constant=_not_json, parse_float=_finite_float, parse_int=_float_range_int)
             except json.JSONDecodeError as e:
                 raise TaskError(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
             except (ValueError, RecursionError) as e:  # NaN/Infinity, 1e400, 5000-digit ints, deep nesting
