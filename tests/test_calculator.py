@@ -169,3 +169,35 @@ def test_flat_chains_are_not_nesting():
         calculate("(" * 30 + "1" + ")" * 30)
     with pytest.raises(CalculatorError, match="nodes"):
         calculate("+".join(["1"] * 100))
+
+
+def test_time_limit_counts_this_threads_cpu_time_not_waiting(monkeypatch):
+    """A loader thread waiting for the GIL on a busy machine saw a valid expression refused as
+    "took longer than 0.05s": the deadline was wall-clock time. Now waiting costs nothing."""
+    import time
+
+    from sftfast import calculator
+
+    clock = iter(range(0, 10**6, 10))  # wall clock: 10 s pass between any two readings
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    assert calculator.calculate("(12+30)*2-4/2") == "82"
+
+
+def test_spurious_ast_recursion_depth_mismatch_is_retried(monkeypatch):
+    """CPython 3.11 shares the AST constructor's depth counter between threads; a parse that
+    another thread's parse disturbed raises SystemError although the input is fine."""
+    import ast
+
+    from sftfast import calculator
+
+    real, calls = ast.parse, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise SystemError("AST constructor recursion depth mismatch (before=33, after=52)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ast, "parse", flaky)
+    assert calculator.calculate("1+2") == "3" and len(calls) == 2

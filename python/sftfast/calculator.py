@@ -14,7 +14,9 @@ Model output is hostile input. Nothing here calls eval/exec: the text is parsed 
 and every value is bounded: the size of the input, the nesting depth, the number of
 nodes, the bits of an integer (checked *before* computing a power, so 9**9**9 is
 refused in microseconds instead of running for hours), the exponent, string lengths,
-and a wall-clock deadline checked at every node. The output is a short string, the
+and a deadline in the calling thread's CPU time checked at every node (wall-clock time
+would count waiting for the GIL: a loader thread building Arithmetic examples on a busy
+machine saw valid expressions refused). The output is a short string, the
 form the engine forces into the token stream as <|output_start|>result<|output_end|>.
 
 `use_calculator(text)` is the engine's entry point: the result string, or None when
@@ -36,7 +38,7 @@ MAX_NODES = 128  # syntax tree nodes: also bounds the evaluator's recursion (a f
 MAX_INT_BITS = 512  # |int| < 2**512 (about 154 digits), for operands and results
 MAX_EXPONENT = 1024  # |exponent| of **
 MAX_STR_CHARS = 256  # length of a string literal
-TIME_LIMIT_S = 0.05  # wall clock for one evaluation
+TIME_LIMIT_S = 0.05  # CPU time of the calling thread for one evaluation
 
 
 class CalculatorError(ValueError):
@@ -106,7 +108,7 @@ class _Evaluator:
         self.nodes += 1
         if self.nodes > MAX_NODES:
             raise CalculatorError(f"expression has more than {MAX_NODES} nodes")
-        if time.perf_counter() > self.deadline:
+        if time.thread_time() > self.deadline:
             raise CalculatorError(f"took longer than {TIME_LIMIT_S}s")
         if isinstance(node, ast.Constant):
             value = node.value
@@ -174,6 +176,23 @@ def _format(value) -> str:
     return format(value, ".12g")
 
 
+def _parse(expr: str) -> ast.Expression:
+    """ast.parse, retried on CPython 3.11's spurious "AST constructor recursion depth mismatch"
+    SystemError: the depth it checks is shared by the interpreter's threads, and a thread switch
+    inside the parse (a finalizer run by the garbage collector) lets another thread's parse move
+    it (seen once in the test suite: the demo's engine and a loader thread building Arithmetic
+    examples). The input is never at fault there, so parsing again is right."""
+    for attempt in range(3):
+        try:
+            return ast.parse(expr, mode="eval")
+        except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
+            raise CalculatorError(f"not an expression: {type(e).__name__}") from None
+        except SystemError as e:
+            if "recursion depth mismatch" not in str(e) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 def calculate(text: str, time_limit: float = TIME_LIMIT_S) -> str:
     """Evaluate one calculator expression and return its result as text, or raise CalculatorError."""
     if not isinstance(text, str):
@@ -199,11 +218,8 @@ def calculate(text: str, time_limit: float = TIME_LIMIT_S) -> str:
         max_depth = max(max_depth, depth)
     if max_depth > MAX_DEPTH:
         raise CalculatorError(f"expression nested deeper than {MAX_DEPTH}")
-    try:
-        tree = ast.parse(expr, mode="eval")
-    except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
-        raise CalculatorError(f"not an expression: {type(e).__name__}") from None
-    evaluator = _Evaluator(time.perf_counter() + time_limit)
+    tree = _parse(expr)
+    evaluator = _Evaluator(time.thread_time() + time_limit)
     value = evaluator.visit(tree.body)
     if isinstance(value, str):
         raise CalculatorError("result is a string, not a number")
