@@ -76,7 +76,7 @@ def make_args(base_dir, *extra):
         "--base-dir", str(base_dir), "--source", "base", "--device", "cpu",
         "--train-data", str(base_dir / "train.jsonl"), "--val-data", str(base_dir / "val.jsonl"),
         "--max-seq-len", "64", "--device-batch-size", "2", "--target-examples-per-step", "4",
-        "--eval-every", "3", "--eval-steps", "2", "--eval-metrics-every", "-1", "--loss-norm", "token",
+        "--eval-every", "3", "--eval-steps", "2", "--eval-metrics-every", "-1", "--eval-tasks", "", "--loss-norm", "token",
         "--init-lr-frac", "0.5", *extra,
     ])
 
@@ -428,6 +428,24 @@ def test_data_dir_reaches_the_mixture_and_the_metric_tasks(base_dir, monkeypatch
     assert seen == [("mixture", "train", "/mirror")]
 
 
+def test_eval_tasks_are_scored_when_training_from_a_file(base_dir, monkeypatch):
+    """--eval-tasks was honoured only for a --mixture run: with --train-data (a JSONL file or a
+    shard, the README's 8-GPU line) no task accuracy was ever reported."""
+    from sftfast import tasks
+
+    asked, real_get_task = [], tasks.get_task
+
+    def get_task(name, data_dir=None, role=None):  # no hub here: record the request, return a small task
+        asked.append((name, data_dir, role))
+        return real_get_task("Arithmetic", size=4)
+
+    monkeypatch.setattr(tasks, "get_task", get_task)
+    monkeypatch.setattr(train, "categorical_accuracy", lambda model, tok, task, max_problems=1024, batch_size=8: 0.25)
+    out = train.run(make_args(base_dir, "--num-iterations", "2", "--eval-tasks", "ARC-Easy, MMLU", "--data-dir", "/mirror"))
+    assert asked == [("ARC-Easy", "/mirror", "eval"), ("MMLU", "/mirror", "eval")]
+    assert out["metrics"]["arc_easy_acc"] == 0.25 and out["metrics"]["mmlu_acc"] == 0.25
+
+
 def test_num_iterations_zero_is_a_clear_error(base_dir):
     with pytest.raises(ValueError, match="--num-iterations must be positive, or -1"):
         train.run(make_args(base_dir, "--num-iterations", "0"))
@@ -495,7 +513,7 @@ def test_torchrun_two_ranks_match_one_process(base_dir):
     common = ["-m", "sftfast.train", "--base-dir", str(base_dir), "--source", "base", "--device", "cpu",
               "--train-data", str(base_dir / "train.jsonl"), "--max-seq-len", "64", "--packing", "padded",
               "--target-examples-per-step", "4", "--num-iterations", "3", "--eval-every", "-1",
-              "--eval-metrics-every", "-1", "--loss-norm", "token", "--init-lr-frac", "0.5"]
+              "--eval-metrics-every", "-1", "--eval-tasks", "", "--loss-norm", "token", "--init-lr-frac", "0.5"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(REPO, "python"), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     r1 = subprocess.run([sys.executable, *common, "--device-batch-size", "2", "--log-jsonl", str(base_dir / "one.jsonl")],

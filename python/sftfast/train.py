@@ -280,7 +280,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-steps", type=int, default=100, help="validation batches per evaluation")
     g.add_argument("--eval-metrics-every", type=int, default=200, help="task accuracies every N steps (-1: only at the end)")
     g.add_argument("--eval-metrics-max-problems", type=int, default=1024, help="problems per task and evaluation")
-    g.add_argument("--eval-tasks", default="MMLU,ARC-Easy", help="categorical tasks scored every eval_metrics_every steps ('' = none)")
+    g.add_argument("--eval-tasks", default="MMLU,ARC-Easy", help="categorical tasks scored every eval_metrics_every steps and at the end, whatever the training data ('' = none)")
     g.add_argument("--log-jsonl", default=None, help="append one JSON object per step and per evaluation to this file")
     g.add_argument("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
     g = p.add_argument_group("runtime")
@@ -426,9 +426,12 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
 
         train_ds = tasks.build_mixture(args.mixture, split="train", data_dir=args.data_dir)
         val_ds = tasks.build_mixture(args.mixture, split="val", data_dir=args.data_dir)
-        if metric_tasks is None and args.eval_tasks:
-            metric_tasks = {name.lower().replace("-", "_"): tasks.get_task(name, data_dir=args.data_dir, role="eval")
-                            for name in args.eval_tasks.split(",")}
+    if metric_tasks is None and args.eval_tasks:  # whatever the training data (a shard too)
+        from sftfast import tasks
+
+        names = [name.strip() for name in args.eval_tasks.split(",") if name.strip()]
+        metric_tasks = {name.lower().replace("-", "_"): tasks.get_task(name, data_dir=args.data_dir, role="eval")
+                        for name in names}
     metric_tasks = metric_tasks or {}
     grad_accum = grad_accum_steps(args, info.world_size)
     num_iterations = args.num_iterations

@@ -374,7 +374,9 @@ def run(args) -> dict:
 
     # --- loader end to end ---
     if not args.skip_loader:
-        shards = _Rendered(rust_rendered, tok.bos_id)
+        # rendered as the loader renders conversations (max_tokens = seq_len + 2), so every leg
+        # packs the same token stream and reports the same truncation
+        shards = _Rendered(tok.render_batch(convs, max_tokens=args.seq_len + 2), tok.bos_id)
         # passes enough for ~5 M tokens a run: a run of a few tens of ms is mostly start-up noise
         epochs = max(1, -(-5_000_000 // max(n_tokens, 1)))
         out["loader"] = {
