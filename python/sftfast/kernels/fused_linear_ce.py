@@ -20,10 +20,13 @@ splits x rows, a few MB. torch combines the splits into the log-sum-exp. Nothing
 
 Backward: the vocabulary is cut into chunks of C columns. For each chunk `_dlogits_kernel`
 recomputes the logits tile by tile, turns them into dZ with the saved log-sum-exp and writes
-dZ (rows x C, input dtype) into one reusable buffer; then two cuBLAS GEMMs consume it:
-    dW[chunk] = dZ^T @ H     one GEMM reducing over all rows with fp32 accumulation, written once
+dZ (rows x C, input dtype) into scratch space; then two cuBLAS GEMMs consume it:
     dH       += dZ @ W[chunk] into an fp32 (rows, D) accumulator
-Memory above inputs and gradients: rows x C x 2 bytes (C from CHUNK_BYTES) + rows x D x 4.
+    dW[chunk] = dZ^T @ H     one GEMM reducing over all rows with fp32 accumulation, written once
+The scratch is dW's own not-yet-written rows while they are large enough, a small buffer for
+the last chunks. Memory above inputs and gradients, half dtypes: rows x D x 2 bytes (dH is
+accumulated in fp32, then rounded into the accumulator's first half) + CHUNK_BYTES / 4; see
+lce_backward.
 
 Performance notes (what was weighed; measured numbers live in docs/BENCHMARKS.md):
 - dW strategy. CCE adds each (row block, vocab block) tile's dZ^T H into dW under a spin lock
@@ -32,8 +35,8 @@ Performance notes (what was weighed; measured numbers live in docs/BENCHMARKS.md
   with addmm over row chunks of ~256 rows, so the whole V x D dW is read and written N / 256
   times. Per-vocabulary-chunk GEMMs touch every dW element exactly once, need no fp32 dW
   buffer (the GEMM accumulates in fp32 in registers over all N), are deterministic and run at
-  cuBLAS speed. The price is the dZ chunk buffer (bounded by CHUNK_BYTES) and recomputing the
-  logits (the backward costs 6 N D V FLOPs, forward 2 N D V).
+  cuBLAS speed. The price is scratch space for dZ (mostly dW's own unwritten rows) and
+  recomputing the logits (the backward costs 6 N D V FLOPs, forward 2 N D V).
 - Splits in forward instead of one program per row block: N / BLOCK_M row blocks alone
   (64 at N = 8192) cannot fill 132 SMs; splits give ~8 programs per SM. Programs are grouped
   GROUP_M row blocks at a time so that concurrently running programs share W tiles in L2
@@ -66,9 +69,10 @@ import torch
 import triton
 import triton.language as tl
 
-# Budget for the reusable dZ chunk in backward (rows x C x element size). 64 MiB keeps the
-# backward within ~1.2x Cut Cross-Entropy's memory at 8k-16k rows while the GEMMs it feeds
-# (K = rows for dW, K = C for dH) stay large enough to run at full cuBLAS speed.
+# Size of a dZ chunk in backward (rows x C x element size). 64 MiB keeps the GEMMs it feeds
+# (K = rows for dW, K = C for dH) large enough to run at full cuBLAS speed (32 MiB was 5-9%
+# slower on H200). Most chunks live in dW's unwritten rows; the buffer of its own that the last
+# chunks need is a quarter of this (lce_backward).
 CHUNK_BYTES = int(os.environ.get("SFTFAST_LCE_CHUNK_MB", "64")) * 1024 * 1024
 
 
@@ -314,11 +318,38 @@ def dlogits_chunk(h, w_chunk, targets, lse, scale, col_offset, out, softcap=None
     return out
 
 
-def chunk_columns(n: int, V: int, itemsize: int, block_v: int) -> int:
-    """Vocabulary columns per backward chunk: CHUNK_BYTES / (rows x itemsize), a multiple of block_v."""
-    cols = CHUNK_BYTES // max(1, n * itemsize)
+def chunk_columns(n: int, V: int, itemsize: int, block_v: int, budget: int | None = None) -> int:
+    """Vocabulary columns per backward chunk: budget (CHUNK_BYTES) / (rows x itemsize), a
+    multiple of block_v."""
+    cols = (CHUNK_BYTES if budget is None else budget) // max(1, n * itemsize)
     cols = max(block_v, (cols // block_v) * block_v)
     return min(cols, triton.cdiv(V, block_v) * block_v)
+
+
+def _backward_chunks(n, V, D, itemsize, block_v, carve):
+    """[(v0, v1, carved)]: the backward's vocabulary chunks, and whether each one's dZ lives in
+    the rows of dW that are still unwritten (see lce_backward).
+
+    dZ for the chunk [v0, v1) fits in dW[v1:] when (V - v1) x D >= n x (v1 - v0), i.e. for
+    chunks up to (V - v0) x D / (n + D) columns: full CHUNK_BYTES chunks first, then shrinking
+    ones, then, once a carved chunk would fall under the tail's size, the tail's columns from
+    a separate CHUNK_BYTES / 4 buffer. Without carving every chunk uses a CHUNK_BYTES buffer.
+    """
+    full = chunk_columns(n, V, itemsize, block_v)
+    if not carve:
+        return [(v0, min(V, v0 + full), False) for v0 in range(0, V, full)]
+    tail = chunk_columns(n, V, itemsize, block_v, CHUNK_BYTES // 4)
+    chunks, v0 = [], 0
+    while v0 < V:
+        fit = (V - v0) * D // (n + D) // block_v * block_v
+        if fit >= tail:
+            v1 = v0 + min(full, fit)
+            chunks.append((v0, v1, True))
+        else:
+            v1 = min(V, v0 + tail)
+            chunks.append((v0, v1, False))
+        v0 = v1
+    return chunks
 
 
 def lce_backward(h, weight, targets, lse, scale, softcap=None, need_dh=True, need_dw=True, config=None):
@@ -326,6 +357,17 @@ def lce_backward(h, weight, targets, lse, scale, softcap=None, need_dh=True, nee
 
     scale: 0-d fp32 tensor on h's device (upstream grad / normaliser), read inside the kernel
     so that backward needs no host sync.
+
+    Memory. Besides dW, the loop holds the fp32 dH accumulator (n x D x 4) and one chunk of dZ
+    (rows x C). dW is written one vocabulary chunk at a time, in order, so its rows past the
+    current chunk are free space: while they are large enough the chunk's dZ is stored there
+    (it is consumed before those rows are written), and only the last ~(n + D) / D chunks'
+    worth of columns need a buffer of their own, a quarter of CHUNK_BYTES. The finished fp32
+    dH is then rounded into the first half of its own storage (_narrow_in_place) instead of a
+    new tensor. Peak above inputs: dW + n x D x 4 + CHUNK_BYTES / 4, the gradients plus the
+    precision of an fp32 dH; CCE holds the gradients only, rounding every partial sum to bf16.
+    (At N=16384, D=2048, V=131072 bf16: 512 + 128 + 16 MiB, against 512 + 128 + 64 + 64 with a
+    separate 64 MiB chunk and a separate half-precision copy of dH.)
     """
     n, D = h.shape
     V = weight.shape[0]
@@ -340,27 +382,59 @@ def lce_backward(h, weight, targets, lse, scale, softcap=None, need_dh=True, nee
         # bf16 has fp32's range and needs none of this.
         post = torch.exp2((torch.ceil(torch.log2(scale.abs())) - 15).clamp_min(0))
         scale = scale / post
-    C = chunk_columns(n, V, h.element_size(), cfg["BLOCK_V"])
-    dz = torch.empty((n, min(C, V)), device=h.device, dtype=h.dtype)  # the only (rows, cols) buffer
     dh32 = torch.zeros((n, D), device=h.device, dtype=torch.float32) if need_dh else None
     dw = torch.empty((V, D), device=weight.device, dtype=weight.dtype) if need_dw else None
-    for v0 in range(0, V, C):
-        v1 = min(V, v0 + C)
+    chunks = _backward_chunks(n, V, D, h.element_size(), cfg["BLOCK_V"], need_dw and weight.dtype == h.dtype)
+    own_cols = max((v1 - v0 for v0, v1, carved in chunks if not carved), default=0)
+    own = torch.empty((n, own_cols), device=h.device, dtype=h.dtype) if own_cols else None
+    dz_c = None
+    for v0, v1, carved in chunks:
+        C = v1 - v0
+        if carved:  # in dW's rows from v1 on: written only by later chunks, after this one's use
+            dz_c = dw.view(-1)[v1 * D: v1 * D + n * C].view(n, C)
+        else:
+            dz_c = own[:, :C]
         w_chunk = weight[v0:v1]
-        dz_c = dz[:, : v1 - v0]
         dlogits_chunk(h, w_chunk, targets, lse, scale, v0, dz_c, softcap, cfg)
+        if need_dh:  # before dW's GEMM: a carved dz_c is still intact
+            _accumulate_fp32(dh32, dz_c, w_chunk)
         if need_dw:
             # one GEMM over all rows: fp32 accumulation inside cuBLAS, each dW element written once
             torch.mm(dz_c.t(), h, out=dw[v0:v1])
             if post is not None:
                 dw[v0:v1].mul_(post)
-        if need_dh:
-            _accumulate_fp32(dh32, dz_c, w_chunk)
-    del dz, dz_c  # before the fp32 -> half copy of dH: lowers the peak by rows x C x 2 bytes
-    if need_dh and post is not None:
+    del own, dz_c
+    if not need_dh:
+        return None, dw
+    if post is not None:
         dh32.mul_(post)
-    dh = dh32.to(h.dtype) if need_dh else None
-    return dh, dw
+    if h.dtype == torch.float32:
+        return dh32, dw
+    return _narrow_in_place(dh32, h.dtype), dw
+
+
+def _narrow_in_place(acc32, dtype):
+    """acc32 (n, D) fp32 rounded to a 2-byte dtype, written into the first half of acc32's own
+    storage; returns that (n, D) contiguous view (it keeps the whole storage alive, so the
+    rounded copy costs no memory at the peak instead of n x D x 2 bytes).
+
+    Element i moves from bytes [4i, 4i + 4) to [2i, 2i + 2). Elements [a, b) with b <= 2a land
+    below where they were read from and only on elements under a, which earlier copies (same
+    stream, in order) have consumed; so after a first block through a temporary, blocks
+    [a, 2a) are copied in place, doubling each time.
+    """
+    n, D = acc32.shape
+    total = n * D
+    src = acc32.view(-1)
+    dst = acc32.view(dtype).view(-1)[:total]
+    first = min(total, max(1, total // 16))
+    dst[:first].copy_(src[:first].to(dtype))  # its destination overlaps its own source
+    a = first
+    while a < total:
+        b = min(total, 2 * a)
+        dst[a:b].copy_(src[a:b])
+        a = b
+    return dst.view(n, D)
 
 
 _FP32_ADDMM_OK = None  # whether this torch has CUDA addmm with out_dtype=float32 (checked once)
