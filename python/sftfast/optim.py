@@ -129,7 +129,7 @@ SCHEDULES = ("linear", "wsd")
 
 
 def lr_multiplier(step: float, num_iterations: int, schedule: str = "linear", warmup_ratio: float = 0.0,
-                  warmdown_ratio: float = 0.2, final_lr_frac: float = 0.0) -> float:
+                  warmdown_ratio: float = 0.5, final_lr_frac: float = 0.0) -> float:
     """Learning-rate multiplier at `step` of `num_iterations` (step may be fractional: the trainer
     passes progress * num_iterations when it schedules by epoch consumption).
 

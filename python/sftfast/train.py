@@ -271,7 +271,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--schedule", default="linear", choices=SCHEDULES,
                    help="linear: lrm = 1 - step / num_iterations (the seed's); wsd: warmup, constant, warmdown (nanochat)")
     g.add_argument("--warmup-ratio", type=float, default=0.0, help="wsd only: fraction of the run warming up")
-    g.add_argument("--warmdown-ratio", type=float, default=0.2, help="wsd only: fraction of the run decaying")
+    g.add_argument("--warmdown-ratio", type=float, default=0.5,
+                   help="wsd only: fraction of the run decaying (0.5 as in nanochat's chat_sft)")
     g.add_argument("--final-lr-frac", type=float, default=0.0, help="wsd only: lrm at the end of the warmdown")
     g.add_argument("--loss-norm", default="microbatch", choices=["microbatch", "token"],
                    help="microbatch: mean per micro-batch / grad_accum (nanochat); token: sum / the step's supervised tokens")
