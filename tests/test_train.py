@@ -103,6 +103,57 @@ def test_checkpoint_round_trip_and_layout(base_dir):
     assert len(trainer["optimizers"]) == 2
 
 
+def resave(path, obj):
+    """torch.save over a checkpoint file and record its new digest in the step's meta, as a
+    deliberate replacement would (or an attacker): the checks behind the checksum still apply."""
+    torch.save(obj, path)
+    record_digest(path)
+
+
+def record_digest(path):
+    """Record a checkpoint file's current size and SHA-256 in its step's meta."""
+    step = int(path.name.split("_")[1].split(".")[0])
+    meta_file = path.parent / f"meta_{step:06d}.json"
+    meta = json.loads(meta_file.read_text())
+    meta["files"][path.name] = ckpt.file_digest(str(path))
+    meta_file.write_text(json.dumps(meta))
+
+
+def test_damaged_checkpoint_files_are_refused(base_dir):
+    """torch's zip reader does not check its CRCs: a flipped bit in a tensor loaded as a silently
+    different weight. The meta's size and SHA-256 of each file catch it, for the model (every
+    loader) and for a rank's trainer state (resume)."""
+    train.run(make_args(base_dir, "--num-iterations", "2", "--save-every", "1", "--eval-every", "-1"))
+    out = base_dir / "chatsft_checkpoints" / "d2"
+    meta = read_meta(base_dir, 2)
+    assert sorted(meta["files"]) == ["model_000002.pt", "optim_000002_rank0.pt"]
+    assert meta["files"]["model_000002.pt"] == ckpt.file_digest(str(out / "model_000002.pt"))
+    model_file = out / "model_000002.pt"
+    good = model_file.read_bytes()
+    # a bit flipped inside a tensor: torch.load itself accepts this file
+    model_file.write_bytes(good[:-2000] + bytes([good[-2000] ^ 1]) + good[-1999:])
+    torch.load(model_file, weights_only=True)
+    with pytest.raises(ckpt.CheckpointError, match=r"model_000002\.pt is damaged: its SHA-256 is [0-9a-f]{64}, [0-9a-f]{64} when it was saved"):
+        ckpt.load_model(str(base_dir), "sft")
+    model_file.write_bytes(good[:-10])
+    with pytest.raises(ckpt.CheckpointError, match=rf"model_000002\.pt has {len(good) - 10} bytes, {len(good)} when it was saved"):
+        ckpt.load_model(str(base_dir), "sft")
+    model_file.write_bytes(good)
+    ckpt.load_model(str(base_dir), "sft")
+    state_file = out / "optim_000002_rank0.pt"
+    state = state_file.read_bytes()
+    state_file.write_bytes(state[:-2000] + bytes([state[-2000] ^ 1]) + state[-1999:])
+    with pytest.raises(ckpt.CheckpointError, match=r"optim_000002_rank0\.pt is damaged"):
+        train.run(make_args(base_dir, "--num-iterations", "3", "--resume", "--eval-every", "-1"))
+    state_file.write_bytes(state)
+    (out / "meta_000002.json").write_text(json.dumps(dict(meta, files={"model_000002.pt": "x"})))
+    with pytest.raises(ckpt.CheckpointError, match="the meta's record of model_000002.pt is damaged"):
+        ckpt.load_model(str(base_dir), "sft")
+    # nanochat's checkpoints record no digests and load unchecked
+    (out / "meta_000002.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "files"}))
+    ckpt.load_model(str(base_dir), "sft")
+
+
 def read_meta(base_dir, step):
     with open(base_dir / "chatsft_checkpoints" / "d2" / f"meta_{step:06d}.json") as f:
         return json.load(f)
@@ -130,7 +181,7 @@ def test_incomplete_checkpoint_is_ignored_and_pickles_refused(base_dir, tmp_path
         def __reduce__(self):
             return (os.system, ("echo pwned",))
 
-    torch.save({"x": Evil()}, d / "model_000005.pt")
+    resave(d / "model_000005.pt", {"x": Evil()})  # with its digest recorded: the content is refused
     with pytest.raises(ckpt.CheckpointError, match="weights_only"):
         ckpt.load_checkpoint(str(d), 5)
 
@@ -158,7 +209,7 @@ def test_damaged_checkpoint_meta_and_state_are_refused_clearly(base_dir):
     with pytest.raises(ckpt.CheckpointError, match="expected a JSON object, got NoneType"):
         load_with(None)
     load_with(good)  # intact again
-    torch.save([torch.zeros(1)], d / "model_000005.pt")
+    resave(d / "model_000005.pt", [torch.zeros(1)])
     with pytest.raises(ckpt.CheckpointError, match="model_000005.pt: expected a state dict of tensors, got list"):
         ckpt.load_model(str(base_dir), "base")
 
@@ -180,10 +231,10 @@ def test_resume_refuses_a_damaged_trainer_state(base_dir):
     ):
         state = copy.deepcopy(good)
         damage(state)
-        torch.save(state, state_file)
+        resave(state_file, state)
         with pytest.raises(ckpt.CheckpointError, match=match):
             train.run(make_args(base_dir, "--num-iterations", "4", "--resume", "--eval-every", "-1"))
-    torch.save(good, state_file)
+    resave(state_file, good)
     assert train.run(make_args(base_dir, "--num-iterations", "4", "--resume", "--eval-every", "-1"))["step"] == 4
 
 
@@ -356,6 +407,9 @@ def test_resume_trusts_the_meta_not_leftover_files(base_dir):
     assert out["step"] == 4 and len(out["losses"]) == 2
     os.unlink(d / "meta_000004.json")
     shutil.copy(d / "optim_000004_rank0.pt", d / "optim_000002_rank0.pt")
+    with pytest.raises(ckpt.CheckpointError, match=r"optim_000002_rank0\.pt (is damaged|has \d+ bytes)"):  # the meta's digest
+        train.run(make_args(base_dir, "--num-iterations", "4", "--resume"))
+    record_digest(d / "optim_000002_rank0.pt")  # and when the digest was replaced too
     with pytest.raises(ckpt.CheckpointError, match="optim_000002_rank0.pt is not this checkpoint's: it was written at step 4"):
         train.run(make_args(base_dir, "--num-iterations", "4", "--resume"))
     # only incomplete files left (a save interrupted before its meta): a fresh run starts clean
@@ -538,6 +592,7 @@ def test_torchrun_two_ranks_match_one_process(base_dir):
     assert l1 == pytest.approx(l2, rel=1e-4)
     assert sorted(os.listdir(base_dir / "chatsft_checkpoints" / "d2")) == [
         "meta_000003.json", "model_000003.pt", "optim_000003_rank0.pt", "optim_000003_rank1.pt"]
+    assert sorted(read_meta(base_dir, 3)["files"]) == ["model_000003.pt", "optim_000003_rank0.pt", "optim_000003_rank1.pt"]
     # --overwrite where rank 1 fails to set up (one conversation for two ranks): rank 0 waits
     # for it before deleting, so the earlier run's checkpoints survive the failed start
     with open(base_dir / "one.jsonl", "w") as f:

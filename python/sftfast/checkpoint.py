@@ -11,14 +11,20 @@
 
 Every file is written to a temporary name in the same directory, fsync'd, then renamed over
 the final name, so a crash never leaves a half-written file under a real name. The meta file is
-written last (after a barrier in DDP): a step counts as a checkpoint only when its meta exists,
+written last (after every rank's files, in DDP): a step counts as a checkpoint only when its meta exists,
 so `find_last_step` never picks a step whose model or optimizer files are incomplete.
 Loading uses `torch.load(weights_only=True)`: a checkpoint from an untrusted source cannot run
 code (tensors, dicts, lists, numbers and strings only).
+
+The meta also records each file's size and SHA-256 ("files"), and loading checks them: torch's
+zip reader does not verify its CRCs, so a flipped bit in a tensor (a bad disk, a truncated or
+half-copied file) loaded as silently different weights. nanochat's checkpoints have no "files"
+entry and load unchecked. Hashing costs ~0.5 s per GB read back from the page cache.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -45,8 +51,17 @@ def checkpoints_dir(base_dir: str, source: str) -> str:
     return os.path.join(base_dir, SOURCES[source])
 
 
-def _atomic_write(path: str, write) -> None:
-    """write(file_object) into a temp file next to `path`, fsync, rename over `path`."""
+def file_digest(path: str) -> dict:
+    """{"bytes": size, "sha256": hex digest} of a file, as recorded in a meta's "files"."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return {"bytes": os.path.getsize(path), "sha256": h.hexdigest()}
+
+
+def _atomic_write(path: str, write) -> dict:
+    """write(file_object) into a temp file next to `path`, fsync, rename over `path`; -> its digest."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
@@ -55,19 +70,21 @@ def _atomic_write(path: str, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        digest = file_digest(tmp)  # what reached the file, read back
         os.replace(tmp, path)
+        return digest
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
 
 
-def atomic_torch_save(obj, path: str) -> None:
-    _atomic_write(path, lambda f: torch.save(obj, f))
+def atomic_torch_save(obj, path: str) -> dict:
+    return _atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def atomic_json_save(obj, path: str) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode("utf-8")))
+def atomic_json_save(obj, path: str) -> dict:
+    return _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode("utf-8")))
 
 
 def model_path(ckpt_dir, step):
@@ -83,17 +100,41 @@ def optim_path(ckpt_dir, step, rank):
 
 
 def save_checkpoint(ckpt_dir: str, step: int, model_state: dict | None, trainer_state: dict | None, meta: dict | None,
-                    rank: int = 0, barrier=None) -> None:
-    """Rank 0 writes the model; every rank writes its trainer state; then (after `barrier()`, when
-    given) rank 0 writes the meta file that marks the checkpoint complete."""
+                    rank: int = 0, gather=None) -> None:
+    """Rank 0 writes the model; every rank writes its trainer state; then rank 0 writes the meta
+    file that marks the checkpoint complete, with every file's size and SHA-256 under "files".
+
+    gather(obj) -> [obj of rank 0, obj of rank 1, ...] collects each rank's file digests (in DDP
+    dist.all_gather_object; it is also the barrier that keeps the meta last); None: one process.
+    """
+    files = {}
     if rank == 0 and model_state is not None:
-        atomic_torch_save(model_state, model_path(ckpt_dir, step))
+        files[os.path.basename(model_path(ckpt_dir, step))] = atomic_torch_save(model_state, model_path(ckpt_dir, step))
     if trainer_state is not None:
-        atomic_torch_save(trainer_state, optim_path(ckpt_dir, step, rank))
-    if barrier is not None:
-        barrier()
+        path = optim_path(ckpt_dir, step, rank)
+        files[os.path.basename(path)] = atomic_torch_save(trainer_state, path)
+    every_rank = gather(files) if gather is not None else [files]
     if rank == 0 and meta is not None:
+        meta = dict(meta, files={name: digest for ranks_files in every_rank for name, digest in ranks_files.items()})
         atomic_json_save(meta, meta_path(ckpt_dir, step))
+
+
+def verify_file(path: str, meta: dict, where: str) -> None:
+    """Refuses a file whose size or SHA-256 differs from what the meta (file `where`) recorded.
+    Files the meta does not list (nanochat's checkpoints list none) are not checked."""
+    want = meta.get("files", {}).get(os.path.basename(path)) if isinstance(meta.get("files"), dict) else None
+    if want is None or not os.path.exists(path):
+        return
+    if not isinstance(want, dict) or not isinstance(want.get("bytes"), int) or not isinstance(want.get("sha256"), str):
+        raise CheckpointError(f"{where}: the meta's record of {os.path.basename(path)} is damaged: {want!r}")
+    size = os.path.getsize(path)
+    if size != want["bytes"]:
+        raise CheckpointError(f"{path} has {size} bytes, {want['bytes']} when it was saved ({where}): the file is "
+                              f"truncated or was replaced")
+    got = file_digest(path)["sha256"]
+    if got != want["sha256"]:
+        raise CheckpointError(f"{path} is damaged: its SHA-256 is {got}, {want['sha256']} when it was saved "
+                              f"({where}); its tensors would load as different numbers")
 
 
 def _load(path: str, device):
@@ -123,12 +164,16 @@ def read_meta(ckpt_dir: str, step: int) -> dict:
 def load_checkpoint(ckpt_dir: str, step: int, device="cpu", load_trainer_state: bool = False, rank: int = 0):
     """-> (model_state, trainer_state or None, meta)."""
     meta = read_meta(ckpt_dir, step)
+    verify_file(model_path(ckpt_dir, step), meta, meta_path(ckpt_dir, step))
     model_state = _load(model_path(ckpt_dir, step), device)
     if not isinstance(model_state, dict) or not all(isinstance(v, torch.Tensor) for v in model_state.values()):
         raise CheckpointError(f"{model_path(ckpt_dir, step)}: expected a state dict of tensors, got {type(model_state).__name__}")
     # torch.compile prefixes keys with _orig_mod.; DDP with module.
     model_state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in model_state.items()}
-    trainer_state = _load(optim_path(ckpt_dir, step, rank), device) if load_trainer_state else None
+    trainer_state = None
+    if load_trainer_state:
+        verify_file(optim_path(ckpt_dir, step, rank), meta, meta_path(ckpt_dir, step))
+        trainer_state = _load(optim_path(ckpt_dir, step, rank), device)
     return model_state, trainer_state, meta
 
 

@@ -487,7 +487,12 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
             ckpt.remove_checkpoints(out_dir)
         what = f"checkpoints (steps {', '.join(map(str, earlier))})" if earlier else f"incomplete checkpoint files ({', '.join(stale)})"
         log.print(f"removed an earlier run's {what} from {out_dir}")
-    barrier = (lambda: dist.barrier()) if info.ddp else None
+    def gather(obj):  # every rank's checkpoint file digests, for the meta rank 0 writes last
+        if not info.ddp:
+            return [obj]
+        every_rank = [None] * info.world_size
+        dist.all_gather_object(every_rank, obj)
+        return every_rank
 
     def save(step, metrics):
         trainer = dict(optimizers=[o.state_dict() for o in optimizers], loader=train_loader.state_dict(), rng=_rng_state(),
@@ -498,7 +503,7 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
                         metrics=finite_or_none(metrics))
         if isinstance(meta.get("tokenizer"), str):  # where sftfast.engine finds the tokenizer
             meta_out["tokenizer"] = meta["tokenizer"]
-        ckpt.save_checkpoint(out_dir, step, model.state_dict(), trainer, meta_out, rank=info.rank, barrier=barrier)
+        ckpt.save_checkpoint(out_dir, step, model.state_dict(), trainer, meta_out, rank=info.rank, gather=gather)
         log.print(f"saved checkpoint {out_dir} step {step}")
 
     flops_per_token = model.estimate_flops(T)
