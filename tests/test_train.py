@@ -15,6 +15,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -392,6 +393,40 @@ def test_resume_refuses_changed_run_flags(base_dir):
     # what may change: evaluation, logging, saving, the loader's workers
     out = train.run(make_args(base_dir, "--num-iterations", "4", "--resume", "--eval-every", "1", "--loader-workers", "1"))
     assert out["step"] == 4 and len(out["losses"]) == 2
+
+
+def test_resume_refuses_changed_training_data(base_dir):
+    """The loader state is a position in the data: resumed on changed data (an edited file, a
+    new hub revision) it gave other batches than the run would have seen, silently."""
+    train.run(make_args(base_dir, "--num-iterations", "4", "--save-every", "2", "--eval-every", "-1"))
+    os.unlink(base_dir / "chatsft_checkpoints" / "d2" / "meta_000004.json")  # as if stopped after step 2
+    data = base_dir / "train.jsonl"
+    good = data.read_text()
+    data.write_text(good.replace("add ", "sum ", 1))
+    with pytest.raises(ckpt.CheckpointError, match=r"the training data changed: training conversation \d+ differs"):
+        train.run(make_args(base_dir, "--num-iterations", "4", "--resume", "--eval-every", "-1"))
+    data.write_text(good + json.dumps(conversations(1, seed=9)[0]) + "\n")
+    with pytest.raises(ckpt.CheckpointError, match="49 training conversations, the checkpoint's run had 48"):
+        train.run(make_args(base_dir, "--num-iterations", "4", "--resume", "--eval-every", "-1"))
+    data.write_text(good)
+    assert train.run(make_args(base_dir, "--num-iterations", "4", "--resume", "--eval-every", "-1"))["step"] == 4
+
+
+def test_data_fingerprint_of_conversations_and_shard_items():
+    convs = conversations(200, seed=3)
+    fp = train_data.data_fingerprint(convs)
+    assert fp["n"] == 200 and len(fp["samples"]) == 64 and fp == train_data.data_fingerprint(copy.deepcopy(convs))
+    assert train_data.fingerprint_difference(fp, fp) is None
+    sampled = fp["samples"][10][0]
+    convs[sampled]["messages"][0]["content"] += "!"
+    assert train_data.fingerprint_difference(fp, train_data.data_fingerprint(convs)) == (
+        f"training conversation {sampled} differs from the checkpoint's run")
+    items = [(np.arange(5, dtype=np.uint32) + i, np.ones(5, dtype=np.uint8)) for i in range(3)]
+    fp = train_data.data_fingerprint(items)
+    assert [i for i, _ in fp["samples"]] == [0, 1, 2]
+    items[1][1][0] = 0  # one mask byte
+    assert "conversation 1 differs" in train_data.fingerprint_difference(fp, train_data.data_fingerprint(items))
+    assert train_data.data_fingerprint([]) == {"n": 0, "samples": []}
 
 
 def test_resume_trusts_the_meta_not_leftover_files(base_dir):

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from sftfast import checkpoint as ckpt
-from sftfast.train_data import make_loader, read_training_data
+from sftfast.train_data import data_fingerprint, fingerprint_difference, make_loader, read_training_data
 from sftfast.optim import SCHEDULES, build_optimizers, lr_multiplier
 
 
@@ -427,6 +427,7 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
 
         train_ds = tasks.build_mixture(args.mixture, split="train", data_dir=args.data_dir)
         val_ds = tasks.build_mixture(args.mixture, split="val", data_dir=args.data_dir)
+    fingerprint = data_fingerprint(train_ds)  # saved with each checkpoint, checked by --resume
     if metric_tasks is None and args.eval_tasks:  # whatever the training data (a shard too)
         from sftfast import tasks
 
@@ -473,6 +474,11 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
             except (KeyError, TypeError, ValueError) as e:
                 raise ckpt.CheckpointError(f"{out_dir} step {trainer_state['step']}: its {type(opt).__name__} state "
                                            f"does not fit this model's parameters: {e!r}") from e
+        saved_data = trainer_state.get("data_fingerprint")
+        if isinstance(saved_data, dict) and (why := fingerprint_difference(saved_data, fingerprint)):
+            raise ckpt.CheckpointError(f"{out_dir} step {trainer_state['step']}: the training data changed: {why}; "
+                                       "resuming would not give the batches the run would have seen. "
+                                       "Restore the data, or start a new run with --overwrite")
         try:
             train_loader.load_state_dict(trainer_state["loader"])
         except (KeyError, TypeError, ValueError) as e:
@@ -496,7 +502,8 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
 
     def save(step, metrics):
         trainer = dict(optimizers=[o.state_dict() for o in optimizers], loader=train_loader.state_dict(), rng=_rng_state(),
-                       step=step, num_iterations=num_iterations, world_size=info.world_size, settings=settings)
+                       step=step, num_iterations=num_iterations, world_size=info.world_size, settings=settings,
+                       data_fingerprint=fingerprint)
         meta_out = dict(**ckpt.model_config_meta(config), step=step, num_iterations=num_iterations, world_size=info.world_size,
                         source=args.source,
                         args={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},

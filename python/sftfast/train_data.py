@@ -186,6 +186,43 @@ def read_training_data(path, tokenizer, shuffle: bool = True):
     return ShuffledShard(data) if isinstance(data, ShardDataset) else Shuffled(data)
 
 
+def data_fingerprint(dataset, samples: int = 64) -> dict:
+    """{"n": len, "samples": [[index, digest], ...]}: short SHA-256s of `samples` evenly spaced
+    items. A checkpoint keeps it so that --resume can tell whether the data changed underneath
+    (a new hub revision, an edited JSONL, a rebuilt shard): the loader state is a position, and
+    a position in different data does not give the batches the run would have seen. A sample
+    catches a new revision, a reordering or a changed count, not every edited line of a big file."""
+    import hashlib
+    import json
+
+    n = len(dataset)
+    indices = sorted({i * n // samples for i in range(samples)}) if n else []
+    out = []
+    for i in indices:
+        item = dataset[i]
+        if isinstance(item, tuple) and all(isinstance(a, np.ndarray) for a in item):  # a shard's (ids, mask)
+            blob = b"".join(np.ascontiguousarray(a).tobytes() + str(a.dtype).encode() for a in item)
+        else:  # a conversation: its JSON with sorted keys
+            blob = json.dumps(item, sort_keys=True, ensure_ascii=False, default=repr).encode("utf-8")
+        out.append([i, hashlib.sha256(blob).hexdigest()[:16]])
+    return {"n": n, "samples": out}
+
+
+def fingerprint_difference(saved: dict, now: dict) -> str | None:
+    """None when two data fingerprints agree, else what differs, in words."""
+    if saved.get("n") != now["n"]:
+        return f"{now['n']} training conversations, the checkpoint's run had {saved.get('n')}"
+    saved_samples = saved.get("samples")
+    if not isinstance(saved_samples, list) or [s[0] for s in saved_samples] != [s[0] for s in now["samples"]]:
+        return None  # sampled otherwise (another version): nothing to compare
+    changed = [i for (i, a), (_, b) in zip(saved_samples, now["samples"]) if a != b]
+    if changed:
+        shown = ", ".join(map(str, changed[:5])) + (" ..." if len(changed) > 5 else "")
+        one = len(changed) == 1
+        return f"training conversation{'' if one else 's'} {shown} differ{'s' if one else ''} from the checkpoint's run"
+    return None
+
+
 def make_loader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packing="bestfit", impl="rust", device="cpu",
                 num_workers=0):
     """The Rust loader (sftfast.dataloader.SFTLoader) or, with impl="python", the Python one.
