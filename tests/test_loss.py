@@ -415,18 +415,17 @@ def test_narrow_in_place_equals_rounding(dtype, shape):
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
-@needs_interp
-@pytest.mark.parametrize("dtype, ignore_frac", [(torch.float32, 0.0), (torch.bfloat16, 0.4), (torch.float16, 0.0)])
-def test_interp_case_dz_in_unwritten_dw_rows(monkeypatch, dtype, ignore_frac):
+def check_dz_in_unwritten_dw_rows(monkeypatch, dtype, ignore_frac, device, n, D, V):
     """dZ chunks stored in dW's own unwritten rows (full and shrunk chunks), then the tail in a
     buffer of its own: every chunk kind in one backward, gradients as the reference's."""
     from sftfast.kernels import fused_linear_ce
 
-    n, D, V = CARVE_CASE["n"], CARVE_CASE["D"], CARVE_CASE["V"]
-    monkeypatch.setattr(fused_linear_ce, "CHUNK_BYTES", CARVE_CASE["chunk_bytes"] * torch.empty(0, dtype=dtype).element_size() // 4)
-    plan = fused_linear_ce._backward_chunks(n, V, D, torch.empty(0, dtype=dtype).element_size(), 64, carve=True)
-    assert {carved for _, _, carved in plan} == {True, False}
-    hidden, weight, targets = make_case(n, D, V, dtype, ignore_frac, seed=31)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    block_v = fused_linear_ce.kernel_config(torch.device(device), dtype, D)["BLOCK_V"]
+    monkeypatch.setattr(fused_linear_ce, "CHUNK_BYTES", 4 * block_v * n * itemsize)  # 4-block chunks, 1-block tail
+    plan = fused_linear_ce._backward_chunks(n, V, D, itemsize, block_v, carve=True)
+    assert _backward_chunk_kinds(plan, n, V, D, 4 * block_v, block_v) == {"full", "shrunk", "own"}
+    hidden, weight, targets = make_case(n, D, V, dtype, ignore_frac, seed=31, device=device)
     check_against_reference("triton", hidden, weight, targets, dtype, softcap=4.0)
     # only one of the two gradients: no dW to carve from, or no dH to accumulate
     _, rdh, rdw = reference(hidden, weight, targets)
@@ -436,6 +435,12 @@ def test_interp_case_dz_in_unwritten_dw_rows(monkeypatch, dtype, ignore_frac):
     w = weight.clone().requires_grad_()
     fused_linear_cross_entropy(hidden, w, targets, impl="triton").backward()
     assert rel_err(w.grad.float(), rdw) <= REL_TOL[dtype]
+
+
+@needs_interp
+@pytest.mark.parametrize("dtype, ignore_frac", [(torch.float32, 0.0), (torch.bfloat16, 0.4), (torch.float16, 0.0)])
+def test_interp_case_dz_in_unwritten_dw_rows(monkeypatch, dtype, ignore_frac):
+    check_dz_in_unwritten_dw_rows(monkeypatch, dtype, ignore_frac, "cpu", n=30, D=40, V=2000)
 
 
 @needs_interp
@@ -560,6 +565,12 @@ def test_cuda_auto_is_triton_and_chunked_agrees(reduction):
     assert abs(float(a[0]) - float(b[0])) < 5e-3 * max(1.0, abs(float(b[0])))
     assert rel_err(a[1].float(), b[1].float()) < 2.5e-2
     assert rel_err(a[2].float(), b[2].float()) < 2.5e-2
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype, ignore_frac", [(torch.float32, 0.0), (torch.bfloat16, 0.4), (torch.float16, 0.0)])
+def test_cuda_dz_in_unwritten_dw_rows(monkeypatch, dtype, ignore_frac):
+    check_dz_in_unwritten_dw_rows(monkeypatch, dtype, ignore_frac, "cuda", n=300, D=64, V=20000)
 
 
 @needs_cuda
