@@ -50,9 +50,9 @@ for step in $STEPS; do
     t0=$(date +%s)
     case $step in
         train) cmd=("$PY" scripts/gpu_train_check.py --out "$OUT/train.json" --budget $((est < l - 15 ? est - 15 : l - 15))) ;;
-        # CHUNK_MB=128: larger backward chunks, the tail buffer 32 MiB instead of 16. By arithmetic
-        # (lce_backward's docstring) the default peak at shape 3 is dW + N x D x 4 + 16 MiB = 656 MiB
-        # (1.13x CCE's 578 measured before), 672 MiB with 128; the row says what the speed is worth.
+        # CHUNK_MB=128: larger backward chunks. The peak at shapes 1 and 3 is dH's fp32 -> bf16
+        # conversion (dW + 6 N D bytes), not the chunk, so by arithmetic (lce_backward's docstring)
+        # this costs no memory there; the row says what the larger GEMMs are worth in speed.
         loss) cmd=("$PY" scripts/gpu_loss_check.py --quick --triton-config CHUNK_MB=128 --out "$OUT/loss.json") ;;
         data) cmd=(bash scripts/gpu_check_data.sh "$PY") ;;
         model) cmd=("$PY" -m pytest -q -p no:cacheprovider tests/test_model.py -k cuda) ;;

@@ -23,10 +23,8 @@ recomputes the logits tile by tile, turns them into dZ with the saved log-sum-ex
 dZ (rows x C, input dtype) into scratch space; then two cuBLAS GEMMs consume it:
     dH       += dZ @ W[chunk] into an fp32 (rows, D) accumulator
     dW[chunk] = dZ^T @ H     one GEMM reducing over all rows with fp32 accumulation, written once
-The scratch is dW's own not-yet-written rows while they are large enough, a small buffer for
-the last chunks. Memory above inputs and gradients, half dtypes: rows x D x 2 bytes (dH is
-accumulated in fp32, then rounded into the accumulator's first half) + CHUNK_BYTES / 4; see
-lce_backward.
+The scratch is dW's own not-yet-written rows while they are large enough, a half-size buffer
+for the last chunks. Memory above inputs and gradients: see lce_backward.
 
 Performance notes (what was weighed; measured numbers live in docs/BENCHMARKS.md):
 - dW strategy. CCE adds each (row block, vocab block) tile's dZ^T H into dW under a spin lock
@@ -72,7 +70,7 @@ import triton.language as tl
 # Size of a dZ chunk in backward (rows x C x element size). 64 MiB keeps the GEMMs it feeds
 # (K = rows for dW, K = C for dH) large enough to run at full cuBLAS speed (32 MiB was 5-9%
 # slower on H200). Most chunks live in dW's unwritten rows; the buffer of its own that the last
-# chunks need is a quarter of this (lce_backward).
+# chunks need is half of this (lce_backward).
 CHUNK_BYTES = int(os.environ.get("SFTFAST_LCE_CHUNK_MB", "64")) * 1024 * 1024
 
 
@@ -331,23 +329,21 @@ def _backward_chunks(n, V, D, itemsize, block_v, carve):
     the rows of dW that are still unwritten (see lce_backward).
 
     dZ for the chunk [v0, v1) fits in dW[v1:] when (V - v1) x D >= n x (v1 - v0), i.e. for
-    chunks up to (V - v0) x D / (n + D) columns: full CHUNK_BYTES chunks first, then shrinking
-    ones, then, once a carved chunk would fall under the tail's size, the tail's columns from
-    a separate CHUNK_BYTES / 4 buffer. Without carving every chunk uses a CHUNK_BYTES buffer.
+    chunks up to (V - v0) x D / (n + D) columns. Chunks are CHUNK_BYTES wide while that fits,
+    then shrink, but never below half of it (smaller GEMMs run slower: 32 MiB chunks instead
+    of 64 cost 5-9% on H200); past that point the rest is done in half-size chunks from a
+    buffer of their own. Without carving, every chunk is CHUNK_BYTES wide in its own buffer.
     """
     full = chunk_columns(n, V, itemsize, block_v)
     if not carve:
         return [(v0, min(V, v0 + full), False) for v0 in range(0, V, full)]
-    tail = chunk_columns(n, V, itemsize, block_v, CHUNK_BYTES // 4)
+    half = chunk_columns(n, V, itemsize, block_v, CHUNK_BYTES // 2)
     chunks, v0 = [], 0
     while v0 < V:
         fit = (V - v0) * D // (n + D) // block_v * block_v
-        if fit >= tail:
-            v1 = v0 + min(full, fit)
-            chunks.append((v0, v1, True))
-        else:
-            v1 = min(V, v0 + tail)
-            chunks.append((v0, v1, False))
+        carved = fit >= half
+        v1 = v0 + min(full, fit) if carved else min(V, v0 + half)
+        chunks.append((v0, v1, carved))
         v0 = v1
     return chunks
 
@@ -358,16 +354,15 @@ def lce_backward(h, weight, targets, lse, scale, softcap=None, need_dh=True, nee
     scale: 0-d fp32 tensor on h's device (upstream grad / normaliser), read inside the kernel
     so that backward needs no host sync.
 
-    Memory. Besides dW, the loop holds the fp32 dH accumulator (n x D x 4) and one chunk of dZ
-    (rows x C). dW is written one vocabulary chunk at a time, in order, so its rows past the
-    current chunk are free space: while they are large enough the chunk's dZ is stored there
-    (it is consumed before those rows are written), and only the last ~(n + D) / D chunks'
-    worth of columns need a buffer of their own, a quarter of CHUNK_BYTES. The finished fp32
-    dH is then rounded into the first half of its own storage (_narrow_in_place) instead of a
-    new tensor. Peak above inputs: dW + n x D x 4 + CHUNK_BYTES / 4, the gradients plus the
-    precision of an fp32 dH; CCE holds the gradients only, rounding every partial sum to bf16.
-    (At N=16384, D=2048, V=131072 bf16: 512 + 128 + 16 MiB, against 512 + 128 + 64 + 64 with a
-    separate 64 MiB chunk and a separate half-precision copy of dH.)
+    Memory besides dW: the fp32 dH accumulator (n x D x 4), the dZ scratch, and at the end dH's
+    conversion to the half dtype (the accumulator and its copy exist together for a moment).
+    dW is written one vocabulary chunk at a time, in order, so its rows past the current chunk
+    are free space: while they are large enough the chunk's dZ is stored there (consumed
+    before those rows are written) and only the last chunks need a buffer of their own, of
+    CHUNK_BYTES / 2. Peak: dW + n x D x 4 + max(n x D x 2, CHUNK_BYTES / 2) for half dtypes,
+    where a CHUNK_BYTES buffer for every chunk gave dW + n x D x 4 + max(n x D x 2, CHUNK_BYTES):
+    lower where the chunk, not the conversion, was the peak (small n x D: masked rows, a small
+    model width). Counted on CPU by scripts/loss_memory_accounting.py.
     """
     n, D = h.shape
     V = weight.shape[0]
@@ -396,45 +391,18 @@ def lce_backward(h, weight, targets, lse, scale, softcap=None, need_dh=True, nee
             dz_c = own[:, :C]
         w_chunk = weight[v0:v1]
         dlogits_chunk(h, w_chunk, targets, lse, scale, v0, dz_c, softcap, cfg)
-        if need_dh:  # before dW's GEMM: a carved dz_c is still intact
+        if need_dh:
             _accumulate_fp32(dh32, dz_c, w_chunk)
         if need_dw:
             # one GEMM over all rows: fp32 accumulation inside cuBLAS, each dW element written once
             torch.mm(dz_c.t(), h, out=dw[v0:v1])
             if post is not None:
                 dw[v0:v1].mul_(post)
-    del own, dz_c
-    if not need_dh:
-        return None, dw
-    if post is not None:
+    del own, dz_c  # before the fp32 -> half copy of dH, which is the peak when n x D is large
+    if need_dh and post is not None:
         dh32.mul_(post)
-    if h.dtype == torch.float32:
-        return dh32, dw
-    return _narrow_in_place(dh32, h.dtype), dw
-
-
-def _narrow_in_place(acc32, dtype):
-    """acc32 (n, D) fp32 rounded to a 2-byte dtype, written into the first half of acc32's own
-    storage; returns that (n, D) contiguous view (it keeps the whole storage alive, so the
-    rounded copy costs no memory at the peak instead of n x D x 2 bytes).
-
-    Element i moves from bytes [4i, 4i + 4) to [2i, 2i + 2). Elements [a, b) with b <= 2a land
-    below where they were read from and only on elements under a, which earlier copies (same
-    stream, in order) have consumed; so after a first block through a temporary, blocks
-    [a, 2a) are copied in place, doubling each time.
-    """
-    n, D = acc32.shape
-    total = n * D
-    src = acc32.view(-1)
-    dst = acc32.view(dtype).view(-1)[:total]
-    first = min(total, max(1, total // 16))
-    dst[:first].copy_(src[:first].to(dtype))  # its destination overlaps its own source
-    a = first
-    while a < total:
-        b = min(total, 2 * a)
-        dst[a:b].copy_(src[a:b])
-        a = b
-    return dst.view(n, D)
+    dh = dh32.to(h.dtype) if need_dh else None
+    return dh, dw
 
 
 _FP32_ADDMM_OK = None  # whether this torch has CUDA addmm with out_dtype=float32 (checked once)
