@@ -50,10 +50,10 @@ for step in $STEPS; do
     t0=$(date +%s)
     case $step in
         train) cmd=("$PY" scripts/gpu_train_check.py --out "$OUT/train.json" --budget $((est < l - 15 ? est - 15 : l - 15))) ;;
-        # CHUNK_MB=128: larger backward chunks. The peak at shapes 1 and 3 is dH's fp32 -> bf16
-        # conversion (dW + 6 N D bytes), not the chunk, so by arithmetic (lce_backward's docstring)
-        # this costs no memory there; the row says what the larger GEMMs are worth in speed.
-        loss) cmd=("$PY" scripts/gpu_loss_check.py --quick --triton-config CHUNK_MB=128 --out "$OUT/loss.json") ;;
+        # DH_IN_DW=0: dH's fp32 accumulator on its own (the layout before 2026-11-28): what keeping
+        # it in dW's last rows saves in memory (by arithmetic 128 MiB at shape 3) and costs in time
+        # (recomputing ~2N columns' logits: +3-6% by arithmetic). CHUNK_MB=128: larger chunks.
+        loss) cmd=("$PY" scripts/gpu_loss_check.py --quick --triton-config DH_IN_DW=0 --triton-config CHUNK_MB=128 --out "$OUT/loss.json") ;;
         data) cmd=(bash scripts/gpu_check_data.sh "$PY") ;;
         model) cmd=("$PY" -m pytest -q -p no:cacheprovider tests/test_model.py -k cuda) ;;
         generate) cmd=(bash -c "PY=$PY bash scripts/gpu_generate_check.sh") ;;

@@ -411,7 +411,12 @@ def check_dz_in_unwritten_dw_rows(monkeypatch, dtype, ignore_frac, device, n, D,
     plan = fused_linear_ce._backward_chunks(n, V, D, itemsize, block_v, carve=True)
     assert _backward_chunk_kinds(plan, n, V, D, 4 * block_v) == {"full", "shrunk", "own"}
     hidden, weight, targets = make_case(n, D, V, dtype, ignore_frac, seed=31, device=device)
-    check_against_reference("triton", hidden, weight, targets, dtype, softcap=4.0)
+    n_valid = int((targets != -1).sum())
+    # half dtypes: dH's fp32 accumulator in dW's last rows (their logits computed twice) as well
+    assert (fused_linear_ce._dh_in_dw_split(n_valid, V, D, itemsize) is not None) == (itemsize == 2)
+    for dh_in_dw in (True, False):
+        monkeypatch.setattr(fused_linear_ce, "DH_IN_DW", dh_in_dw)
+        check_against_reference("triton", hidden, weight, targets, dtype, softcap=4.0)
     # only one of the two gradients: no dW to carve from, or no dH to accumulate
     _, rdh, rdw = reference(hidden, weight, targets)
     h = hidden.clone().requires_grad_()
@@ -420,6 +425,24 @@ def check_dz_in_unwritten_dw_rows(monkeypatch, dtype, ignore_frac, device, n, D,
     w = weight.clone().requires_grad_()
     fused_linear_cross_entropy(hidden, w, targets, impl="triton").backward()
     assert rel_err(w.grad.float(), rdw) <= REL_TOL[dtype]
+
+
+def test_dh_accumulator_placement_in_dw(monkeypatch):
+    pytest.importorskip("triton")
+    from sftfast.kernels import fused_linear_ce
+
+    split = fused_linear_ce._dh_in_dw_split
+    # the GPU shapes, nothing ignored: the accumulator's 2n rows end dW, 16-byte aligned
+    for n, D, V in ((8192, 4096, 128256), (8192, 2304, 256000), (16384, 2048, 131072), (30, 31, 1001)):
+        first = split(n, V, D, 2)
+        start = (V * D - 2 * n * D) // 8 * 8
+        assert first == start // D and start % 8 == 0 and V - first <= V // 4
+        assert (V - first) * D >= 2 * n * D  # the rows from `first` on hold all of it
+    assert split(16384, 64000, 2048, 2) is None  # 2n rows would be over a quarter of V
+    assert split(100, 5000, 64, 4) is None  # fp32: dH is the accumulator itself
+    assert split(0, 5000, 64, 2) is None and split(10, 5000, 0, 2) is None
+    monkeypatch.setattr(fused_linear_ce, "DH_IN_DW", False)
+    assert split(8192, 128256, 4096, 2) is None
 
 
 @needs_interp

@@ -50,7 +50,7 @@ def add_arguments(parser):
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--triton-config", action="append", default=[],
                         help="extra Triton launch config to time, e.g. BLOCK_M=128,BLOCK_V=256,BLOCK_K=64,"
-                             "GROUP_M=16,num_warps=8,num_stages=3,CHUNK_MB=64 (repeatable)")
+                             "GROUP_M=16,num_warps=8,num_stages=3,CHUNK_MB=64,DH_IN_DW=0 (repeatable)")
 
 
 def _parse_shape(s):
@@ -254,12 +254,16 @@ def _run_gpu(args, shapes, impls, dtype_name):
             name = impl if cfg is None else "triton[" + ",".join(f"{k}={v}" for k, v in cfg.items()) + "]"
             row = {"impl": name}
             orig = fused_linear_ce.kernel_config
-            orig_chunk = fused_linear_ce.CHUNK_BYTES
+            orig_chunk, orig_dh_in_dw = fused_linear_ce.CHUNK_BYTES, fused_linear_ce.DH_IN_DW
             try:
                 if cfg is not None:
                     cfg = dict(cfg)
-                    if "CHUNK_MB" in cfg:  # backward dZ chunk budget, not a launch parameter
+                    # backward memory layout, not launch parameters: the dZ chunk budget, and
+                    # whether dH's fp32 accumulator lives in dW's last rows
+                    if "CHUNK_MB" in cfg:
                         fused_linear_ce.CHUNK_BYTES = cfg.pop("CHUNK_MB") * 2**20
+                    if "DH_IN_DW" in cfg:
+                        fused_linear_ce.DH_IN_DW = bool(cfg.pop("DH_IN_DW"))
                     base_cfg = orig(h.device, dtype, D)
                     fused_linear_ce.kernel_config = lambda *a, _c={**base_cfg, **cfg}: dict(_c)
                 fn = _loss_fn(impl, softcap, "cuda")
@@ -274,7 +278,7 @@ def _run_gpu(args, shapes, impls, dtype_name):
                 row.update(available=False, reason=f"{type(e).__name__}: {str(e)[:500]}")
             finally:
                 fused_linear_ce.kernel_config = orig
-                fused_linear_ce.CHUNK_BYTES = orig_chunk
+                fused_linear_ce.CHUNK_BYTES, fused_linear_ce.DH_IN_DW = orig_chunk, orig_dh_in_dw
                 h.grad = None
                 w.grad = None
                 torch.cuda.empty_cache()

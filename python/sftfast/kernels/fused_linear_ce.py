@@ -23,8 +23,9 @@ recomputes the logits tile by tile, turns them into dZ with the saved log-sum-ex
 dZ (rows x C, input dtype) into scratch space; then two cuBLAS GEMMs consume it:
     dH       += dZ @ W[chunk] into an fp32 (rows, D) accumulator
     dW[chunk] = dZ^T @ H     one GEMM reducing over all rows with fp32 accumulation, written once
-The scratch is dW's own not-yet-written rows while they are large enough, a half-size buffer
-for the last chunks. Memory above inputs and gradients: see lce_backward.
+dH's accumulator and most dZ chunks live in dW's own not-yet-written rows (the accumulator's
+rows get their logits computed twice); a half-size buffer serves the other chunks. Memory
+above inputs and gradients: that buffer (lce_backward).
 
 Performance notes (what was weighed; measured numbers live in docs/BENCHMARKS.md):
 - dW strategy. CCE adds each (row block, vocab block) tile's dZ^T H into dW under a spin lock
@@ -72,6 +73,9 @@ import triton.language as tl
 # slower on H200). Most chunks live in dW's unwritten rows; the buffer of its own that the last
 # chunks need is half of this (lce_backward).
 CHUNK_BYTES = int(os.environ.get("SFTFAST_LCE_CHUNK_MB", "64")) * 1024 * 1024
+# Keep dH's fp32 accumulator inside dW's last rows (lce_backward): CCE's memory at the price of
+# computing ~2n vocabulary columns' logits twice. SFTFAST_LCE_DH_IN_DW=0 turns it off.
+DH_IN_DW = os.environ.get("SFTFAST_LCE_DH_IN_DW", "1") != "0"
 
 
 def _interpreting() -> bool:
@@ -348,21 +352,40 @@ def _backward_chunks(n, V, D, itemsize, block_v, carve):
     return chunks
 
 
+def _dh_in_dw_split(n, V, D, itemsize) -> int | None:
+    """Where dH's fp32 accumulator can live in dW's storage: the first vocabulary row of the
+    final region it overlaps (its last ~2n rows), or None when that region would exceed a
+    quarter of the vocabulary (its logits are computed twice: see lce_backward)."""
+    if not DH_IN_DW or itemsize != 2 or n == 0 or D == 0:
+        return None
+    start = (V * D - 2 * n * D) // 8 * 8  # in dW elements; 16-byte aligned for the fp32 view
+    if start < 0 or 4 * (V - start // D) > V:
+        return None
+    return start // D
+
+
 def lce_backward(h, weight, targets, lse, scale, softcap=None, need_dh=True, need_dw=True, config=None):
     """(dH (n, D) in h's dtype, dW (V, D) in weight's dtype) for compacted rows.
 
     scale: 0-d fp32 tensor on h's device (upstream grad / normaliser), read inside the kernel
     so that backward needs no host sync.
 
-    Memory besides dW: the fp32 dH accumulator (n x D x 4), the dZ scratch, and at the end dH's
-    conversion to the half dtype (the accumulator and its copy exist together for a moment).
-    dW is written one vocabulary chunk at a time, in order, so its rows past the current chunk
-    are free space: while they are large enough the chunk's dZ is stored there (consumed
-    before those rows are written) and only the last chunks need a buffer of their own, of
-    CHUNK_BYTES / 2. Peak: dW + n x D x 4 + max(n x D x 2, CHUNK_BYTES / 2) for half dtypes,
-    where a CHUNK_BYTES buffer for every chunk gave dW + n x D x 4 + max(n x D x 2, CHUNK_BYTES):
-    lower where the chunk, not the conversion, was the peak (small n x D: masked rows, a small
-    model width). Counted on CPU by scripts/loss_memory_accounting.py.
+    Memory. Besides the gradients there are dH's fp32 accumulator (n x D x 4) and the dZ scratch,
+    and converting the finished accumulator to the half dtype needs both at once: dW + 6 n D
+    bytes, 1.22x Cut Cross-Entropy's memory at N=16384, D=2048, V=131072 (CCE keeps no fp32
+    accumulator: it rounds every partial sum into bf16). dW is written one vocabulary chunk at a
+    time, in order, so its rows past the current chunk are free space, used twice:
+    - the accumulator lives in dW's last ~2n rows (half dtypes, both gradients wanted, when
+      those rows are at most a quarter of the vocabulary: DH_IN_DW). The vocabulary before
+      them is done first; then the final region's chunks add their dH; the accumulator is
+      converted into dH; then the final region's logits are recomputed for its dW rows. Extra
+      work: 2 n D x 2n FLOPs, n / 2V of the total (3-6% at the issue's shapes);
+    - each chunk's dZ is stored in dW's rows between the chunk and the accumulator while they
+      are large enough (consumed before those rows are written); the rest of the chunks use a
+      buffer of their own, CHUNK_BYTES / 2.
+    Peak: dW + n x D x 2 + CHUNK_BYTES / 2, the gradients plus the buffer, where a separate
+    accumulator and buffer gave dW + n x D x 4 + max(n x D x 2, CHUNK_BYTES). Counted on CPU by
+    scripts/loss_memory_accounting.py; the GPU run measures it.
     """
     n, D = h.shape
     V = weight.shape[0]
@@ -377,31 +400,49 @@ def lce_backward(h, weight, targets, lse, scale, softcap=None, need_dh=True, nee
         # bf16 has fp32's range and needs none of this.
         post = torch.exp2((torch.ceil(torch.log2(scale.abs())) - 15).clamp_min(0))
         scale = scale / post
-    dh32 = torch.zeros((n, D), device=h.device, dtype=torch.float32) if need_dh else None
     dw = torch.empty((V, D), device=weight.device, dtype=weight.dtype) if need_dw else None
-    chunks = _backward_chunks(n, V, D, h.element_size(), cfg["BLOCK_V"], need_dw and weight.dtype == h.dtype)
-    own_cols = max((v1 - v0 for v0, v1, carved in chunks if not carved), default=0)
+    same_dtype = need_dw and weight.dtype == h.dtype
+    split = _dh_in_dw_split(n, V, D, h.element_size()) if same_dtype and need_dh else None
+    if split is None:  # the accumulator on its own; chunks over the whole vocabulary
+        main_end, dh32 = V, torch.zeros((n, D), device=h.device, dtype=torch.float32) if need_dh else None
+    else:
+        main_end = split
+        start = (V * D - 2 * n * D) // 8 * 8
+        dh32 = dw.view(-1)[start:start + 2 * n * D].view(torch.float32).view(n, D).zero_()
+    chunks = _backward_chunks(n, main_end, D, h.element_size(), cfg["BLOCK_V"], same_dtype)
+    half = chunk_columns(n, V, h.element_size(), cfg["BLOCK_V"], CHUNK_BYTES // 2)
+    final = [(v0, min(V, v0 + half)) for v0 in range(main_end, V, half)]
+    own_cols = max([v1 - v0 for v0, v1, carved in chunks if not carved] + [v1 - v0 for v0, v1 in final], default=0)
     own = torch.empty((n, own_cols), device=h.device, dtype=h.dtype) if own_cols else None
-    dz_c = None
-    for v0, v1, carved in chunks:
+
+    def dz_of(v0, v1, carved):
         C = v1 - v0
-        if carved:  # in dW's rows from v1 on: written only by later chunks, after this one's use
-            dz_c = dw.view(-1)[v1 * D: v1 * D + n * C].view(n, C)
-        else:
-            dz_c = own[:, :C]
-        w_chunk = weight[v0:v1]
-        dlogits_chunk(h, w_chunk, targets, lse, scale, v0, dz_c, softcap, cfg)
+        # carved: in dW's rows from v1 on, written only by later chunks, after this one's use
+        dz_c = dw.view(-1)[v1 * D: v1 * D + n * C].view(n, C) if carved else own[:, :C]
+        return dlogits_chunk(h, weight[v0:v1], targets, lse, scale, v0, dz_c, softcap, cfg)
+
+    def write_dw(v0, v1, dz_c):
+        # one GEMM over all rows: fp32 accumulation inside cuBLAS, each dW element written once
+        torch.mm(dz_c.t(), h, out=dw[v0:v1])
+        if post is not None:
+            dw[v0:v1].mul_(post)
+
+    for v0, v1, carved in chunks:
+        dz_c = dz_of(v0, v1, carved)
         if need_dh:
-            _accumulate_fp32(dh32, dz_c, w_chunk)
+            _accumulate_fp32(dh32, dz_c, weight[v0:v1])
         if need_dw:
-            # one GEMM over all rows: fp32 accumulation inside cuBLAS, each dW element written once
-            torch.mm(dz_c.t(), h, out=dw[v0:v1])
-            if post is not None:
-                dw[v0:v1].mul_(post)
-    del own, dz_c  # before the fp32 -> half copy of dH, which is the peak when n x D is large
-    if need_dh and post is not None:
-        dh32.mul_(post)
-    dh = dh32.to(h.dtype) if need_dh else None
+            write_dw(v0, v1, dz_c)
+    for v0, v1 in final:  # dH only: these dW rows hold the accumulator
+        _accumulate_fp32(dh32, dz_of(v0, v1, False), weight[v0:v1])
+    dh = None
+    if need_dh:
+        if post is not None:
+            dh32.mul_(post)
+        dh = dh32 if h.dtype == torch.float32 else dh32.to(h.dtype)
+        del dh32
+    for v0, v1 in final:  # the accumulator is dH now: recompute dZ for these rows of dW
+        write_dw(v0, v1, dz_of(v0, v1, False))
     return dh, dw
 
 
