@@ -434,9 +434,8 @@ def test_dh_accumulator_placement_in_dw(monkeypatch):
     split = fused_linear_ce._dh_in_dw_split
     # the GPU shapes, nothing ignored: the accumulator's 2n rows end dW, 16-byte aligned
     for n, D, V in ((8192, 4096, 128256), (8192, 2304, 256000), (16384, 2048, 131072), (30, 31, 1001)):
-        first = split(n, V, D, 2)
-        start = (V * D - 2 * n * D) // 8 * 8
-        assert first == start // D and start % 8 == 0 and V - first <= V // 4
+        first, start = split(n, V, D, 2)
+        assert start == (V * D - 2 * n * D) // 8 * 8 and first == start // D and start % 8 == 0 and V - first <= V // 4
         assert (V - first) * D >= 2 * n * D  # the rows from `first` on hold all of it
     assert split(16384, 64000, 2048, 2) is None  # 2n rows would be over a quarter of V
     assert split(100, 5000, 64, 4) is None  # fp32: dH is the accumulator itself

@@ -352,16 +352,16 @@ def _backward_chunks(n, V, D, itemsize, block_v, carve):
     return chunks
 
 
-def _dh_in_dw_split(n, V, D, itemsize) -> int | None:
-    """Where dH's fp32 accumulator can live in dW's storage: the first vocabulary row of the
-    final region it overlaps (its last ~2n rows), or None when that region would exceed a
-    quarter of the vocabulary (its logits are computed twice: see lce_backward)."""
+def _dh_in_dw_split(n, V, D, itemsize) -> tuple[int, int] | None:
+    """Where dH's fp32 accumulator can live in dW's storage: (the first vocabulary row of the
+    final region it overlaps, its first element in dW), or None when that region would exceed
+    a quarter of the vocabulary (its logits are computed twice: see lce_backward)."""
     if not DH_IN_DW or itemsize != 2 or n == 0 or D == 0:
         return None
-    start = (V * D - 2 * n * D) // 8 * 8  # in dW elements; 16-byte aligned for the fp32 view
+    start = (V * D - 2 * n * D) // 8 * 8  # the last 2 n D elements, 16-byte aligned for the fp32 view
     if start < 0 or 4 * (V - start // D) > V:
         return None
-    return start // D
+    return start // D, start
 
 
 def lce_backward(h, weight, targets, lse, scale, softcap=None, need_dh=True, need_dw=True, config=None):
@@ -372,7 +372,7 @@ def lce_backward(h, weight, targets, lse, scale, softcap=None, need_dh=True, nee
 
     Memory. Besides the gradients there are dH's fp32 accumulator (n x D x 4) and the dZ scratch,
     and converting the finished accumulator to the half dtype needs both at once: dW + 6 n D
-    bytes, 1.22x Cut Cross-Entropy's memory at N=16384, D=2048, V=131072 (CCE keeps no fp32
+    bytes, ~1.24x Cut Cross-Entropy's memory at N=16384, D=2048, V=131072 (CCE keeps no fp32
     accumulator: it rounds every partial sum into bf16). dW is written one vocabulary chunk at a
     time, in order, so its rows past the current chunk are free space, used twice:
     - the accumulator lives in dW's last ~2n rows (half dtypes, both gradients wanted, when
@@ -406,8 +406,7 @@ def lce_backward(h, weight, targets, lse, scale, softcap=None, need_dh=True, nee
     if split is None:  # the accumulator on its own; chunks over the whole vocabulary
         main_end, dh32 = V, torch.zeros((n, D), device=h.device, dtype=torch.float32) if need_dh else None
     else:
-        main_end = split
-        start = (V * D - 2 * n * D) // 8 * 8
+        main_end, start = split
         dh32 = dw.view(-1)[start:start + 2 * n * D].view(torch.float32).view(n, D).zero_()
     chunks = _backward_chunks(n, main_end, D, h.element_size(), cfg["BLOCK_V"], same_dtype)
     half = chunk_columns(n, V, h.element_size(), cfg["BLOCK_V"], CHUNK_BYTES // 2)
