@@ -257,6 +257,59 @@ def test_chat_leaves_room_for_the_reply_and_keeps_history_when_a_reply_fails():
     assert (chat.tokens, chat.turn_starts) == before
 
 
+def test_chat_shows_tool_calls_and_hides_other_special_tokens():
+    """A calculator call shows as [calculator: EXPR = RESULT]; one the calculator refused (no
+    forced output) still closes its bracket, as does one cut off by max_tokens (and the history
+    closes the call); any other special token the model emits prints as nothing."""
+    from types import SimpleNamespace
+
+    from sftfast.chat import Chat
+    from sftfast.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_ranks({bytes([i]): i for i in range(256)}, r"\S+|\s+")
+    sid = tok.special_token_id
+
+    class StubEngine:
+        model = SimpleNamespace(rotary_seq_len=256)
+        script: list = []
+
+        def generate(self, prompt, num_samples, max_tokens, **kw):
+            for token in self.script[:max_tokens]:
+                yield [token], [1]
+
+    def say(script, max_tokens=64):
+        engine.script = script
+        chat = Chat(engine, tok, temperature=0.0, top_k=1, max_tokens=max_tokens, seed=0)
+        out = io.StringIO()
+        shown = chat.reply("q", out=out)
+        assert out.getvalue() == shown + "\n"
+        return shown, chat.tokens
+
+    engine = StubEngine()
+    call = [sid("<|python_start|>"), *tok.encode("2+3"), sid("<|python_end|>")]
+    output = [sid("<|output_start|>"), *tok.encode("5"), sid("<|output_end|>")]
+    end = [sid("<|assistant_end|>")]
+    assert say(call + output + tok.encode(" so 5") + end)[0] == "[calculator: 2+3 = 5] so 5"
+    assert say(call + tok.encode(" so 5") + end)[0] == "[calculator: 2+3] so 5"  # refused: no output
+    assert say(call + end)[0] == "[calculator: 2+3]"
+    shown, tokens = say(call + output, max_tokens=3)  # cut inside the call
+    assert shown == "[calculator: 2+]" and tokens[-2:] == [sid("<|python_end|>"), sid("<|assistant_end|>")]
+    assert say(tok.encode("hi") + [sid("<|user_end|>")] + tok.encode("there") + end)[0] == "hithere"
+
+
+def test_chat_cli_refuses_bad_flags_and_undecodable_input(saved_run, capsys, monkeypatch):
+    from sftfast import chat
+
+    for flags in (["-t", "-1"], ["-t", "nan"], ["-m", "-5"], ["-k", "-1"], ["--threads", "0"]):
+        with pytest.raises(SystemExit):
+            chat.main(["--base-dir", saved_run, *flags, "-p", "hi"])
+        assert "must be a finite number >=" in capsys.readouterr().err
+    # bytes that are not UTF-8 on stdin: replaced, the session goes on to a clean exit
+    stdin = io.TextIOWrapper(io.BytesIO(b"caf\xe9\nquit\n"), encoding="utf-8", errors="strict")
+    monkeypatch.setattr("sys.stdin", stdin)
+    assert chat.main(["--base-dir", saved_run, "-m", "2", "-t", "0"]) == 0
+
+
 def test_eval_cli_checks_every_task_name_first(saved_run, capsys):
     from sftfast import eval as eval_cli
 

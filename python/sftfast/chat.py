@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import math
 import sys
 
 import torch
@@ -22,17 +23,35 @@ import torch
 from sftfast.engine import Engine, add_checkpoint_arguments, load_for_inference
 
 
+def _at_least(minimum, kind=int):
+    """argparse type: a finite number of at least `minimum`, refused when the flags are read
+    (a negative temperature used to fail at every reply of an interactive session)."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a finite number >= {minimum}, got {text}")
+        return value
+
+    return parse
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m sftfast.chat", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_arguments(p)
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
-    p.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature, 0 = greedy (default: 0.6)")
-    p.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k most likely tokens (default: 50)")
-    p.add_argument("-m", "--max-tokens", type=int, default=512, help="most tokens per reply (default: 512)")
+    p.add_argument("-t", "--temperature", type=_at_least(0.0, float), default=0.6,
+                   help="sampling temperature, 0 = greedy (default: 0.6)")
+    p.add_argument("-k", "--top-k", type=_at_least(0), default=50,
+                   help="sample among the k most likely tokens, 0 = all (default: 50)")
+    p.add_argument("-m", "--max-tokens", type=_at_least(0), default=512, help="most tokens per reply (default: 512)")
     p.add_argument("--seed", type=int, default=42, help="sampling seed; turn i uses seed + i (default: 42)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy small CPU)")
+    p.add_argument("--threads", type=_at_least(1), default=None, help="torch CPU threads (1 is fastest on a busy small CPU)")
     return p.parse_args(argv)
 
 
@@ -45,8 +64,12 @@ class Chat:
         sid = tokenizer.special_token_id
         self.user_start, self.user_end = sid("<|user_start|>"), sid("<|user_end|>")
         self.assistant_start, self.assistant_end = sid("<|assistant_start|>"), sid("<|assistant_end|>")
-        self.shown = {sid("<|python_start|>"): "[calculator: ", sid("<|python_end|>"): "",
-                      sid("<|output_start|>"): " = ", sid("<|output_end|>"): "]"}
+        self.python_start, self.python_end = sid("<|python_start|>"), sid("<|python_end|>")
+        self.output_start = sid("<|output_start|>")
+        # how the tool tokens print; any other special token the model emits prints as nothing
+        # (its text, "<|user_end|>", is not something the model said)
+        self.shown = {**{i: "" for i in tokenizer.special_tokens.values()},
+                      self.python_start: "[calculator: ", self.output_start: " = ", sid("<|output_end|>"): "]"}
         self.clear()
 
     def clear(self) -> None:
@@ -87,6 +110,8 @@ class Chat:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pieces = []
         generated = []
+        in_python = False  # inside <|python_start|> ... <|python_end|>
+        after_python = False  # just after <|python_end|>: " = " follows if an output is forced, else "]"
         for column, _ in self.engine.generate(prompt, num_samples=1, max_tokens=self.max_tokens,
                                               temperature=self.temperature, top_k=self.top_k,
                                               seed=self.seed + self.turn):
@@ -94,15 +119,20 @@ class Chat:
             if token in (self.assistant_end, self.tok.bos_id):
                 break
             generated.append(token)
+            text = "]" if after_python and token != self.output_start else ""
+            after_python = token == self.python_end
+            in_python = (in_python or token == self.python_start) and token != self.python_end
             if token in self.shown:
-                text = decoder.decode(b"", final=True) + self.shown[token]
+                text += decoder.decode(b"", final=True) + self.shown[token]
                 decoder.reset()
             else:
-                text = decoder.decode(self.tok.decode_bytes([token]))
+                text += decoder.decode(self.tok.decode_bytes([token]))
             pieces.append(text)
             out.write(text)
             out.flush()
-        tail = decoder.decode(b"", final=True)
+        tail = decoder.decode(b"", final=True) + ("]" if in_python or after_python else "")
+        if in_python:  # cut off (max tokens) inside a calculator call: close it in the history too
+            generated.append(self.python_end)
         pieces.append(tail)
         out.write(tail + "\n")
         out.flush()
@@ -133,6 +163,8 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
         return 0
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 become U+FFFD, not a traceback
+        sys.stdin.reconfigure(errors="replace")
     print(f"sftfast chat: {meta.get('checkpoint_dir')} step {meta.get('step')}. "
           "Type 'clear' for a new conversation, 'quit' to exit.")
     while True:
