@@ -612,3 +612,23 @@ def test_bench_cli_prints_lines_or_json(capsys):
     if not HAS_CUDA:
         assert main(["loss", "--device", "cuda", "--json"]) == 1
     assert main(["loss", "--device", "cpu", "--triton-config", "64,64,32,4,2", "--json"]) == 1
+    # every target ignored: eager's loss is NaN (torch's mean over nothing); the JSON says null,
+    # as strict parsers want (Python's json wrote the non-standard token NaN)
+    capsys.readouterr()
+    assert main(argv + ["--ignore-frac", "1.0", "--json"]) == 0
+    strict = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    rows = strict["results"]["shapes"][0]["results"]
+    assert rows[0]["loss"] is None and rows[1]["loss"] == 0.0
+
+
+@pytest.mark.parametrize("argv", [["loss", "--repeats", "0"], ["loss", "--warmup", "-1"], ["data", "--n", "0"],
+                                  ["data", "--repeat", "0"], ["generate", "--new-tokens", "0"], ["generate", "--batch", "0"],
+                                  ["train", "--steps", "0"], ["tokenizer", "--repeat", "0"], ["prep", "--scale", "0"]])
+def test_bench_cli_refuses_counts_below_their_minimum(argv, capsys):
+    """0 repeats or 0 new tokens divided by zero deep in a benchmark (or read as an unavailable
+    peer, exit 0); such flags are refused as they are read."""
+    from sftfast.bench.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and "must be >= " in capsys.readouterr().err

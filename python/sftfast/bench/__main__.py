@@ -6,6 +6,8 @@ import json
 import platform
 import sys
 
+from sftfast.bench import finite_or_null
+
 SUBCOMMANDS = ["tokenizer", "data", "prep", "loss", "train", "generate"]
 
 
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
         results = modules[args.command].run(args)
     out = {"machine": machine_info(), "results": results}
     if args.json:
-        print(json.dumps(out, indent=2))
+        print(json.dumps(finite_or_null(out), indent=2, allow_nan=False))
     else:
         for key, value in _flatten(out):
             print(f"{key}: {value}")
