@@ -623,7 +623,8 @@ def test_bench_cli_prints_lines_or_json(capsys):
 
 @pytest.mark.parametrize("argv", [["loss", "--repeats", "0"], ["loss", "--warmup", "-1"], ["data", "--n", "0"],
                                   ["data", "--repeat", "0"], ["generate", "--new-tokens", "0"], ["generate", "--batch", "0"],
-                                  ["train", "--steps", "0"], ["tokenizer", "--repeat", "0"], ["prep", "--scale", "0"]])
+                                  ["train", "--steps", "0"], ["tokenizer", "--repeat", "0"], ["prep", "--scale", "0"],
+                                  ["loss", "--shapes", "64,16"], ["loss", "--shapes", "0,8,20"]])
 def test_bench_cli_refuses_counts_below_their_minimum(argv, capsys):
     """0 repeats or 0 new tokens divided by zero deep in a benchmark (or read as an unavailable
     peer, exit 0); such flags are refused as they are read."""
@@ -631,4 +632,6 @@ def test_bench_cli_refuses_counts_below_their_minimum(argv, capsys):
 
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
-    assert exit_info.value.code == 2 and "must be >= " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"argument {argv[1]}: " in err
+    assert ("shape must be N,D,V" in err or "N, D and V must be >= 1" in err) if argv[1] == "--shapes" else "must be >= " in err

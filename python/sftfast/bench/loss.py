@@ -43,7 +43,7 @@ GPU_IMPLS = ["eager", "compiled", "torch_lce", "liger", "cce", "triton"]
 
 def add_arguments(parser):
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--shapes", nargs="*", default=None, help="N,D,V[,softcap] (default per device)")
+    parser.add_argument("--shapes", nargs="*", type=_shape_flag, default=None, help="N,D,V[,softcap] (default per device)")
     parser.add_argument("--impls", nargs="*", default=None, help="subset of implementations to run")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="default float32 on CPU, bfloat16 on CUDA")
@@ -61,6 +61,19 @@ def _parse_shape(s):
         raise ValueError(f"shape must be N,D,V[,softcap], got {s!r}")
     N, D, V = (int(p) for p in parts[:3])
     return N, D, V, (float(parts[3]) if len(parts) == 4 else None)
+
+
+def _shape_flag(s: str) -> str:
+    """argparse type for --shapes: checked when read (a bad shape was a traceback mid-run)."""
+    import argparse
+
+    try:
+        N, D, V, _ = _parse_shape(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e} (e.g. 8192,4096,128256 or 8192,2304,256000,30)") from None
+    if min(N, D, V) < 1:
+        raise argparse.ArgumentTypeError(f"N, D and V must be >= 1, got {s!r}")
+    return s
 
 
 def _parse_config(s):
