@@ -634,4 +634,4 @@ def test_bench_cli_refuses_counts_below_their_minimum(argv, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and f"argument {argv[1]}: " in err
-    assert ("shape must be N,D,V" in err or "N, D and V must be >= 1" in err) if argv[1] == "--shapes" else "must be >= " in err
+    assert ("shape must be N,D,V" in err or "N, D and V must be >= 1" in err) if argv[1] == "--shapes" else "must be an integer >= " in err

@@ -584,6 +584,17 @@ def test_bad_batch_arithmetic_is_an_error(base_dir):
         train.run(make_args(base_dir, "--device-batch-size", "3"))
 
 
+@pytest.mark.parametrize("flag, value", [("--device-batch-size", "0"), ("--num-epochs", "0"), ("--eval-steps", "0"),
+                                         ("--target-examples-per-step", "-4"), ("--max-seq-len", "0"),
+                                         ("--loader-workers", "-1"), ("--device-batch-size", "two")])
+def test_counts_below_their_minimum_are_refused_when_read(base_dir, flag, value, capsys):
+    """--device-batch-size 0 was a ZeroDivisionError traceback; --num-epochs 0 said the data
+    "give no step"; such values are refused with the flag's name before anything loads."""
+    with pytest.raises(SystemExit) as exit_info:
+        make_args(base_dir, flag, value)
+    assert exit_info.value.code == 2 and f"argument {flag}: must be an integer >= " in capsys.readouterr().err
+
+
 def test_token_budget_sets_the_rows_per_step(base_dir):
     args = make_args(base_dir, "--target-tokens-per-step", str(8 * 64))  # 8 rows of max_seq_len 64
     assert train.grad_accum_steps(args, world_size=2) == 2 and args.target_examples_per_step == 8

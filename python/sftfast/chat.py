@@ -15,28 +15,12 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import math
 import sys
 
 import torch
 
+from sftfast.cli import at_least
 from sftfast.engine import Engine, add_checkpoint_arguments, load_for_inference
-
-
-def _at_least(minimum, kind=int):
-    """argparse type: a finite number of at least `minimum`, refused when the flags are read
-    (a negative temperature used to fail at every reply of an interactive session)."""
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or value < minimum:
-            raise argparse.ArgumentTypeError(f"must be a finite number >= {minimum}, got {text}")
-        return value
-
-    return parse
 
 
 def parse_args(argv=None):
@@ -44,14 +28,14 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_arguments(p)
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
-    p.add_argument("-t", "--temperature", type=_at_least(0.0, float), default=0.6,
+    p.add_argument("-t", "--temperature", type=at_least(0.0, float), default=0.6,
                    help="sampling temperature, 0 = greedy (default: 0.6)")
-    p.add_argument("-k", "--top-k", type=_at_least(0), default=50,
+    p.add_argument("-k", "--top-k", type=at_least(0), default=50,
                    help="sample among the k most likely tokens, 0 = all (default: 50)")
-    p.add_argument("-m", "--max-tokens", type=_at_least(0), default=512, help="most tokens per reply (default: 512)")
+    p.add_argument("-m", "--max-tokens", type=at_least(0), default=512, help="most tokens per reply (default: 512)")
     p.add_argument("--seed", type=int, default=42, help="sampling seed; turn i uses seed + i (default: 42)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=_at_least(1), default=None, help="torch CPU threads (1 is fastest on a busy small CPU)")
+    p.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads (1 is fastest on a busy small CPU)")
     return p.parse_args(argv)
 
 

@@ -22,6 +22,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from sftfast.cli import at_least
 from sftfast.engine import Engine, add_checkpoint_arguments, load_for_inference
 from sftfast.evaluate import BASELINES, chatcore, evaluate_task
 from sftfast.tasks import get_task
@@ -34,15 +35,15 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_arguments(p)
     p.add_argument("-a", "--task-name", default=DEFAULT_TASKS, help=f"tasks separated by , or | (default {DEFAULT_TASKS})")
-    p.add_argument("-x", "--max-problems", type=int, default=None, help="evaluate at most this many problems per task")
-    p.add_argument("-b", "--batch-size", type=int, default=8, help="batch size of categorical evaluation (default: 8)")
-    p.add_argument("-n", "--num-samples", type=int, default=1, help="samples per generative problem, pass@n (default: 1)")
-    p.add_argument("-m", "--max-new-tokens", type=int, default=512, help="most tokens per generative answer (default: 512)")
-    p.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature, 0 = greedy (default: 0)")
-    p.add_argument("-k", "--top-k", type=int, default=50, help="top-k of sampling (default: 50)")
+    p.add_argument("-x", "--max-problems", type=at_least(1), default=None, help="evaluate at most this many problems per task")
+    p.add_argument("-b", "--batch-size", type=at_least(1), default=8, help="batch size of categorical evaluation (default: 8)")
+    p.add_argument("-n", "--num-samples", type=at_least(1), default=1, help="samples per generative problem, pass@n (default: 1)")
+    p.add_argument("-m", "--max-new-tokens", type=at_least(1), default=512, help="most tokens per generative answer (default: 512)")
+    p.add_argument("-t", "--temperature", type=at_least(0.0, float), default=0.0, help="sampling temperature, 0 = greedy (default: 0)")
+    p.add_argument("-k", "--top-k", type=at_least(0), default=50, help="top-k of sampling (default: 50)")
     p.add_argument("--data-dir", default=None, help="local mirrors of hub datasets (default $SFTFAST_DATA_DIR)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy small CPU)")
+    p.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads (1 is fastest on a busy small CPU)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="autocast dtype on CUDA")
     p.add_argument("--json", action="store_true", help="print one JSON object with every result")
     return p.parse_args(argv)

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sftfast import _core
+from sftfast.cli import at_least
 from sftfast.shards import MANIFEST_FILE, REPORT_FILE, ShardDataset, is_shard
 from sftfast import tokenizer as tokenizer_io
 from sftfast.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERNS, Tokenizer
@@ -706,14 +707,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="saved sftfast tokenizer, nanochat tokenizer dir, or .tiktoken rank file")
     p.add_argument("--pattern", default=None, help="split pattern for .tiktoken files: nanochat (default), cl100k, o200k, or a regex")
     p.add_argument("--out", help="output shard directory")
-    p.add_argument("--max-tokens", type=int, default=2048, help="truncate each conversation to this many tokens")
+    p.add_argument("--max-tokens", type=at_least(1), default=2048, help="truncate each conversation to this many tokens")
     p.add_argument("--on-error", choices=["fail", "skip"], default="fail")
-    p.add_argument("--num-threads", type=int, default=0, help="render threads (0 = all cores)")
+    p.add_argument("--num-threads", type=at_least(0), default=0, help="render threads (0 = all cores)")
     p.add_argument("--force", action="store_true", help="rebuild even when an identical shard exists")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     p.add_argument("--inspect", metavar="DIR", help="show one rendered conversation of a shard with its mask")
-    p.add_argument("--index", type=int, default=0, help="conversation to --inspect")
+    p.add_argument("--index", type=at_least(0), default=0, help="conversation to --inspect")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     return p
 

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from sftfast import checkpoint as ckpt
+from sftfast.cli import at_least
 from sftfast.train_data import data_fingerprint, fingerprint_difference, make_loader, read_training_data
 from sftfast.optim import SCHEDULES, build_optimizers, lr_multiplier
 
@@ -245,23 +246,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train on this instead of --mixture: a shard directory from `python -m sftfast.prep` "
                         "(memory-mapped, shared by all ranks) or a JSONL file of conversations")
     g.add_argument("--val-data", default=None, help="validation shard directory or JSONL (with --train-data)")
-    g.add_argument("--max-seq-len", type=int, default=2048, help="positions per row")
+    g.add_argument("--max-seq-len", type=at_least(1), default=2048, help="positions per row")
     g.add_argument("--packing", default="bestfit", choices=["bestfit", "padded"],
                    help="bestfit: several conversations per row (current nanochat), so a step of "
                         "--target-examples-per-step rows holds more conversations and the schedule follows the data "
                         "consumed; padded: the seed's collate, one conversation per row, padded to the longest")
     g.add_argument("--loader", default="rust", choices=["rust", "python"], help="data path: Rust SFTLoader or the Python reference")
-    g.add_argument("--loader-workers", type=int, default=0,
+    g.add_argument("--loader-workers", type=at_least(0), default=0,
                    help="processes per rank that read and render the training conversations (Rust loader; 0: a "
                         "helper thread). Worth it when the tasks' __getitem__ bounds the loader (docs/BENCHMARKS.md)")
     g.add_argument("--cross-doc-attention", action="store_true", help="let attention cross conversations in a packed row")
     g = p.add_argument_group("optimisation (seed defaults)")
-    g.add_argument("--device-batch-size", type=int, default=4, help="rows per micro-batch on each rank")
-    g.add_argument("--target-examples-per-step", type=int, default=32, help="rows per optimizer step, all ranks")
+    g.add_argument("--device-batch-size", type=at_least(1), default=4, help="rows per micro-batch on each rank")
+    g.add_argument("--target-examples-per-step", type=at_least(1), default=32, help="rows per optimizer step, all ranks")
     g.add_argument("--target-tokens-per-step", type=int, default=-1,
                    help="a token budget per optimizer step instead (nanochat's total_batch_size): "
                         "rows = tokens // max_seq_len; -1: use --target-examples-per-step")
-    g.add_argument("--num-epochs", type=int, default=1, help="passes over the training data")
+    g.add_argument("--num-epochs", type=at_least(1), default=1, help="passes over the training data")
     g.add_argument("--num-iterations", type=int, default=-1, help="-1: (len(train) // target_examples_per_step) * num_epochs")
     g.add_argument("--unembedding-lr", type=float, default=0.004, help="lm_head (AdamW)")
     g.add_argument("--embedding-lr", type=float, default=0.2, help="token embedding (AdamW)")
@@ -278,9 +279,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="microbatch: mean per micro-batch / grad_accum (nanochat); token: sum / the step's supervised tokens")
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps (-1: only at the end)")
-    g.add_argument("--eval-steps", type=int, default=100, help="validation batches per evaluation")
+    g.add_argument("--eval-steps", type=at_least(1), default=100, help="validation batches per evaluation")
     g.add_argument("--eval-metrics-every", type=int, default=200, help="task accuracies every N steps (-1: only at the end)")
-    g.add_argument("--eval-metrics-max-problems", type=int, default=1024, help="problems per task and evaluation")
+    g.add_argument("--eval-metrics-max-problems", type=at_least(1), default=1024, help="problems per task and evaluation")
     g.add_argument("--eval-tasks", default="MMLU,ARC-Easy", help="categorical tasks scored every eval_metrics_every steps and at the end, whatever the training data ('' = none)")
     g.add_argument("--log-jsonl", default=None, help="append one JSON object per step and per evaluation to this file")
     g.add_argument("--run", default="dummy", help="wandb run name ('dummy': no wandb)")

@@ -6,25 +6,6 @@ never assert a time: they measure sftfast and its peers in the same run.
 """
 
 
-def count(minimum: int = 1):
-    """argparse type: an int of at least `minimum` (0 repeats or 0 tokens divided by zero deep in
-    a benchmark, or reported a bad flag as an unavailable peer)."""
-
-    def parse(text: str) -> int:
-        import argparse
-
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    parse.__name__ = f"int >= {minimum}"
-    return parse
-
-
 def finite_or_null(obj):
     """obj with every NaN or infinite float replaced by None: JSON has no NaN (a peer's NaN loss,
     a ratio of two zero times), and strict parsers reject Python's NaN token."""

@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from sftfast.bench import count
+from sftfast.cli import at_least
 
 WORDS = (
     "the of and to in is that for it as was with be by on not he this are or his from at which but have an "
@@ -175,10 +175,10 @@ def _best(fn, repeat):
 
 
 def add_arguments(parser):
-    parser.add_argument("--n", type=count(), default=2000, help="synthetic conversations")
-    parser.add_argument("--seq-len", type=count(2), default=2048)
-    parser.add_argument("--batch-size", type=count(), default=4)
-    parser.add_argument("--repeat", type=count(), default=3)
+    parser.add_argument("--n", type=at_least(1), default=2000, help="synthetic conversations")
+    parser.add_argument("--seq-len", type=at_least(2), default=2048)
+    parser.add_argument("--batch-size", type=at_least(1), default=4)
+    parser.add_argument("--repeat", type=at_least(1), default=3)
     parser.add_argument("--skip-loader", action="store_true")
     parser.add_argument("--skip-task-source", action="store_true", help="skip the loader over a real task")
     parser.add_argument("--device", default="cpu", help="where the loader puts batches (cuda: pinned ring + non_blocking copies)")

@@ -18,22 +18,22 @@ import time
 
 import torch
 
-from sftfast.bench import count
+from sftfast.cli import at_least
 
 
 def add_arguments(parser):
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--depth", type=count(), default=4, help="transformer layers")
-    parser.add_argument("--width", type=count(), default=256, help="model dimension (n_embd)")
-    parser.add_argument("--heads", type=count(), default=4)
-    parser.add_argument("--kv-heads", type=count(), default=4)
-    parser.add_argument("--vocab-size", type=count(), default=8192)
-    parser.add_argument("--prompt-tokens", type=count(), default=64)
-    parser.add_argument("--new-tokens", type=count(), default=64)
-    parser.add_argument("--batch", type=count(), default=4, help="samples generated together")
-    parser.add_argument("--repeats", type=count(), default=2, help="timed runs per path (best is reported)")
+    parser.add_argument("--depth", type=at_least(1), default=4, help="transformer layers")
+    parser.add_argument("--width", type=at_least(1), default=256, help="model dimension (n_embd)")
+    parser.add_argument("--heads", type=at_least(1), default=4)
+    parser.add_argument("--kv-heads", type=at_least(1), default=4)
+    parser.add_argument("--vocab-size", type=at_least(1), default=8192)
+    parser.add_argument("--prompt-tokens", type=at_least(1), default=64)
+    parser.add_argument("--new-tokens", type=at_least(1), default=64)
+    parser.add_argument("--batch", type=at_least(1), default=4, help="samples generated together")
+    parser.add_argument("--repeats", type=at_least(1), default=2, help="timed runs per path (best is reported)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--threads", type=count(), default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads (default: torch's)")
 
 
 class _BenchTokenizer:

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 
-from sftfast.bench import count
+from sftfast.cli import at_least
 
 CPU_SHAPES = ["8192,256,65536"]
 GPU_SHAPES = ["8192,4096,128256", "8192,2304,256000,30", "16384,2048,131072"]
@@ -48,8 +48,8 @@ def add_arguments(parser):
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="default float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--ignore-frac", type=float, default=0.0, help="fraction of targets set to -1")
-    parser.add_argument("--warmup", type=count(0), default=None)
-    parser.add_argument("--repeats", type=count(), default=None)
+    parser.add_argument("--warmup", type=at_least(0), default=None)
+    parser.add_argument("--repeats", type=at_least(1), default=None)
     parser.add_argument("--triton-config", action="append", default=[],
                         help="extra Triton launch config to time, e.g. BLOCK_M=128,BLOCK_V=256,BLOCK_K=64,"
                              "GROUP_M=16,num_warps=8,num_stages=3,CHUNK_MB=64,DH_IN_DW=0 (repeatable)")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sftfast.bench import count
+from sftfast.cli import at_least
 
 WORDS = (
     "the of and to in is you that it he was for on are as with his they at be this have from or one had by word "
@@ -190,9 +190,9 @@ def measure_rss(tok_path: str, pattern: str, src: Path, out: Path, max_tokens: i
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--conversations", type=count(), default=20000, help="conversations in the 1x input")
-    p.add_argument("--scale", type=count(), default=10, help="the memory check's big input is this many times the 1x input")
-    p.add_argument("--max-tokens", type=count(), default=2048)
+    p.add_argument("--conversations", type=at_least(1), default=20000, help="conversations in the 1x input")
+    p.add_argument("--scale", type=at_least(1), default=10, help="the memory check's big input is this many times the 1x input")
+    p.add_argument("--max-tokens", type=at_least(1), default=2048)
     p.add_argument("--threads", default="1,all", help="comma-separated thread counts to time ('all' = every core)")
     p.add_argument("--tokenizer", default=None, help=".tiktoken rank file (default: cl100k from tiktoken_ext)")
     p.add_argument("--pattern", default="cl100k")

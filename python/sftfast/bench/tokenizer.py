@@ -23,17 +23,17 @@ import sys
 import time
 from pathlib import Path
 
-from sftfast.bench import count
+from sftfast.cli import at_least
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--repeat", type=count(), default=5, help="timing repeats (best is reported)")
-    parser.add_argument("--threads", type=count(), default=os.cpu_count() or 1, help="N for encode_batch at N threads")
-    parser.add_argument("--vocab-size", type=count(), default=2048, help="training vocab size (special tokens included)")
-    parser.add_argument("--train-repeat", type=count(), default=4, help="training corpus = bundled prose + code, this many times")
-    parser.add_argument("--batch-copies", type=count(), default=4, help="encode_batch input = prose paragraphs x this")
+    parser.add_argument("--repeat", type=at_least(1), default=5, help="timing repeats (best is reported)")
+    parser.add_argument("--threads", type=at_least(1), default=os.cpu_count() or 1, help="N for encode_batch at N threads")
+    parser.add_argument("--vocab-size", type=at_least(1), default=2048, help="training vocab size (special tokens included)")
+    parser.add_argument("--train-repeat", type=at_least(1), default=4, help="training corpus = bundled prose + code, this many times")
+    parser.add_argument("--batch-copies", type=at_least(1), default=4, help="encode_batch input = prose paragraphs x this")
     parser.add_argument("--quick", action="store_true", help="smaller inputs, fewer repeats, no training")
     parser.add_argument("--skip", default="", help="comma list of sections to skip: encode,batch,pathological,memory,train")
 

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from sftfast.bench import count
+from sftfast.cli import at_least
 
 CONFIGS = ["sftfast", "fused_rust", "eager_rust", "eager_python"]
 PRESETS = {
@@ -38,12 +38,12 @@ PRESETS = {
 def add_arguments(p):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {CONFIGS}")
-    p.add_argument("--steps", type=count(), default=None, help="measured steps (default: 5 on CPU, 20 on CUDA)")
-    p.add_argument("--warmup", type=count(0), default=None, help="unmeasured steps first (default: 2 on CPU, 5 on CUDA)")
+    p.add_argument("--steps", type=at_least(1), default=None, help="measured steps (default: 5 on CPU, 20 on CUDA)")
+    p.add_argument("--warmup", type=at_least(0), default=None, help="unmeasured steps first (default: 2 on CPU, 5 on CUDA)")
     for k, v in PRESETS["cpu"].items():
-        p.add_argument("--" + k.replace("_", "-"), type=count(), default=None, help=f"default: {v} (cpu), {PRESETS['cuda'][k]} (cuda)")
+        p.add_argument("--" + k.replace("_", "-"), type=at_least(1), default=None, help=f"default: {v} (cpu), {PRESETS['cuda'][k]} (cuda)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--threads", type=count(), default=None, help="torch CPU threads in each child (default: torch's)")
+    p.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads in each child (default: torch's)")
     p.add_argument("--synthetic", action="store_true", help="synthetic token batches even when the Rust loader is present")
     p.add_argument("--child-timeout", type=float, default=None, help="seconds per configuration (default: none)")
 
