@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sftfast.model import GPT, GPTConfig, doc_causal_mask
+from sftfast.model import GPT, GPTConfig, doc_causal_mask, doc_positions
 
 
 def tiny(n_kv_head=2, softcap=15.0, vocab=97, seq=32):
@@ -109,6 +109,26 @@ def test_softcap_bounds_logits():
         model.lm_head.weight.mul_(1000)
         logits = model(torch.randint(0, 97, (1, 6)))
     assert logits.abs().max() <= 2.0
+
+
+def test_rotary_tables_are_nanochats_bf16_rounded_values():
+    # nanochat pretrains with bf16 cos/sin tables; a checkpoint it wrote is only the same function
+    # here with the same rounding (exact fp32 tables moved logits by 1e-2 in a 2-layer model)
+    model = tiny()
+    head_dim = 32 // 4
+    t = torch.arange(model.cos.size(1), dtype=torch.float32)
+    inv_freq = 10000.0 ** -(torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(t, inv_freq)
+    assert model.cos.dtype == torch.float32
+    assert torch.equal(model.cos[0, :, 0], angles.cos().bfloat16().float())
+    assert torch.equal(model.sin[0, :, 0], angles.sin().bfloat16().float())
+
+
+def test_doc_positions_restart_with_each_conversation():
+    # the loader's position_ids: a packed conversation gets the positions it has alone (and at
+    # generation), which the bf16-rounded rotary tables need for exact isolation
+    labels = torch.tensor([[0, 0, 0, 1, 1, 2], [5, 5, 5, 5, 7, 7]])
+    assert doc_positions(labels).tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]]
 
 
 def test_bad_config_is_a_clear_error():

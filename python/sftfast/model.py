@@ -11,12 +11,14 @@ Architecture (nanochat's): token embedding -> RMSNorm (no weights) -> n_layer bl
 position embedding; QK norm; ReLU^2 MLP; no biases; grouped-query attention (n_kv_head <= n_head);
 logits softcapped as c * tanh(logits / c).
 
-Packed rows: `doc_ids` (B, T) labels each position with its conversation (equal label = same
-conversation). When given, attention is block-diagonal causal: a token sees only earlier tokens
-of its own conversation (SDPA with a boolean mask on CPU, FlexAttention on CUDA). `doc_ids=None`
-is plain causal attention across the whole row (nanochat's behaviour, `--cross-doc-attention`).
-Rotary embeddings are relative, so a conversation that starts mid-row sees exactly the same
-attention scores as one that starts at position 0; there is no need to reset positions.
+Packed rows: `doc_ids` (B, T) labels each position with its conversation (a conversation is a
+run of equal labels). When given, attention is block-diagonal causal: a token sees only earlier
+tokens of its own conversation (SDPA with a boolean mask on CPU, FlexAttention on CUDA), and
+rotary positions restart at 0 with each conversation, so every conversation in a packed row is
+computed exactly as it would be alone, and as it is at generation. (Rotary embeddings are
+relative in exact arithmetic, but nanochat's bf16-rounded tables, kept here, are not: a
+conversation starting mid-row would see scores about 1e-3 off.) `doc_ids=None` is plain causal
+attention and row positions across the whole row (nanochat's behaviour, `--cross-doc-attention`).
 
 KV cache (used by `sftfast.engine`, nanochat's convention): `forward(idx, kv_cache=cache)`. In each
 layer `k, v = kv_cache.insert_kv(layer_idx, k, v)` with k, v of shape (B, n_kv_head, T_new,
@@ -84,6 +86,15 @@ def doc_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
     same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
     return (same & causal)[:, None]
+
+
+def doc_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) conversation labels -> (B, T) positions counted from each conversation's first token."""
+    B, T = doc_ids.shape
+    t = torch.arange(T, device=doc_ids.device).expand(B, T)
+    starts = torch.ones((B, T), dtype=torch.bool, device=doc_ids.device)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return t - torch.where(starts, t, 0).cummax(dim=1).values
 
 
 _flex_attention = None
@@ -205,7 +216,11 @@ class GPT(nn.Module):
         head_dim = self.config.n_embd // self.config.n_head
         inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
         freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]  # (1, T, 1, D/2)
+        # nanochat keeps its tables in bf16, and its checkpoints were pretrained with those rounded
+        # values (up to 2e-3 from the exact ones: logits moved by 1e-2 in a 2-layer model with
+        # exact tables). Rounded the same way, kept in fp32: the same function in any dtype.
+        cos, sin = freqs.cos().bfloat16().float(), freqs.sin().bfloat16().float()
+        return cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
@@ -256,6 +271,8 @@ class GPT(nn.Module):
                 raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} != idx shape {tuple(idx.shape)}")
             # built once, used by every layer: a BlockMask for FlexAttention, else a dense SDPA mask
             attn_mask = flex_block_mask(doc_ids) if use_flex_attention(idx.device) else doc_causal_mask(doc_ids)
+            pos = doc_positions(doc_ids)
+            cos_sin = self.cos[0, pos], self.sin[0, pos]  # (B, T, 1, D/2)
         x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache, doc_ids, attn_mask)
