@@ -215,6 +215,24 @@ def test_damaged_checkpoint_meta_and_state_are_refused_clearly(base_dir):
         ckpt.load_model(str(base_dir), "base")
 
 
+def test_a_later_nanochat_architecture_is_refused_by_name(base_dir):
+    """Later nanochat GPTs add sliding windows, value embeddings and residual scalars: such a
+    checkpoint must not load with those parts dropped (another function would be trained)."""
+    d = base_dir / "base_checkpoints" / "d2"
+    meta_file = d / "meta_000005.json"
+    good = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps(dict(good, model_config=dict(good["model_config"], window_pattern="SSSL"))))
+    with pytest.raises(ckpt.CheckpointError, match=r"d2 step 5: model_config has fields sftfast's GPT does not know "
+                                                   r"\(window_pattern\); .*later nanochat architecture"):
+        ckpt.load_model(str(base_dir), "base")
+    meta_file.write_text(json.dumps(good))
+    state = torch.load(d / "model_000005.pt", weights_only=True)
+    resave(d / "model_000005.pt", dict(state, resid_lambdas=torch.ones(2), x0_lambdas=torch.zeros(2)))
+    with pytest.raises(ckpt.CheckpointError, match=r"parameters sftfast's GPT does not have \(resid_lambdas, "
+                                                   r"x0_lambdas\); .*later nanochat architecture"):
+        ckpt.load_model(str(base_dir), "base")
+
+
 def test_resume_refuses_a_damaged_trainer_state(base_dir):
     """A trainer state with fewer optimizer states than optimizers was zip()-truncated (the
     optimizer silently restarted); loader positions that no loader can have saved changed the
@@ -299,6 +317,9 @@ def test_schedules():
     assert lr_multiplier(0, 10) == 1.0 and lr_multiplier(5, 10) == 0.5
     wsd = [lr_multiplier(s, 10, "wsd", warmup_ratio=0.2, warmdown_ratio=0.5) for s in range(10)]
     assert wsd[0] == 0.5 and wsd[1] == 1.0 and wsd[5] == 1.0 and wsd[9] == pytest.approx(0.2)
+    # a derived run schedules by consumption: fractional steps, warmup rising to exactly 1
+    fractional = [lr_multiplier(s / 4, 10, "wsd", warmup_ratio=0.2, warmdown_ratio=0.5) for s in range(40)]
+    assert max(fractional) == 1.0 and fractional[:8] == sorted(fractional[:8])
     with pytest.raises(ValueError):
         lr_multiplier(0, 10, "cosine")
     with pytest.raises(ValueError, match="2-D"):

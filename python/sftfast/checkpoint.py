@@ -24,6 +24,7 @@ entry and load unchecked. Hashing costs ~0.7 s per GB (SHA-256 at ~1.5 GB/s on a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -253,6 +254,12 @@ def model_config_meta(config) -> dict:
                 sftfast_model_config={k: v for k, v in full.items() if k not in NANOCHAT_CONFIG_KEYS})
 
 
+# Later nanochat GPTs (sliding-window attention, value embeddings, per-layer residual scalars)
+# compute another function: loading one with those parts dropped would train a different model.
+LATER_ARCHITECTURE = ("sftfast's GPT is nanochat's of late 2025 (rotary, QK norm, ReLU^2 MLP, GQA, logit softcap); "
+                      "checkpoints of a later nanochat architecture are not supported")
+
+
 def build_model(model_state: dict, meta: dict, device="cpu", where: str = "checkpoint"):
     """GPT from a loaded state dict and its meta (model_config, plus sftfast_model_config when present).
 
@@ -272,6 +279,10 @@ def build_model(model_state: dict, meta: dict, device="cpu", where: str = "check
     n_layer = fields.get("n_layer", GPTConfig.n_layer)
     if n_layer != len(layers):
         raise CheckpointError(f"{where}: model_config n_layer={n_layer} but the weights hold {len(layers)} layers")
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(GPTConfig)})
+    if unknown:
+        raise CheckpointError(f"{where}: model_config has fields sftfast's GPT does not know ({', '.join(unknown)}); "
+                              + LATER_ARCHITECTURE)
     try:
         config = GPTConfig(**fields)
         config.validate()
@@ -280,6 +291,10 @@ def build_model(model_state: dict, meta: dict, device="cpu", where: str = "check
     with torch.device("meta"):
         model = GPT(config)
     want = model.state_dict()
+    extra = [k for k in model_state if k not in want]
+    if extra:
+        raise CheckpointError(f"{where}: the weights hold parameters sftfast's GPT does not have ({', '.join(extra[:4])}"
+                              f"{f' and {len(extra) - 4} more' if len(extra) > 4 else ''}); " + LATER_ARCHITECTURE)
     wrong = [f"{k} {tuple(v.shape)} (model_config: {tuple(want[k].shape)})"
              for k, v in model_state.items() if k in want and v.shape != want[k].shape]
     if wrong:

@@ -145,7 +145,8 @@ def lr_multiplier(step: float, num_iterations: int, schedule: str = "linear", wa
         warmup = round(warmup_ratio * num_iterations)
         warmdown = round(warmdown_ratio * num_iterations)
         if step < warmup:
-            return (step + 1) / warmup
+            # a fractional step (consumption) in the last warmup step must not pass 1
+            return min(1.0, (step + 1) / warmup)
         if step <= num_iterations - warmdown:
             return 1.0
         progress = (num_iterations - step) / warmdown
