@@ -169,11 +169,14 @@ def _outside_strings(text: str) -> str:
 def _format(value) -> str:
     if isinstance(value, int):
         return str(value)
-    # Integral floats print as integers (12/4 -> "3", the form GSM8K's <<12/4=3>> uses);
-    # others with 12 significant digits, enough for money and percentages.
+    # Integral floats print as integers (12/4 -> "3", the form GSM8K's <<12/4=3>> uses).
+    # Others with 12 significant digits, which hides binary noise (0.1+0.2 -> "0.3", and
+    # 10.1-10 -> "0.1", whose noise sits in the 15th digit), but at least 3 digits past the
+    # point up to 15 in all: 123456789012.34 keeps its cents (12 digits gave 123456789012).
     if value.is_integer() and abs(value) < 1e15:
         return str(int(value))
-    return format(value, ".12g")
+    integer_digits = len(str(int(abs(value)))) if abs(value) >= 1 else 0
+    return format(value, f".{min(15, max(12, integer_digits + 3))}g")
 
 
 def _parse(expr: str) -> ast.Expression:
