@@ -15,7 +15,9 @@ Distributed: under torchrun, rank r evaluates problems r, r+W, r+2W, ... and the
 summed with all_reduce, so every rank returns the same accuracy.
 
 ChatCORE (nanochat's summary): each task's accuracy centred on its chance level,
-(acc - baseline) / (1 - baseline), averaged over the tasks: 0 is chance, 1 is perfect.
+(acc - baseline) / (1 - baseline), averaged over the tasks: 0 is chance, 1 is perfect. Here it
+averages the tasks evaluated; nanochat's is over its six (HumanEval among them, not here), so
+compare the two only task by task.
 """
 
 from __future__ import annotations
