@@ -572,6 +572,30 @@ def test_token_loss_norm_independent_of_micro_batch_split(base_dir):
         torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
 
 
+def supervised_targets(tok, data, row):
+    """Supervised targets of each conversation in a row of `row` tokens (cut to the row)."""
+    return sum(sum(tok.render_conversation(c, max_tokens=row + 1)[1][1:row]) for c in data)
+
+
+@pytest.mark.parametrize("loader", ["rust", "python"])
+def test_a_derived_run_trains_every_conversation_once(base_dir, loader, tmp_path):
+    """Best-fit packs several conversations a row, so the run ends when the data is read: every
+    conversation exactly once. An endless stream stopped by a consumed count left the buffer's
+    last conversations untrained and trained some of the next epoch's instead (here: 52
+    conversations consumed of 49, yet 295 supervised tokens fewer than the data holds)."""
+    data = conversations(40, 3) + conversations(9, 4, long_user=True)  # some longer than a row
+    with open(base_dir / "train.jsonl", "w") as f:
+        for c in data:
+            f.write(json.dumps(c) + "\n")
+    log = tmp_path / "log.jsonl"
+    out = train.run(make_args(base_dir, "--max-seq-len", "128", "--eval-every", "-1", "--loader", loader,
+                              "--target-examples-per-step", "4", "--device-batch-size", "2", "--log-jsonl", str(log)))
+    steps = [r for r in map(json.loads, log.read_text().splitlines()) if r["type"] == "step"]
+    assert len(steps) == out["step"] < out["num_iterations"]  # rows held several conversations
+    assert steps[-1]["epoch"] == 1.0
+    assert sum(r["sup_tokens"] for r in steps) == supervised_targets(byte_tokenizer(), data, 129)
+
+
 def test_all_masked_steps_give_no_nan(base_dir):
     # user prompts longer than the row: every target of every row is masked
     with open(base_dir / "train.jsonl", "w") as f:
@@ -669,6 +693,41 @@ def test_torchrun_two_ranks_match_one_process(base_dir):
                          env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "gets no conversations" in bad.stderr, bad.stderr[-3000:]
     assert ckpt.complete_steps(str(base_dir / "chatsft_checkpoints" / "d2")) == [3]
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_whose_data_ends_apart(base_dir, tmp_path):
+    """Rank 0 reads long replies (a row each), rank 1 short ones (three a row): rank 1's data
+    ends steps before rank 0's. It takes part in the remaining steps with no micro-batch (zero
+    gradients, the same all-reduces), the run ends when both are done, and every conversation
+    is trained once, with the micro-batch loss norm counting only micro-batches that exist."""
+
+    def chat(user, reply):
+        return dict(messages=[dict(role="user", content=user), dict(role="assistant", content=reply)])
+
+    n = 24
+    order = np.random.default_rng(42).permutation(n)  # the trainer's shuffle (train_data.Shuffled)
+    data = [None] * n
+    for position, index in enumerate(order):  # rank r reads shuffled positions r, r + 2, ...
+        data[index] = chat("hi", "long " * 20) if position % 2 == 0 else chat(f"q{position}", "ok")
+    with open(base_dir / "train.jsonl", "w") as f:
+        for c in data:
+            f.write(json.dumps(c) + "\n")
+    log = tmp_path / "log.jsonl"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(REPO, "python"), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "sftfast.train", "--base-dir", str(base_dir), "--source", "base", "--device", "cpu",
+                          "--train-data", str(base_dir / "train.jsonl"), "--max-seq-len", "128",
+                          "--target-examples-per-step", "4", "--device-batch-size", "1", "--eval-every", "-1",
+                          "--eval-metrics-every", "-1", "--eval-tasks", "", "--loss-norm", "microbatch",
+                          "--log-jsonl", str(log)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    steps = [r for r in map(json.loads, log.read_text().splitlines()) if r["type"] == "step"]
+    assert len(steps) == 6  # rank 0: 12 rows, 2 a step; rank 1 is done after 2 steps (4 rows)
+    assert all(math.isfinite(r["loss"]) for r in steps)
+    assert sum(r["sup_tokens"] for r in steps) == supervised_targets(byte_tokenizer(), data, 129)
+    assert ckpt.complete_steps(str(base_dir / "chatsft_checkpoints" / "d2")) == [6]
 
 
 @pytest.mark.slow

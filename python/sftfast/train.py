@@ -12,11 +12,13 @@ loss / bits per byte and categorical accuracy, and writes {base_dir}/chatsft_che
 Batch arithmetic (the seed's): each optimizer step sees target_examples_per_step rows across all
 ranks: grad_accum_steps = target_examples_per_step // (device_batch_size * world_size);
 (--target-tokens-per-step sizes the step in tokens instead: rows = tokens // max_seq_len);
-num_iterations = -1 means (len(train) // target_examples_per_step) * num_epochs. An epoch ends
-when its conversations are consumed; the last-step flag is all-reduced (MAX) so no rank hangs.
+num_iterations = -1 means (len(train) // target_examples_per_step) * num_epochs, and the data
+decides: with packed rows the run reads every conversation num_epochs times and ends (the count is
+then an estimate), with padded rows it takes that many steps (the seed's). A rank whose data ends
+first takes part in the others' last steps with no micro-batch (zero gradients).
 
---loss-norm microbatch (nanochat): each micro-batch's mean loss / grad_accum_steps, gradients
-averaged over ranks. --loss-norm token: the sum of per-token losses over all micro-batches and
+--loss-norm microbatch (nanochat): the mean over the step's micro-batches (all ranks) of each
+one's mean loss. --loss-norm token: the sum of per-token losses over all micro-batches and
 ranks of the step divided by the step's total number of supervised tokens (all-reduced before the
 backward passes), so the gradient does not depend on how tokens fall into micro-batches.
 
@@ -144,17 +146,18 @@ def all_reduce(t: torch.Tensor, info: DistInfo, op=None):
     return t
 
 
-def sync_gradients(model, info: DistInfo, average: bool) -> None:
-    """Sum (token norm) or average (microbatch norm) every gradient over ranks."""
+def sync_gradients(model, info: DistInfo) -> None:
+    """Sum every gradient over ranks (each rank's loss is already divided by the step's global
+    token or micro-batch count). A rank with no micro-batch this step (its data ended before the
+    others') adds zeros: every rank must reduce the same tensors."""
     if not info.ddp:
         return
-    handles = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters() if p.grad is not None]
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    handles = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters()]
     for h in handles:
         h.wait()
-    if average:
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.div_(info.world_size)
 
 
 # -----------------------------------------------------------------------------
@@ -447,16 +450,21 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
     if trainer_state is not None:
         num_iterations = trainer_state["num_iterations"]  # a derived count is the checkpoint's (same flags, same data)
     T = args.max_seq_len
+    derived = args.num_iterations < 0
+    # A run whose length the data defines reads exactly num_epochs passes: the packer's buffer is
+    # emptied at the end, so every conversation is trained once per epoch (an endless stream
+    # ended by a count of consumed conversations left ~100 unread and trained as many of the
+    # next epoch's instead, as nanochat's generator does). An explicit --num-iterations reads on.
     train_loader = make_loader(train_ds, tokenizer, args.device_batch_size, T, info.rank, info.world_size, args.packing, args.loader, device,
-                               args.loader_workers)
+                               args.loader_workers, num_epochs=args.num_epochs if derived else None)
     opened.append(train_loader)
     token_bytes = token_bytes_tensor(tokenizer, device)
     # Only packed rows hold several conversations. A padded row holds one, so plain causal
     # attention is already per-conversation, and it keeps FlexAttention from recompiling for
     # every batch width (padded batches are as wide as their longest conversation).
     doc_mask = not args.cross_doc_attention and args.packing == "bestfit"
-    derived = args.num_iterations < 0
-    bound = " (at most: the run ends when the data is consumed)" if derived else ""
+    # packed rows hold several conversations: such a run usually takes fewer steps
+    bound = " (an estimate: the run ends when the data is consumed)" if derived and args.packing == "bestfit" else ""
     log.print(f"world {info.world_size} | grad_accum {grad_accum} | num_iterations {num_iterations}{bound} | loss_norm {args.loss_norm}")
 
     # --- optimizers and resumed state
@@ -522,12 +530,15 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
     t_total = 0.0
     log.progress_bar(num_iterations, step)
     while True:
-        # the last step: the iteration budget is spent, or any rank consumed its epochs
-        # epoch progress by consumption, the furthest rank's (MAX: every rank sees the same value)
+        # epoch progress by consumption, the slowest rank's (MIN: every rank sees the same value)
         progress = torch.tensor(train_loader.consumed / (args.num_epochs * train_loader.shard_len), dtype=torch.float64, device=device)
-        all_reduce(progress, info, dist.ReduceOp.MAX if info.ddp else None)
+        all_reduce(progress, info, dist.ReduceOp.MIN if info.ddp else None)
         progress = progress.item()
-        last_step = step >= num_iterations or (derived and progress >= 1.0)
+        # the last step: the iteration budget is spent (an explicit one; a derived one with padded
+        # rows, the seed's len(train) // examples-per-step steps), or every rank read its epochs
+        # (a rank done before the others takes part in their last steps with no micro-batches)
+        budget = not derived or args.packing == "padded"
+        last_step = (budget and step >= num_iterations) or (derived and progress >= 1.0)
 
         if val_ds is not None and (last_step or (args.eval_every > 0 and step % args.eval_every == 0)):
             val_loader = make_loader(val_ds, tokenizer, args.device_batch_size, T, info.rank, info.world_size, args.packing, args.loader, device)
@@ -553,9 +564,14 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
             save(step, dict(metrics, train_loss=train_loss))
         # --- one optimizer step
         t0 = time.perf_counter()
-        batches = [train_loader.next() for _ in range(grad_accum)]
-        n_sup = torch.tensor(sum(int((b.targets >= 0).sum()) for b in batches), dtype=torch.float64, device=device)
-        all_reduce(n_sup, info)  # total supervised tokens of the step, all ranks
+        batches = []
+        while len(batches) < grad_accum and (b := train_loader.next()) is not None:
+            batches.append(b)  # fewer at the end of the data (none on a rank that is done)
+        # the step's supervised tokens, micro-batches and tokens, over all ranks
+        counts = torch.tensor([sum(int((b.targets >= 0).sum()) for b in batches), len(batches),
+                               sum(b.inputs.numel() for b in batches)], dtype=torch.float64, device=device)
+        all_reduce(counts, info)
+        n_sup, n_micro = counts[0], counts[1]
         loss_log = torch.zeros(2, dtype=torch.float64, device=device)  # (loss for the log, non-finite flag)
         bad = None
         for micro, b in enumerate(batches):
@@ -568,7 +584,7 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
                     loss = raw / n_sup.clamp(min=1).to(raw.dtype)
                 else:
                     raw = fwd(x, y, loss_reduction="mean", doc_ids=d)
-                    loss = raw / grad_accum
+                    loss = raw / n_micro.to(raw.dtype)  # the mean over the step's micro-batches, all ranks
             if not torch.isfinite(raw.detach()):
                 bad = bad or (micro, raw.item())
             loss.backward()
@@ -580,9 +596,7 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
             raise TrainingDivergedError(
                 f"non-finite loss at step {step} in {where}; conversations consumed so far on this rank: "
                 f"{train_loader.consumed}; the last good checkpoint is left untouched")
-        sync_gradients(model, info, average=args.loss_norm == "microbatch")
-        if args.loss_norm == "microbatch":
-            loss_log[0] /= info.world_size
+        sync_gradients(model, info)
         # with a derived num_iterations the schedule follows consumption: packed rows hold several
         # conversations, so the epoch ends before len(train) // target_examples_per_step steps
         sched_step = min(progress, 1.0) * num_iterations if derived else step
@@ -601,17 +615,16 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
         train_loss = loss_log[0].item()
         if not math.isfinite(train_loss):
             raise TrainingDivergedError(f"non-finite loss at step {step - 1}")
-        n_tokens = sum(b.inputs.numel() for b in batches) * info.world_size
-        tok_s = n_tokens / dt
+        tok_s = counts[2].item() / dt
         rec = dict(step=step, num_iterations=num_iterations, loss=train_loss, lrm=lrm, sup_tokens=int(n_sup.item()),
-                   tokens_per_s=tok_s, dt=dt, epoch=batches[-1].progress)
+                   tokens_per_s=tok_s, dt=dt, epoch=train_loader.consumed / train_loader.shard_len)
         mfu_s = ""
         if peak:
             rec["mfu"] = flops_per_token * tok_s / (peak * info.world_size)
             mfu_s = f" | mfu {100 * rec['mfu']:.2f}%"
-        # a derived num_iterations is only an upper bound (packed rows hold several conversations):
+        # a derived num_iterations is only an estimate (packed rows hold several conversations):
         # such a run ends when the data is consumed, so show how much of it is
-        where = f"{step:05d} | data {100 * min(batches[-1].progress / args.num_epochs, 1.0):5.1f}%" if derived else f"{step:05d}/{num_iterations:05d}"
+        where = f"{step:05d} | data {100 * min(rec['epoch'] / args.num_epochs, 1.0):5.1f}%" if derived else f"{step:05d}/{num_iterations:05d}"
         log.print(f"step {where} | loss {train_loss:.6f} | lrm {lrm:.4f} | sup tokens {int(n_sup.item()):,}"
                   f" | {tok_s:,.0f} tok/s{mfu_s} | {1000 * dt:.0f} ms")
         log.record("step", rec)

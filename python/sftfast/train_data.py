@@ -50,10 +50,13 @@ class PyPackedLoader:
     sftfast.reference.pack_bestfit do (counted in `n_truncated` when it is used). padded: one conversation per
     row, padded to the longest of the batch (the seed's collate_and_yield).
     state_dict() holds the cursor and the indices in the buffer, so a resumed loader yields the
-    same batches as one that never stopped.
+    same batches as one that never stopped. With `num_epochs` the stream ends after that many
+    passes over the shard, every conversation used once per pass (the final batch may have fewer
+    rows), and next() then returns None; with None it never ends (nanochat's generator).
     """
 
-    def __init__(self, dataset, tokenizer, batch_size, seq_len, rank=0, world_size=1, packing="bestfit", buffer_size=100):
+    def __init__(self, dataset, tokenizer, batch_size, seq_len, rank=0, world_size=1, packing="bestfit", buffer_size=100,
+                 num_epochs=None):
         if packing not in ("bestfit", "padded"):
             raise ValueError(f"unknown packing {packing!r}")
         self.dataset, self.tokenizer = dataset, tokenizer
@@ -68,6 +71,7 @@ class PyPackedLoader:
 
         self._render, self._enc = reference.render_conversation, tokenizer.to_tiktoken()
         self.cursor, self.consumed, self.n_truncated = 0, 0, 0  # cursor: position within this rank's shard
+        self.end = None if num_epochs is None else num_epochs * self.shard_len  # the cursor's end, if any
         self.buffer: list[tuple[int, list[int], list[int], bool]] = []  # (shard position, ids, mask, truncated)
 
     def _fetch(self):
@@ -83,20 +87,24 @@ class PyPackedLoader:
         self.n_truncated += truncated
         return ids, mask
 
-    def next(self) -> Batch:
+    def _fill(self, size):
+        while len(self.buffer) < size and (self.end is None or self.cursor < self.end):
+            self._fetch()
+
+    def next(self) -> Batch | None:
         rows = []
         if self.packing == "padded":
-            while len(self.buffer) < self.B:
-                self._fetch()
-            rows = [self._take(0) for _ in range(self.B)]
+            self._fill(self.B)
+            rows = [self._take(0) for _ in range(min(self.B, len(self.buffer)))]
+            if not rows:
+                return None
             width = max(len(r[0]) for r in rows)
         else:
             width = self.T + 1
             for _ in range(self.B):
                 row_ids, row_mask, row_docs, space, n_docs = [], [], [], width, 0
                 while True:
-                    while len(self.buffer) < self.buffer_size:
-                        self._fetch()
+                    self._fill(self.buffer_size)
                     fits = [(len(b[1]), -k) for k, b in enumerate(self.buffer) if len(b[1]) <= space]
                     if not fits:  # never on an empty row: every buffered conversation fits a row
                         break
@@ -108,10 +116,14 @@ class PyPackedLoader:
                     space -= len(ids)
                     if space == 0:
                         break
+                if not row_ids:  # the stream has ended
+                    break
                 rows.append((row_ids, row_mask, row_docs))
-        inputs = np.full((self.B, width), self.bos, dtype=np.int64)
-        targets_mask = np.zeros((self.B, width), dtype=bool)
-        doc_ids = np.zeros((self.B, width), dtype=np.int32)
+            if not rows:
+                return None
+        inputs = np.full((len(rows), width), self.bos, dtype=np.int64)
+        targets_mask = np.zeros((len(rows), width), dtype=bool)
+        doc_ids = np.zeros((len(rows), width), dtype=np.int32)
         for i, row in enumerate(rows):
             ids, mask = row[0][:width], row[1][:width]
             n = len(ids)
@@ -224,10 +236,11 @@ def fingerprint_difference(saved: dict, now: dict) -> str | None:
 
 
 def make_loader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packing="bestfit", impl="rust", device="cpu",
-                num_workers=0):
+                num_workers=0, num_epochs=None):
     """The Rust loader (sftfast.dataloader.SFTLoader) or, with impl="python", the Python one.
     A preprocessed shard is already rendered: the loader packs its (ids, mask) pairs directly.
-    num_workers: processes that read and render for the Rust loader (0: a helper thread)."""
+    num_workers: processes that read and render for the Rust loader (0: a helper thread).
+    num_epochs: passes over the data, after which next() returns None (None: endless)."""
     if getattr(dataset, "prerendered", False):
         if impl != "rust":
             raise ValueError("--loader python renders conversations; a preprocessed shard needs --loader rust")
@@ -235,22 +248,23 @@ def make_loader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packi
     if impl == "python":
         if num_workers:
             raise ValueError("--loader-workers needs --loader rust (the Python loader has no workers)")
-        return PyPackedLoader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packing)
+        return PyPackedLoader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packing, num_epochs=num_epochs)
     if impl != "rust":
         raise ValueError(f"unknown loader {impl!r}")
-    return RustLoader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packing, device, num_workers)
+    return RustLoader(dataset, tokenizer, batch_size, seq_len, rank, world_size, packing, device, num_workers, num_epochs)
 
 
 class RustLoader:
     """SFTLoader (Rust rendering + packing on a background thread, pinned buffers on CUDA) behind
-    the trainer's interface: next() -> Batch, consumed, shard_len, state_dict/load_state_dict.
-    It runs with num_epochs=None; the trainer decides when the epochs are consumed."""
+    the trainer's interface: next() -> Batch (None once num_epochs are consumed), consumed,
+    shard_len, state_dict/load_state_dict."""
 
-    def __init__(self, dataset, tokenizer, batch_size, seq_len, rank, world_size, packing, device, num_workers=0):
+    def __init__(self, dataset, tokenizer, batch_size, seq_len, rank, world_size, packing, device, num_workers=0,
+                 num_epochs=None):
         from sftfast.dataloader import SFTLoader
 
         self.loader = SFTLoader(dataset, tokenizer, batch_size=batch_size, seq_len=seq_len, mode=packing, rank=rank,
-                                world_size=world_size, num_epochs=None, device=device, num_workers=num_workers)
+                                world_size=world_size, num_epochs=num_epochs, device=device, num_workers=num_workers)
         self.shard_len = self.loader.per_epoch
 
     @property
@@ -261,8 +275,10 @@ class RustLoader:
     def n_truncated(self) -> int:
         return self.loader.stats()["truncated"]
 
-    def next(self) -> Batch:
-        b = next(self.loader)
+    def next(self) -> Batch | None:
+        b = next(self.loader, None)
+        if b is None:
+            return None
         # position ids restart at 0 at each conversation (and at a row's padding tail): one label each
         doc_ids = (b.position_ids == 0).cumsum(dim=1, dtype=torch.int32)
         return Batch(b.inputs.long(), b.targets, doc_ids, b.epoch)
