@@ -424,3 +424,38 @@ def test_interpreter_exit_with_a_source_stuck_in_getitem(tmp_path):
     )
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_stats_definitions_with_bestfit_padding(tok):
+    convs = make_convs(40)
+    loader = SFTLoader(convs, tok, batch_size=4, seq_len=64, mode="bestfit", num_epochs=1)
+    batches = list(loader)
+    s = loader.stats()
+    positions = sum(b.inputs.numel() for b in batches)
+    assert s["padding_pct"] == pytest.approx(100.0 * sum(b.num_pad for b in batches) / positions)
+    assert s["padding_pct"] > 0
+    assert s["truncated_pct"] == pytest.approx(100.0 * s["truncated"] / 40)
+    assert s["empty_batches"] == sum(b.num_supervised == 0 for b in batches)
+    # a batch with one empty row (no assistant turn) is not an empty batch
+    convs = make_convs(10)
+    convs[1] = {"messages": [{"role": "user", "content": "no answer"}]}
+    loader = SFTLoader(convs, tok, batch_size=2, seq_len=256, mode="padded", num_epochs=1)
+    list(loader)
+    s = loader.stats()
+    assert s["empty_rows"] == 1 and s["empty_batches"] == 0
+
+
+def test_loader_state_with_a_held_position_at_the_cursor_is_refused(tok):
+    loader = SFTLoader(make_convs(20), tok, batch_size=2, seq_len=64, num_epochs=1)
+    next(loader)
+    state = loader.state_dict()
+    loader.close()
+    fresh = SFTLoader(make_convs(20), tok, batch_size=2, seq_len=64, num_epochs=1)
+    bad = dict(state, held=list(state["held"]) + [state["cursor"]], consumed=state["consumed"] - 1)
+    with pytest.raises(ValueError):
+        fresh.load_state_dict(bad)
+    # consumed + held must account for every position below the cursor
+    with pytest.raises(ValueError, match="inconsistent"):
+        fresh.load_state_dict(dict(state, consumed=state["consumed"] - 1))
+    fresh.load_state_dict(state)
+    fresh.close()

@@ -252,3 +252,29 @@ def test_generation_benchmark_runs(capsys):
                  "--vocab-size", "300", "--prompt-tokens", "4", "--new-tokens", "4", "--batch", "2", "--repeats", "1"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert "error" not in json.dumps(out)
+
+
+def test_top_k_one_is_greedy_every_time():
+    rng = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0, 1.0, 0.5, 0.9]])
+    assert all(sample_next_token(logits, rng, 1.0, top_k=1).item() == 1 for _ in range(200))
+
+
+def test_top_k_larger_than_vocab():
+    rng = torch.Generator().manual_seed(0)
+    assert sample_next_token(torch.zeros(1, 4), rng, 1.0, top_k=50).shape == (1, 1)
+
+
+def test_seed_changes_samples_and_repeats_them():
+    tok = byte_tokenizer()
+    eng = Engine(tiny_model(tok.n_vocab), tok)
+    run = lambda s: eng.generate_batch([tok.bos_id], num_samples=2, max_tokens=12, temperature=1.5, seed=s)[0]  # noqa: E731
+    assert run(1) == run(1) and run(1) != run(2)
+
+
+def test_streaming_generate_stops_a_row_at_bos():
+    tok = byte_tokenizer()
+    a = tok.encode("a")[0]
+    model = ScriptedModel(tok.n_vocab, {a: tok.bos_id}, default=a)
+    steps = list(Engine(model, tok).generate([tok.bos_id], max_tokens=10, temperature=0.0))
+    assert [c[0] for c, _ in steps] == [a, tok.bos_id]

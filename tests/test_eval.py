@@ -412,3 +412,38 @@ def test_eval_cli_names_missing_dataset(saved_run, tmp_path, capsys, monkeypatch
     assert eval_cli.main(["--base-dir", saved_run, "-a", "GSM8K", "--data-dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: TaskError") and "openai/gsm8k (main) split 'test'" in err
+
+
+def test_categorical_reads_each_prompts_own_last_position():
+    """A model whose favourite letter depends on the position it is read at: right-padded
+    batches must read each prompt's last real position, not the batch's last column."""
+    tok = byte_tokenizer()
+    letter_ids = [tok.encode(c)[0] for c in "ABCD"]
+    model = HistoryModel(tok.n_vocab, lambda seq: letter_ids[len(seq) % 4])
+    convs = []
+    for i in range(7):
+        c = mc(f"question number {i} " + "x" * i, "A")
+        n = len(tok.render_for_completion(c))
+        c["messages"][-1]["content"] = "ABCD"[n % 4]
+        convs.append(c)
+    out = run_categorical_eval(model, tok, ListTask("MMLU", convs, "categorical"), batch_size=4)
+    assert out["correct"] == 7
+
+
+def test_pass_at_k_counts_any_sample():
+    """pass@k: a problem is solved when any of its samples is right (here only the second)."""
+    tok = byte_tokenizer()
+    sid = tok.special_token_id
+    replies = []
+
+    class Second(ListTask):
+        def evaluate(self, conversation, response):
+            replies.append(response)
+            return len(replies) % 2 == 0
+
+    end = sid("<|assistant_end|>")
+    model = HistoryModel(tok.n_vocab, lambda seq: end)
+    task = Second("GSM8K", [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}],
+                             "answer": "1"}], "generative")
+    out = run_generative_eval(model, tok, task, num_samples=2, max_new_tokens=4, temperature=0.0)
+    assert out["correct"] == 1

@@ -149,6 +149,7 @@ def test_all_ignored_is_zero_not_nan(impl):
 def test_out_of_range_target_raises(impl, bad):
     hidden, weight, targets = make_case(10, 8, 123, torch.float32, 0.0)
     targets[6] = bad
+    targets[8] = 5000  # the first bad one is named
     with pytest.raises(ValueError, match=r"targets\[6\] = " + str(bad)):
         fused_linear_cross_entropy(hidden, weight, targets, impl=impl)
 

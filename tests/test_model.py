@@ -1,5 +1,7 @@
 """Tests of sftfast.model: packed-row attention isolation, KV-cache equivalence, GQA, loss masking."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -218,3 +220,66 @@ def test_flex_attention_matches_sdpa_mask_on_cuda():
     doc = torch.tensor([[0] * 100 + [1] * 156, [0] * 30 + [1] * 30 + [2] * 196], device="cuda")
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=doc_causal_mask(doc), enable_gqa=True)
     torch.testing.assert_close(_flex(q, k, v, doc), ref, atol=2e-3, rtol=2e-3)
+
+
+# --- the architecture, against an independent forward -------------------------------------------
+
+def _reference_logits(model, idx):
+    """An independent nanochat-style forward: rotary (x1 cos + x2 sin, -x1 sin + x2 cos), QK norm,
+    GQA with kv head h // (n_head / n_kv_head), embedding norm, relu^2, softcap."""
+    c = model.config
+    hd = c.n_embd // c.n_head
+    T = idx.size(1)
+    inv = 1.0 / (c.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    f = torch.outer(torch.arange(T, dtype=torch.float32), inv)
+    cos, sin = f.cos().bfloat16().float()[None, :, None], f.sin().bfloat16().float()[None, :, None]
+
+    def rot(x):
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+        return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], -1)
+
+    rms = lambda x: F.rms_norm(x, (x.size(-1),))  # noqa: E731
+    x = rms(model.transformer.wte(idx))
+    for blk in model.transformer.h:
+        a, h = blk.attn, rms(x)
+        q = rms(rot(a.c_q(h).view(1, T, c.n_head, hd)))
+        k = rms(rot(a.c_k(h).view(1, T, c.n_kv_head, hd)))
+        v = a.c_v(h).view(1, T, c.n_kv_head, hd)
+        r = c.n_head // c.n_kv_head
+        k, v = k.repeat_interleave(r, dim=2), v.repeat_interleave(r, dim=2)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        x = x + a.c_proj(y.transpose(1, 2).reshape(1, T, -1))
+        x = x + blk.mlp.c_proj(F.relu(blk.mlp.c_fc(rms(x))).square())
+    logits = model.lm_head(rms(x)).float()
+    return c.softcap * torch.tanh(logits / c.softcap)
+
+
+def test_model_matches_an_independent_reference():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
+    model.init_weights(seed=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2 and p.abs().sum() == 0:
+                p.normal_(0, 0.2)
+    idx = torch.randint(0, 64, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), _reference_logits(model, idx), rtol=1e-4, atol=1e-4)
+
+
+def test_init_weights_zeroes_the_output_projections():
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=16))
+    model.init_weights(seed=0)
+    assert not model.lm_head.weight.any()
+    assert all(not b.attn.c_proj.weight.any() and not b.mlp.c_proj.weight.any() for b in model.transformer.h)
+    idx = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        assert float(model(idx, idx)) == pytest.approx(math.log(64), rel=1e-6)
+
+
+def test_rotary_limit_is_inclusive():
+    model = GPT(GPTConfig(sequence_len=2, vocab_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=8))
+    model.init_weights(seed=0)
+    model(torch.zeros(1, model.rotary_seq_len, dtype=torch.long))  # exactly the table: fine
+    with pytest.raises(ValueError, match="rotary"):
+        model(torch.zeros(1, model.rotary_seq_len + 1, dtype=torch.long))

@@ -594,6 +594,9 @@ def test_a_derived_run_trains_every_conversation_once(base_dir, loader, tmp_path
     assert len(steps) == out["step"] < out["num_iterations"]  # rows held several conversations
     assert steps[-1]["epoch"] == 1.0
     assert sum(r["sup_tokens"] for r in steps) == supervised_targets(byte_tokenizer(), data, 129)
+    # the linear schedule follows consumption: each step's lrm is 1 - the data read before it
+    before = [0.0] + [r["epoch"] for r in steps[:-1]]
+    assert [r["lrm"] for r in steps] == pytest.approx([1.0 - e for e in before])
 
 
 def test_all_masked_steps_give_no_nan(base_dir):
@@ -798,3 +801,132 @@ def test_compiled_model_trains_like_the_eager_one(base_dir):
     a, b = params(eager["model"]), params(compiled["model"])
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=1e-3)
+
+
+# --- behaviours pinned after a mutation review (each test failed on a plausible slip) ----------
+
+def test_microbatch_norm_logs_the_mean_loss(base_dir):
+    """--loss-norm microbatch (the CLI default): the logged loss of step 1 is the mean of the
+    micro-batches' mean losses on the starting model (not their sum)."""
+    tok = byte_tokenizer()
+    model, _ = ckpt.load_model(str(base_dir), "base")
+    ds = train_data.read_training_data(str(base_dir / "train.jsonl"), tok)
+    loader = train_data.make_loader(ds, tok, 1, 64, 0, 1, "bestfit")
+    with torch.no_grad():
+        per_micro = []
+        for _ in range(4):
+            b = loader.next()
+            per_micro.append(float(model(b.inputs, b.targets, doc_ids=b.doc_ids)))
+    if hasattr(loader, "close"):
+        loader.close()
+    out = train.run(make_args(base_dir, "--num-iterations", "1", "--device-batch-size", "1", "--loss-norm", "microbatch"))
+    assert out["grad_accum_steps"] == 4
+    assert out["losses"][0] == pytest.approx(sum(per_micro) / 4, rel=1e-5)
+
+
+def test_optimizer_lr_is_initial_lr_times_schedule(base_dir):
+    train.run(make_args(base_dir, "--num-iterations", "3", "--eval-every", "-1"))
+    _, trainer, _ = ckpt.load_checkpoint(str(base_dir / "chatsft_checkpoints" / "d2"), 3, load_trainer_state=True)
+    lrm_last = lr_multiplier(2, 3)  # the lr the third (last) step used
+    for opt in trainer["optimizers"]:
+        for g in opt["param_groups"]:
+            assert g["lr"] == pytest.approx(g["initial_lr"] * lrm_last, rel=1e-12)
+
+
+def test_derived_iterations_cover_every_epoch(base_dir, tmp_path):
+    """--num-epochs 2: twice the derived count, and every conversation trained exactly twice."""
+    one = train.run(make_args(base_dir, "--eval-every", "-1"))
+    shutil.rmtree(base_dir / "chatsft_checkpoints")
+    log = tmp_path / "log.jsonl"
+    two = train.run(make_args(base_dir, "--eval-every", "-1", "--num-epochs", "2", "--log-jsonl", str(log)))
+    assert two["num_iterations"] == 2 * one["num_iterations"] == 2 * (48 // 4)
+    assert two["step"] >= 2 * one["step"] - 1
+    steps = [r for r in map(json.loads, log.read_text().splitlines()) if r["type"] == "step"]
+    data = [json.loads(line) for line in (base_dir / "train.jsonl").read_text().splitlines()]
+    assert sum(r["sup_tokens"] for r in steps) == 2 * supervised_targets(byte_tokenizer(), data, 65)
+
+
+def test_validation_is_one_pass_however_many_eval_steps(base_dir):
+    a = train.run(make_args(base_dir, "--num-iterations", "1", "--eval-every", "-1", "--eval-steps", "50"))
+    shutil.rmtree(base_dir / "chatsft_checkpoints")
+    b = train.run(make_args(base_dir, "--num-iterations", "1", "--eval-every", "-1", "--eval-steps", "500"))
+    assert a["metrics"]["val_tokens"] == b["metrics"]["val_tokens"]
+    assert a["metrics"]["val_loss"] == b["metrics"]["val_loss"]
+
+
+def test_eval_loss_of_a_packed_row_is_per_conversation():
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_kv_head=1, n_embd=16))
+    model.init_weights(seed=0)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5)
+        for blk in model.transformer.h:
+            blk.attn.c_proj.weight.normal_(0, 0.5)
+    A, B = torch.randint(0, 256, (1, 5)), torch.randint(0, 256, (1, 7))
+    tA, tB = torch.randint(0, 256, (1, 5)), torch.randint(0, 256, (1, 7))
+    from types import SimpleNamespace
+    batch = SimpleNamespace(inputs=torch.cat([A, B], 1), targets=torch.cat([tA, tB], 1),
+                            doc_ids=torch.tensor([[0] * 5 + [1] * 7], dtype=torch.int32), progress=1.0)
+    info = train.DistInfo(ddp=False, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    out = train.evaluate_loss(model, SimpleNamespace(next=lambda: batch), 1, train.token_bytes_tensor(tok, "cpu"), info,
+                              torch.autocast("cpu", enabled=False), doc_mask=True)
+    with torch.no_grad():
+        want = (float(model(A, tA, loss_reduction="sum")) + float(model(B, tB, loss_reduction="sum"))) / 12
+    assert out["val_loss"] == pytest.approx(want, rel=1e-5)
+
+
+def test_cross_doc_attention_flag_changes_the_computation(base_dir):
+    # rows of 200 positions hold several of the fixture's ~60-token conversations
+    a = train.run(make_args(base_dir, "--num-iterations", "1", "--eval-every", "-1", "--max-seq-len", "200"))
+    shutil.rmtree(base_dir / "chatsft_checkpoints")
+    b = train.run(make_args(base_dir, "--num-iterations", "1", "--eval-every", "-1", "--max-seq-len", "200",
+                            "--cross-doc-attention"))
+    assert a["losses"][0] != b["losses"][0]
+
+
+def test_wsd_final_lr_frac():
+    assert lr_multiplier(10, 10, "wsd", final_lr_frac=0.1) == pytest.approx(0.1)
+    assert lr_multiplier(9, 10, "wsd", warmdown_ratio=0.5, final_lr_frac=0.1) == pytest.approx(0.2 + 0.8 * 0.1)
+
+
+def test_muon_two_steps_match_the_formula():
+    torch.manual_seed(0)
+    p0 = torch.randn(8, 4)
+    G1, G2 = torch.randn(8, 4), torch.randn(8, 4)
+    p = torch.nn.Parameter(p0.clone())
+    opt = Muon([p], lr=0.1)
+    for G in (G1, G2):
+        p.grad = G.clone()
+        opt.step()
+    buf1 = 0.05 * G1
+    buf2 = 0.95 * buf1 + 0.05 * G2
+    u1 = newton_schulz(G1 + 0.95 * (buf1 - G1))
+    u2 = newton_schulz(G2 + 0.95 * (buf2 - G2))
+    want = p0 - 0.1 * 2 ** 0.5 * (u1 + u2)  # tall 8x4: scale sqrt(8/4)
+    torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_find_model_tag_is_the_deepest_numerically(tmp_path):
+    for t in ("d2", "d12", "d3", "other"):
+        (tmp_path / t).mkdir()
+    assert ckpt.find_model_tag(str(tmp_path)) == "d12"
+
+
+def test_compiled_and_ddp_prefixes_are_stripped(base_dir):
+    model, meta = ckpt.load_model(str(base_dir), "base")
+    out = str(base_dir / "mid_checkpoints" / "d2")
+    state = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
+    ckpt.save_checkpoint(out, 1, state, None, dict(model_config=model.config.to_dict()))
+    again, _ = ckpt.load_model(str(base_dir), "mid")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_remove_checkpoints_deletes_meta_first(tmp_path, monkeypatch):
+    for n in ("model_000001.pt", "optim_000001_rank0.pt", "meta_000001.json", "model_000002.pt", "meta_000002.json"):
+        (tmp_path / n).write_text("x")
+    order = []
+    real = os.unlink
+    monkeypatch.setattr(os, "unlink", lambda p: (order.append(os.path.basename(p)), real(p)))
+    ckpt.remove_checkpoints(str(tmp_path))
+    assert [n.startswith("meta_") for n in order] == [True, True, False, False, False]
