@@ -303,6 +303,8 @@ def test_bad_shapes_and_dtypes():
         fused_linear_cross_entropy(hidden, weight, targets.float())
     with pytest.raises(TypeError, match="same dtype"):
         fused_linear_cross_entropy(hidden, weight.double(), targets)
+    with pytest.raises(ValueError, match="must be on one device"):
+        fused_linear_cross_entropy(hidden, weight, targets.to("meta"))
     if not loss_mod._triton_available(hidden.device):
         with pytest.raises(RuntimeError, match="impl='triton'"):
             fused_linear_cross_entropy(hidden, weight, targets, impl="triton")

@@ -270,8 +270,12 @@ def test_bits_per_byte_without_byte_tokens_is_undefined_not_zero():
     token_bytes = train.token_bytes_tensor(tok, "cpu")
     out = train.evaluate_loss(model, loader, 1, token_bytes, info, torch.autocast("cpu", enabled=False))
     assert out["val_tokens"] == 2 and math.isfinite(out["val_loss"]) and math.isnan(out["val_bpb"])
+    # the fresh model's logits are all 0: every target costs ln V nats; only the two byte tokens
+    # (a byte each) count for bits per byte, the special one for the loss alone
     batch.targets = torch.tensor([[ord("a"), -1, special, ord("b")]])
-    assert math.isfinite(train.evaluate_loss(model, loader, 1, token_bytes, info, torch.autocast("cpu", enabled=False))["val_bpb"])
+    out = train.evaluate_loss(model, loader, 1, token_bytes, info, torch.autocast("cpu", enabled=False))
+    assert out["val_tokens"] == 3 and out["val_loss"] == pytest.approx(math.log(tok.n_vocab))
+    assert out["val_bpb"] == pytest.approx(math.log2(tok.n_vocab))
 
 
 def test_log_jsonl_stays_strict_json_with_an_undefined_metric(tmp_path):
