@@ -301,3 +301,21 @@ def test_list_changed_while_read_is_an_error_not_a_crash():
     mask[1] = ShrinksMask()
     with pytest.raises(ValueError, match=r"conversation tag 0: mask list changed while it was read"):
         Packer("bestfit", 1, 16, BOS).feed([([BOS, 1, 2, 3], mask)])
+
+
+@pytest.mark.parametrize("mode", ["bestfit", "padded"])
+def test_truncated_tokens_add_up_within_a_batch(mode):
+    # two conversations cut in one batch (capacity 5: cut by 3 and by 6)
+    rendered = [([7] + [11] * 7, [0] + [1] * 7), ([7] + [12] * 10, [0] + [1] * 10)]
+    (b,) = Packer(mode, 2, 4, 7, 10).pack(rendered)
+    assert (b.num_truncated, b.truncated_tokens) == (2, 9)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (("bestfit", 1, 8, 7, 0), "buffer_size must be at least 1"),  # else no batch, silently
+    (("bestfit", 1, 0, 7, 4), "seq_len must be at least 1"),
+    (("padded", 1, 0, 7), "seq_len must be at least 1"),
+])
+def test_zero_sizes_are_refused(args, msg):
+    with pytest.raises(ValueError, match=msg):
+        Packer(*args)

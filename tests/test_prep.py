@@ -717,3 +717,29 @@ def test_opening_a_shard_checks_ids_masks_and_the_manifest_against_the_tokenizer
     manifest_path.write_text("{" + manifest_path.read_text())
     with pytest.raises(_core.ShardError, match="manifest.json"):
         read_training_data(tmp_path / "s", tok)
+
+
+def test_from_pairs_names_the_conversation_of_a_pair_packer_feed_would_refuse():
+    # the check_rendered errors of RenderedChunk.from_pairs name indices[i] (or i)
+    from sftfast import ConversationError, RenderedChunk
+
+    with pytest.raises(ConversationError, match=r"^conversation 11: ids has 3 tokens but mask has 2$"):
+        RenderedChunk.from_pairs([([7, 1], [0, 1]), ([7, 1, 2], [0, 1])], [10, 11])
+    chunk = RenderedChunk.from_pairs([([7, 1], [0, 1]), ([], [])], on_error="skip")
+    assert chunk.errors == [(1, "conversation 1: empty (no tokens, not even <|bos|>)")]
+
+
+def test_a_broken_json_file_raises_bad_record_error(tmp_path):
+    from sftfast import Tokenizer
+    from sftfast.tokenizer import NANOCHAT_SPLIT_PATTERN
+
+    # Error::Record maps to BadRecordError (prep.py catches SftfastError, so only the text was tested)
+    tok = Tokenizer.from_ranks({bytes([i]): i for i in range(256)}, NANOCHAT_SPLIT_PATTERN)
+    src = tmp_path / "a.json"
+    src.write_text('[{"messages": [}')
+    builder = _core.ShardBuilder(str(tmp_path / "s"), tok._core, 64)
+    try:
+        with pytest.raises(_core.BadRecordError, match=r"a\.json:1: invalid JSON"):
+            builder.feed_json_file(str(src))
+    finally:
+        builder.abort()

@@ -288,3 +288,24 @@ def test_lone_surrogates_render_as_tiktoken_encodes_them(toks):
     assert tok.render_conversation(conv) == ref.render_conversation(enc, conv)
     ids, _ = tok.render_conversation(conv)
     assert "\ufffd" in tok.decode(ids) and "\U0001F600" in tok.decode(ids)
+
+
+def test_completion_prompt_is_truncated_then_gets_assistant_start():
+    # the prompt (without the final assistant message) is cut to max_tokens, then
+    # <|assistant_start|> is appended: never one token short.
+    tok = Tokenizer.from_ranks({bytes([i]): i for i in range(256)}, NANOCHAT_SPLIT_PATTERN)
+    conv = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "a"}]}
+    full = tok.render_for_completion(conv, max_tokens=10_000)
+    assert full[-1] == tok.special_token_id("<|assistant_start|>")
+    prompt = full[:-1]
+    for n in range(len(prompt) + 3):
+        assert tok.render_for_completion(conv, max_tokens=n) == prompt[:n] + full[-1:], n
+
+
+def test_completion_refuses_a_conversation_that_ends_on_a_user_turn():
+    # [user, assistant, user] must not silently become the prompt of [user, assistant]
+    tok = Tokenizer.from_ranks({bytes([i]): i for i in range(256)}, NANOCHAT_SPLIT_PATTERN)
+    conv = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                         {"role": "user", "content": "r"}]}
+    with pytest.raises(ConversationError, match="message 2: render_for_completion needs a conversation that ends with an assistant message"):
+        tok.render_for_completion(conv)

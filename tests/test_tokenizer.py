@@ -475,3 +475,13 @@ def test_pattern_names_are_accepted_wherever_a_pattern_is(cl100k_file):
     assert by_name.encode("hello world") == Tokenizer.from_tiktoken_file(cl100k_file, CL100K_SPLIT_PATTERN).encode("hello world")
     assert Tokenizer.from_ranks({bytes([i]): i for i in range(256)}, "o200k").decode(
         Tokenizer.from_ranks({bytes([i]): i for i in range(256)}, "o200k").encode("a b")) == "a b"
+
+
+def test_a_piece_that_is_a_token_encodes_as_tiktoken_does():
+    # tiktoken looks a whole piece up first; "abc" has a rank that no merge reaches
+    ranks = {**{bytes([i]): i for i in range(256)}, b"abc": 256}
+    tok = Tokenizer.from_ranks(ranks, NANOCHAT_SPLIT_PATTERN, special_tokens=[])
+    enc = tiktoken.Encoding(name="gap-abc", pat_str=NANOCHAT_SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens={})
+    for text in ["abc", "abc abcd", " abc", "xabc"]:
+        assert tok.encode(text) == enc.encode_ordinary(text), text
+    assert tok.encode("abc") == [256]

@@ -800,4 +800,37 @@ mod tests {
             Err(Error::Pattern(_))
         ));
     }
+
+    /// tiktoken returns a piece's own rank when the piece is a token, even if no chain of
+    /// merges reaches it. In cl100k every token is reachable, so the comparisons with tiktoken
+    /// in Python cannot see this case.
+    #[test]
+    fn a_piece_that_is_a_token_is_that_token_even_if_merges_cannot_reach_it() {
+        let mut ranks = byte_vocab();
+        ranks.insert(b"abc".to_vec(), 256); // neither "ab" nor "bc" is a token
+        let bpe = CoreBPE::new(ranks, NANOCHAT_PATTERN, vec![]).unwrap();
+        assert_eq!(bpe.encode_ordinary("abc"), vec![256]);
+        assert_eq!(
+            bpe.encode_ordinary("abc abcd"),
+            vec![256, 32, 97, 98, 99, 100]
+        );
+        let long = "abc".repeat(60); // one 180-byte piece: merge_long, no merges apply
+        assert_eq!(bpe.encode_ordinary(&long).len(), 180);
+    }
+
+    /// A special token named twice, or given the last ordinary rank, is refused.
+    #[test]
+    fn special_listed_twice_or_on_the_last_rank_is_refused() {
+        let msg = |specials: Vec<(String, Rank)>| {
+            CoreBPE::new(byte_vocab(), NANOCHAT_PATTERN, specials)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let twice = vec![("<|a|>".to_string(), 300), ("<|a|>".to_string(), 301)];
+        assert!(msg(twice).contains("\"<|a|>\" is listed twice"));
+        let last = vec![("<|a|>".to_string(), 255)];
+        assert!(msg(last).contains("id 255 collides with an ordinary token"));
+        assert!(CoreBPE::new(byte_vocab(), NANOCHAT_PATTERN, vec![("<|a|>".into(), 256)]).is_ok());
+    }
 }

@@ -746,4 +746,124 @@ mod tests {
         let conv = parse(r#"[{"role": "user", "content": "q"}]"#).unwrap();
         assert!(render(&bare, &conv, 10).is_err());
     }
+
+    /// A conversation must end with an assistant message (its reply is what gets dropped);
+    /// the prompt is truncated to max_tokens, then <|assistant_start|> is appended (so
+    /// max_tokens + 1 ids at most).
+    #[test]
+    fn completion_prompt_truncation_and_refusal() {
+        let b = bpe();
+        let conv = parse(
+            r#"[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "r"}]"#,
+        )
+        .unwrap();
+        let err = render_for_completion(&b, &conv, 2048, "c")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("message 2: render_for_completion needs a conversation that ends with an assistant message"),
+            "{err}"
+        );
+        let conv = parse(
+            r#"[{"role": "user", "content": "hello"}, {"role": "assistant", "content": "a"}]"#,
+        )
+        .unwrap();
+        let mut full = vec![BOS, US];
+        full.extend(bytes("hello"));
+        full.push(UE);
+        for n in 0..full.len() + 3 {
+            let mut want = full[..n.min(full.len())].to_vec();
+            want.push(AS);
+            assert_eq!(
+                render_for_completion(&b, &conv, n, "c").unwrap(),
+                want,
+                "max_tokens {n}"
+            );
+        }
+    }
+
+    /// Lone surrogates become U+FFFD, a low one alone on a line too, while a pair at the top of
+    /// the range (low half \udfff) stays one character.
+    #[test]
+    fn lone_low_surrogates_alone_and_pairs_at_the_top_of_the_range() {
+        assert_eq!(parse_json(br#"{"b": "\udc00"}"#).unwrap()["b"], "\u{FFFD}");
+        assert_eq!(
+            parse_json(br#"{"b": "x\udfffy"}"#).unwrap()["b"],
+            "x\u{FFFD}y"
+        );
+        // the lone \ud800 forces the rewrite; the \ud83d\udfff pair (U+1F7FF) must survive it
+        let v = parse_json(br#"{"a": "\ud800", "c": "\ud83d\udfff"}"#).unwrap();
+        assert_eq!(v["a"], "\u{FFFD}");
+        assert_eq!(v["c"], "\u{1F7FF}");
+        // and a JSONL line with only a lone low surrogate renders (prep's path)
+        let conv = parse(
+            r#"[{"role": "user", "content": "\udc00"}, {"role": "assistant", "content": "a"}]"#,
+        )
+        .unwrap();
+        let (ids, _) = render(&bpe(), &conv, 2048).unwrap();
+        let mut want = vec![BOS, US];
+        want.extend(bytes("\u{FFFD}"));
+        want.extend([UE, AS, b'a' as Rank, AE]);
+        assert_eq!(ids, want);
+    }
+
+    /// `Conversation::new` is public: its own check (not only the JSON and Python walkers')
+    /// refuses parts in user and system messages.
+    #[test]
+    fn new_refuses_parts_outside_assistant_messages() {
+        let parts = Content::Parts(vec![Part {
+            kind: PartKind::Text,
+            text: "x".into(),
+        }]);
+        let user = |content: Content| Message {
+            role: Role::User,
+            content,
+        };
+        let err = Conversation::new(vec![user(parts.clone())], "c")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("message 0: user content must be a string, got a list of parts"),
+            "{err}"
+        );
+        let sys = Message {
+            role: Role::System,
+            content: parts,
+        };
+        let err = Conversation::new(vec![sys, user(Content::Text("q".into()))], "c")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("message 0: system content must be a string, got a list of parts"),
+            "{err}"
+        );
+    }
+
+    /// `render_into` limits only what it appends (every caller in the crate passes empty
+    /// vectors, so only this test sees the difference).
+    #[test]
+    fn render_into_limits_only_what_it_appends() {
+        let b = bpe();
+        let tokens = ChatTokens::from_bpe(&b).unwrap();
+        let conv = parse(
+            r#"[{"role": "user", "content": "hello"}, {"role": "assistant", "content": "yo"}]"#,
+        )
+        .unwrap();
+        let (full, full_mask) = render(&b, &conv, usize::MAX).unwrap();
+        for n in [0, 1, 4, full.len(), full.len() + 2] {
+            let (mut ids, mut mask) = (vec![1, 2, 3], vec![1, 0, 1]);
+            render_into(&b, &tokens, &conv, n, &mut ids, &mut mask);
+            let k = n.min(full.len());
+            assert_eq!(
+                (&ids[..3], &ids[3..]),
+                (&[1, 2, 3][..], &full[..k]),
+                "max_tokens {n}"
+            );
+            assert_eq!(
+                (&mask[..3], &mask[3..]),
+                (&[1, 0, 1][..], &full_mask[..k]),
+                "max_tokens {n}"
+            );
+        }
+    }
 }

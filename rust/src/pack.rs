@@ -694,4 +694,71 @@ mod tests {
         assert!(Packer::new(Mode::BestFit, 0, 8, 0, 10).is_err());
         assert!(Mode::parse("greedy").is_err());
     }
+
+    /// Tokens cut by truncation add up over every cut conversation of a batch.
+    #[test]
+    fn truncated_tokens_add_up_over_a_batch() {
+        for mode in [Mode::BestFit, Mode::Padded] {
+            // capacity 5: cut by 3 and by 6 tokens, both in the one batch of 2 rows
+            let mut p = Packer::new(mode, 2, 4, 0, 10).unwrap();
+            let (i, m) = conv(8, 1);
+            p.feed(i, m, 0).unwrap();
+            let (i, m) = conv(11, 2);
+            p.feed(i, m, 1).unwrap();
+            let b = drain(&mut p);
+            assert_eq!(b.len(), 1, "{mode:?}");
+            assert_eq!(
+                (b[0].0.num_truncated, b[0].0.truncated_tokens),
+                (2, 9),
+                "{mode:?}"
+            );
+        }
+    }
+
+    /// Python readers check masks themselves; `Packer::feed` is the Rust API's only guard.
+    #[test]
+    fn feed_refuses_mask_values_other_than_0_and_1() {
+        let mut p = Packer::new(Mode::BestFit, 1, 8, 0, 4).unwrap();
+        let err = p
+            .feed(vec![0, 5, 6], vec![0, 1, 2], 3)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("conversation tag 3: mask[2] = 2 (must be 0 or 1)"),
+            "{err}"
+        );
+        assert_eq!(p.num_held(), 0);
+    }
+
+    /// A buffer of 0 would make best-fit yield nothing, silently; seq_len 0 rows of width 0.
+    #[test]
+    fn zero_sizes_are_refused() {
+        let err = |r: Result<Packer>| r.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            err(Packer::new(Mode::BestFit, 1, 8, 0, 0)).contains("buffer_size must be at least 1")
+        );
+        assert!(err(Packer::new(Mode::BestFit, 1, 0, 0, 4)).contains("seq_len must be at least 1"));
+        assert!(err(Packer::new(Mode::Padded, 1, 0, 0, 4)).contains("seq_len must be at least 1"));
+        assert!(
+            err(Packer::new(Mode::Padded, 0, 8, 0, 4)).contains("batch_size must be at least 1")
+        );
+        // padded mode has no buffer: 0 is fine there
+        assert!(Packer::new(Mode::Padded, 1, 8, 0, 0).is_ok());
+    }
+
+    /// Committing a plan twice is an error (without the stale-plan check it would panic).
+    #[test]
+    fn committing_a_plan_twice_is_an_error_not_a_panic() {
+        for mode in [Mode::BestFit, Mode::Padded] {
+            let mut p = Packer::new(mode, 2, 7, 0, 4).unwrap();
+            for t in 0..2u64 {
+                let (i, m) = conv(3, t + 1);
+                p.feed(i, m, t).unwrap();
+            }
+            let plan = p.plan(true).unwrap();
+            p.commit_owned(&plan).unwrap();
+            let err = p.commit_owned(&plan).unwrap_err().to_string();
+            assert!(err.contains("stale plan"), "{mode:?}: {err}");
+        }
+    }
 }

@@ -1501,4 +1501,79 @@ mod tests {
             "{report}"
         );
     }
+
+    /// Offsets must start at 0 (else conversation 0 silently loses tokens), and the manifest's
+    /// num_tokens must match the ids.
+    #[test]
+    fn open_checks_the_first_offset_and_the_manifest_counts() {
+        let d = tmp("offsets-start");
+        let out = d.join("shard");
+        let mut p = Preprocessor::new(&out, Toy, 5, OnError::Fail, 1).unwrap();
+        p.process_values(
+            "x",
+            LocKind::Index,
+            0,
+            &[serde_json::json!([1, 2, 3]), serde_json::json!([4, 5])],
+        )
+        .unwrap();
+        let (_, manifest) = p.finish(&Map::new()).unwrap();
+        assert!(Shard::open(&out).is_ok());
+        let open_err = || {
+            Shard::open(&out)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        // offsets 1, 3, 5: non-decreasing and ending at n_tokens, but not starting at 0
+        let good_offsets = fs::read(out.join(OFFSETS_FILE)).unwrap();
+        let offs: Vec<u8> = [1u64, 3, 5].iter().flat_map(|x| x.to_le_bytes()).collect();
+        fs::write(out.join(OFFSETS_FILE), offs).unwrap();
+        let err = open_err();
+        assert!(
+            err.contains("offsets are not a non-decreasing index of the ids"),
+            "{err}"
+        );
+        fs::write(out.join(OFFSETS_FILE), good_offsets).unwrap();
+        // the manifest's counts against the files, each on its own
+        for (key, wrong) in [("num_tokens", 4u64), ("num_conversations", 3)] {
+            let mut m = manifest.clone();
+            m[key] = Value::from(wrong);
+            fs::write(out.join(MANIFEST_FILE), m.to_string()).unwrap();
+            let err = open_err();
+            assert!(
+                err.contains("manifest counts do not match the files"),
+                "{key}: {err}"
+            );
+        }
+        fs::write(out.join(MANIFEST_FILE), manifest.to_string()).unwrap();
+        assert!(Shard::open(&out).is_ok());
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    /// Null fields (json.loads' None for an absent value) are accepted, as the loader accepts
+    /// them; a field of a *part* that rendering would drop (e.g. "weight": 0) is refused, as
+    /// message-level ones are.
+    #[test]
+    fn training_records_accept_null_fields_and_refuse_dropped_part_fields() {
+        let r = ChatRenderer::new(byte_bpe(256), 64).unwrap();
+        r.render_bytes(
+            br#"{"messages": [{"role": "user", "content": "q", "weight": null},
+                {"role": "assistant", "content": [{"type": "text", "text": "a", "weight": null}]}]}"#,
+            "f:1",
+        )
+        .unwrap();
+        let err = r
+            .render_bytes(
+                br#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content":
+                    [{"type": "text", "text": "a"}, {"type": "text", "text": "b", "weight": 0}]}]}"#,
+                "f:2",
+            )
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("f:2: message 1: part 1: field(s) \"weight\" are not rendered"),
+            "{err}"
+        );
+    }
 }
