@@ -106,7 +106,7 @@ class PyPackedLoader:
                 while True:
                     self._fill(self.buffer_size)
                     fits = [(len(b[1]), -k) for k, b in enumerate(self.buffer) if len(b[1]) <= space]
-                    if not fits:  # never on an empty row: every buffered conversation fits a row
+                    if not fits:  # on an empty row only once the stream has ended (everything fits a row)
                         break
                     ids, mask = self._take(-max(fits)[1])  # largest that fits; the oldest among equals
                     row_docs.extend([n_docs] * len(ids))
