@@ -554,10 +554,14 @@ def test_eval_tasks_are_scored_when_training_from_a_file(base_dir, monkeypatch):
         return real_get_task("Arithmetic", size=4)
 
     monkeypatch.setattr(tasks, "get_task", get_task)
-    monkeypatch.setattr(train, "categorical_accuracy", lambda model, tok, task, max_problems=1024, batch_size=8: 0.25)
-    out = train.run(make_args(base_dir, "--num-iterations", "2", "--eval-tasks", "ARC-Easy, MMLU", "--data-dir", "/mirror"))
+    scored = []
+    monkeypatch.setattr(train, "categorical_accuracy",
+                        lambda model, tok, task, max_problems=1024, batch_size=8: scored.append(task) or 0.25)
+    out = train.run(make_args(base_dir, "--num-iterations", "2", "--eval-tasks", "ARC-Easy, MMLU", "--data-dir", "/mirror",
+                              "--eval-metrics-every", "1"))
     assert asked == [("ARC-Easy", "/mirror", "eval"), ("MMLU", "/mirror", "eval")]
     assert out["metrics"]["arc_easy_acc"] == 0.25 and out["metrics"]["mmlu_acc"] == 0.25
+    assert len(scored) == 4  # after steps 1 and 2 (the last), as nanochat: not before training
 
 
 def test_num_iterations_zero_is_a_clear_error(base_dir):
@@ -620,7 +624,7 @@ def test_non_finite_loss_stops_without_saving(base_dir):
     with torch.no_grad():
         model.lm_head.weight[0, 0] = float("nan")
     ckpt.save_checkpoint(str(base_dir / "base_checkpoints" / "d2"), 5, model.state_dict(), None, dict(model_config=model.config.to_dict()))
-    with pytest.raises(train.TrainingDivergedError, match="step 0"):
+    with pytest.raises(train.TrainingDivergedError, match=r"step 0 in rank 0 micro-batch 0 \(loss nan\)"):
         train.run(make_args(base_dir, "--num-iterations", "3", "--eval-every", "-1", "--loader-workers", "1"))
     assert not (base_dir / "chatsft_checkpoints").exists()
     # the failed run's loader is closed: no producer thread, no worker process left behind
