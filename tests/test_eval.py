@@ -175,6 +175,11 @@ def test_eval_cli(saved_run, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["step"] == 3 and set(out["results"]) == {"SpellingBee", "Arithmetic"}
     assert all(r["total"] == 2 for r in out["results"].values()) and out["chatcore"] is not None
+    # accepted spellings are the same tasks, and ChatCORE finds their baselines by the real name
+    assert eval_cli.main(["--base-dir", saved_run, "-a", "spelling_bee,arithmetic", "-x", "2", "-m", "8", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert [r["task"] for r in again["results"].values()] == ["SpellingBee", "Arithmetic"]
+    assert again["chatcore"] == out["chatcore"]
 
 
 def test_chat_cli_one_prompt(saved_run, capsys):

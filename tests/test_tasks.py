@@ -377,6 +377,20 @@ def test_arithmetic_task():
         assert extract_final_answer(parts[-1]["text"]) == parts[2]["text"]
 
 
+def test_numbers_equal_whole_numbers_exactly():
+    """A relative tolerance of 1e-9 graded 1000000001 equal to 1000000000 (and any two
+    20-digit integers equal)."""
+    for a, b in [("72", "72.0"), ("-3", "-3.00"), ("2400", "2400."), ("0.1", "0.100000000000000"),
+                 ("0.333333333333333", "0.3333333333333333"), ("12345678901234567890", "12345678901234567890.0")]:
+        assert numbers_equal(a, b) and numbers_equal(b, a), (a, b)
+    for a, b in [("1000000001", "1000000000"), ("5000000003", "5000000000.0"), ("71", "72"), ("0.5", "0.6"),
+                 ("12345678901234567891", "12345678901234567890"), ("7", None), ("x", "7"), ("", "0")]:
+        assert not numbers_equal(a, b) and not numbers_equal(b, a), (a, b)
+    conv = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "#### 1,000,000,000"}]}
+    assert not Arithmetic(size=1).evaluate(conv, "#### 1000000001")
+    assert Arithmetic(size=1).evaluate(conv, "#### $1000000000.00")
+
+
 class _Range(Task):
     name = "range"
 
@@ -433,8 +447,24 @@ def test_seed_mixture_from_local_mirror(data_dir):
     assert counts["identity"] == len(CustomJSON(IDENTITY_FILE))
     val = build_mixture("seed", split="val", data_dir=data_dir)
     assert val.counts() == {"SmolTalk": 6}
+    # nanochat's chat_sft reads SmolTalk test in its own order (no second shuffle)
+    smoltalk_test = get_task("SmolTalk", split="test", data_dir=data_dir)
+    assert list(val) == list(smoltalk_test) and len(val) > 1
     for conv in list(train)[:50]:
         assert conv["messages"][-1]["role"] == "assistant"
+
+
+def test_mixture_spec_selecting_nothing_is_refused(capsys):
+    """A slice that selects nothing contributed 0 conversations silently; a stop past the end
+    was capped silently (nanochat asserts the first and warns about the second)."""
+    with pytest.raises(TaskError, match=r"'SpellingBee:size=300:start=200:stop=100' selects no examples "
+                                        r"\(start=200, stop=100, step=1 of 300\)"):
+        build_mixture("SpellingBee:size=300:start=200:stop=100,SimpleSpelling:size=10")
+    with pytest.raises(TaskError, match="selects no examples"):
+        build_mixture("SimpleSpelling:size=5:start=5")
+    mix = build_mixture("SimpleSpelling:size=50:stop=10000")
+    assert len(mix) == 50
+    assert "stop=10000 is past the 50 examples; using 50" in capsys.readouterr().err
 
 
 def test_demo_mixture_is_offline(monkeypatch):

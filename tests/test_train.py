@@ -551,7 +551,9 @@ def test_eval_tasks_are_scored_when_training_from_a_file(base_dir, monkeypatch):
 
     def get_task(name, data_dir=None, role=None):  # no hub here: record the request, return a small task
         asked.append((name, data_dir, role))
-        return real_get_task("Arithmetic", size=4)
+        task = real_get_task("Arithmetic", size=4)
+        task.eval_type = "categorical"  # stands in for ARC / MMLU (scoring is patched below)
+        return task
 
     monkeypatch.setattr(tasks, "get_task", get_task)
     scored = []
@@ -562,6 +564,14 @@ def test_eval_tasks_are_scored_when_training_from_a_file(base_dir, monkeypatch):
     assert asked == [("ARC-Easy", "/mirror", "eval"), ("MMLU", "/mirror", "eval")]
     assert out["metrics"]["arc_easy_acc"] == 0.25 and out["metrics"]["mmlu_acc"] == 0.25
     assert len(scored) == 4  # after steps 1 and 2 (the last), as nanochat: not before training
+
+
+def test_generative_eval_task_is_refused_before_training(base_dir):
+    """A generative task passed startup and failed at its first metric evaluation, after the
+    training (and without a checkpoint), with a message about a missing field."""
+    with pytest.raises(ValueError, match="generative ones are scored by python -m sftfast.eval: SpellingBee, Arithmetic$"):
+        train.run(make_args(base_dir, "--num-iterations", "2", "--eval-tasks", "SpellingBee,Arithmetic"))
+    assert not (base_dir / "chatsft_checkpoints").exists()
 
 
 def test_num_iterations_zero_is_a_clear_error(base_dir):

@@ -92,7 +92,8 @@ def main(argv=None) -> int:
             if rank == 0 and not args.json:
                 print(f"{name:<14} {out['eval_type']:<11} accuracy {out['accuracy']:.4f} "
                       f"({out['correct']}/{out['total']}) in {out['seconds']:.1f}s", flush=True)
-        scored = {n: r["accuracy"] for n, r in results.items() if n in BASELINES}
+        # the task's own name ("ARC-Easy"), not the spelling typed ("arc_easy"), finds its baseline
+        scored = {r["task"]: r["accuracy"] for r in results.values() if r["task"] in BASELINES}
         score = chatcore(scored) if scored else None
         if rank == 0:
             if args.json:

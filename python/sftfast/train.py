@@ -439,6 +439,10 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
         metric_tasks = {name.lower().replace("-", "_"): tasks.get_task(name, data_dir=args.data_dir, role="eval")
                         for name in names}
     metric_tasks = metric_tasks or {}
+    generative = [task.name for task in metric_tasks.values() if task.eval_type != "categorical"]
+    if generative:  # refused now, not at the first metric evaluation after hours of training
+        raise ValueError(f"--eval-tasks takes categorical tasks (e.g. MMLU, ARC-Easy, ARC-Challenge); "
+                         f"generative ones are scored by python -m sftfast.eval: {', '.join(generative)}")
     grad_accum = grad_accum_steps(args, info.world_size)
     num_iterations = args.num_iterations
     if num_iterations == 0 or num_iterations < -1:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import sys
 
 from sftfast.tasks.arc import ARC
 from sftfast.tasks.arithmetic import Arithmetic
@@ -159,6 +160,13 @@ def _tasks_from_specs(specs, role: str, data_dir: str | None) -> list[Task]:
     for spec in specs:
         name, kwargs, repeat = parse_spec(spec)
         task = get_task(name, data_dir=data_dir, role=role, **kwargs)
+        available = task.num_examples()
+        if len(task) == 0:
+            raise TaskError(f"task spec {spec!r} selects no examples (start={task.start}, stop={task.stop}, "
+                            f"step={task.step} of {available})")
+        if task.stop is not None and task.stop > available:
+            print(f"warning: task spec {spec!r}: stop={task.stop} is past the {available} examples; "
+                  f"using {len(task)}", file=sys.stderr)
         tasks.extend([task] * repeat)  # the same object twice: oversampled, not reloaded
     return tasks
 
@@ -206,4 +214,8 @@ def build_mixture(name: str, split: str = "train", data_dir: str | None = None) 
     specs = config.get(split)
     if not specs:
         raise TaskError(f"mixture {name!r} has no {split!r} tasks")
-    return TaskMixture(_tasks_from_specs(specs, role, data_dir))
+    tasks = _tasks_from_specs(specs, role, data_dir)
+    # A validation set of one task is read in that task's order, as nanochat's chat_sft reads
+    # SmolTalk test: the first eval_steps batches are then the same conversations as there.
+    # Several tasks are shuffled together, so that a partial evaluation sees each of them.
+    return TaskMixture(tasks, shuffle=split == "train" or len(tasks) > 1)

@@ -27,6 +27,7 @@ import operator
 import os
 import random
 import re
+from decimal import Decimal, InvalidOperation
 
 from sftfast.textfiles import raw_lines
 
@@ -102,16 +103,18 @@ class Task:
 
 
 class TaskMixture:
-    """Every example of every task, in one shuffle fixed by seed 42; a task listed twice is seen twice."""
+    """Every example of every task, in one shuffle fixed by seed 42; a task listed twice is seen
+    twice. shuffle=False keeps the tasks' own order, one after the other."""
 
-    def __init__(self, tasks: list[Task], seed: int = MIXTURE_SEED):
+    def __init__(self, tasks: list[Task], seed: int = MIXTURE_SEED, shuffle: bool = True):
         if not tasks:
             raise TaskError("a mixture needs at least one task")
         self.tasks = list(tasks)
         # (task index, example index) pairs, shuffled once. Python's Random is the same on
         # every platform, so every rank of a run (and every rerun) sees one order.
         self.index_map = [(t, i) for t, task in enumerate(self.tasks) for i in range(len(task))]
-        random.Random(seed).shuffle(self.index_map)
+        if shuffle:
+            random.Random(seed).shuffle(self.index_map)
 
     def __len__(self) -> int:
         return len(self.index_map)
@@ -308,13 +311,20 @@ def extract_final_answer(text: str) -> str | None:
 
 
 def numbers_equal(a: str | None, b: str | None) -> bool:
+    """Whether two answers are the same number: whole numbers exactly ("72.0" is 72, and
+    1000000001 is not 1000000000), others within 1e-9 (the calculator keeps 15 significant
+    digits, a written answer may keep fewer)."""
     if a is None or b is None:
         return False
     try:
-        x, y = float(a), float(b)
-    except ValueError:
+        x, y = Decimal(a.strip()), Decimal(b.strip())
+    except (InvalidOperation, AttributeError):
         return False
-    return math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-9)
+    if not (x.is_finite() and y.is_finite()):
+        return False
+    if x == x.to_integral_value() and y == y.to_integral_value():
+        return x == y
+    return math.isclose(float(x), float(y), rel_tol=1e-9, abs_tol=1e-9)
 
 
 def assistant_text(message_content) -> str:

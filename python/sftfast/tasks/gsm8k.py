@@ -32,7 +32,11 @@ _CALL = re.compile(r"(<<[^>]+>>)")
 
 
 def parse_answer(answer: str) -> list[dict]:
-    """Split a GSM8K answer into text / python / python_output parts (nanochat's parsing)."""
+    """Split a GSM8K answer into text / python / python_output parts (nanochat's spans).
+
+    One difference from nanochat: it also turns a *text* piece that starts with `<<` and ends
+    with `>>` into a call (e.g. the `<<>>` in `<<1+1=2>><<>><<2+2=4>>`, an empty call); here
+    only the pattern's spans are calls and such a piece stays text."""
     parts = []
     # split with one capturing group: even positions are text, odd positions are the spans
     for k, piece in enumerate(_CALL.split(answer)):
