@@ -482,13 +482,100 @@ def test_corrupt_shard_is_rejected(tmp_path, capsys):
         ShardDataset(tmp_path / "s")
 
 
-def test_empty_input_gives_empty_shard(tmp_path, capsys):
+def test_input_without_conversations_is_refused(tmp_path, capsys):
+    """An empty input gave an empty shard and exit 0; as --val-data it failed the run only at
+    its final evaluation, after all the training, with no checkpoint saved."""
     src = tmp_path / "empty.jsonl"
     src.write_text("\n")
     rc, out = run_prep(src, "--out", tmp_path / "s", capsys=capsys)
+    assert rc == prep.EXIT_ERROR and "error: the inputs hold no conversations:" in out.err
+    assert "no shard written" in out.err and not (tmp_path / "s").exists() and leftovers(tmp_path) == []
+    write_jsonl(src, [{"messages": [{"role": "assistant", "content": "x"}]}] * 2)
+    rc, out = run_prep(src, "--out", tmp_path / "s", "--on-error", "skip", capsys=capsys)
+    assert rc == prep.EXIT_ERROR and "no conversations (2 bad records skipped)" in out.err
+    assert not (tmp_path / "s").exists()
+
+
+def test_columns_that_are_not_rendered_never_fail_a_row(tmp_path, enc, capsys):
+    """A NaN in an unused parquet column (common in hub datasets) failed the row as "invalid
+    JSON" (prep wrote NaN into the JSON it passed to the renderer)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    convs = [c for c in conversations(100, seed=5) if all(isinstance(m["content"], str) for m in c["messages"])][:6]
+    rows = [{"messages": c["messages"], "score": float("nan") if i % 2 else 1.5, "deep": [[[[i]]]]}
+            for i, c in enumerate(convs)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
+    rc, out = run_prep(tmp_path / "a.parquet", "--out", tmp_path / "s", capsys=capsys)
     assert rc == 0, out.err
-    data = ShardDataset(tmp_path / "s")
-    assert len(data) == 0 and data.num_tokens == 0
+    assert_matches_reference(ShardDataset(tmp_path / "s"), enc, [{"messages": c["messages"]} for c in convs], 2049)
+    # a NaN inside the messages is refused for what it is: content that is not a string
+    bad = [{"messages": [{"role": "user", "content": float("nan")}, {"role": "assistant", "content": 2.0}]}]
+    pq.write_table(pa.Table.from_pylist(bad), tmp_path / "b.parquet")
+    rc, out = run_prep(tmp_path / "b.parquet", "--out", tmp_path / "t", capsys=capsys)
+    assert rc == prep.EXIT_ERROR and "invalid JSON" not in out.err and "message 0" in out.err, out.err
+
+
+def test_directory_input_skips_the_shards_written_under_it(tmp_path, enc, capsys):
+    """A second run over a directory that holds the shard of the first read the shard's
+    manifest.json as a conversation file (and never reused the shard)."""
+    d = tmp_path / "data"
+    d.mkdir()
+    convs = conversations(8, seed=6)
+    write_jsonl(d / "a.jsonl", convs)
+    for _ in range(2):
+        rc, out = run_prep(d, "--out", d / "shard", capsys=capsys)
+        assert rc == 0, out.err
+    assert "reusing" in out.out
+    assert_matches_reference(ShardDataset(d / "shard"), enc, convs, 2049)
+    (d / ".other.tmp-1-1").mkdir()
+    (d / ".other.tmp-1-1" / "x.json").write_text("[]")  # a build's temporary directory
+    rc, out = run_prep(d, "--out", d / "shard", capsys=capsys)
+    assert rc == 0 and "reusing" in out.out, out.err
+    rc, out = run_prep(d / "shard", "--out", tmp_path / "s2", capsys=capsys)
+    assert rc == prep.EXIT_ERROR and "is an sftfast shard (rendered output), not conversations" in out.err
+
+
+def test_a_summary_that_cannot_be_printed_does_not_fail_a_written_shard(tmp_path, capsys, monkeypatch):
+    """stdout on a full disk (or a closed pipe) after the shard was in place gave exit 1 and
+    "no shard written"."""
+    src = tmp_path / "a.jsonl"
+    write_jsonl(src, conversations(5, seed=7))
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prep, "summarize", full)
+    monkeypatch.setattr(prep, "_stdout_to_devnull", lambda: None)  # pytest owns stdout here
+    for _ in range(2):  # built, then reused
+        rc, out = run_prep(src, "--out", tmp_path / "s", capsys=capsys)
+        assert rc == 0 and "no shard written" not in out.err
+        assert "is written, but its summary could not be printed: [Errno 28] No space left on device" in out.err
+        assert len(ShardDataset(tmp_path / "s")) == 5
+
+
+def test_inspect_loads_a_tokenizer_directory_with_the_pattern_used(tmp_path, capsys, monkeypatch):
+    """A shard built from a directory holding tokenizer.tiktoken with --pattern recorded no
+    pattern, so --inspect loaded nanochat's and refused the shard as another tokenizer's."""
+    tokdir = tmp_path / "tok"
+    tokdir.mkdir()
+    (tokdir / "tokenizer.tiktoken").write_bytes(CL100K_FILE.read_bytes())
+    src = tmp_path / "a.jsonl"
+    write_jsonl(src, conversations(3, seed=8))
+    rc, out = run_prep(src, "--out", tmp_path / "s", tokenizer=tokdir, capsys=capsys)
+    assert rc == 0, out.err
+    assert ShardDataset(tmp_path / "s").manifest["tokenizer"]["pattern"] == "cl100k"
+    assert prep.main(["--inspect", str(tmp_path / "s"), "--color", "never"]) == 0, capsys.readouterr().err
+    assert "conversation 0 of 3" in capsys.readouterr().out
+
+    # `--inspect ... | head -1`: the reader closing the pipe is not an error
+    def closed(*a, **k):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(prep, "render_inspection", closed)
+    monkeypatch.setattr(prep, "_stdout_to_devnull", lambda: None)
+    assert prep.main(["--inspect", str(tmp_path / "s"), "--color", "never"]) == 0
+    assert "Broken pipe" not in capsys.readouterr().err
 
 
 def test_inspect_highlights_trained_tokens(tmp_path, capsys):

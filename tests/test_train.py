@@ -23,6 +23,7 @@ from sftfast import checkpoint as ckpt
 from sftfast import train, train_data
 from sftfast.model import GPT, GPTConfig
 from sftfast.optim import Muon, build_optimizers, lr_multiplier, newton_schulz
+from sftfast.shards import ShardDataset
 from sftfast.tokenizer import NANOCHAT_SPLIT_PATTERN, Tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -281,13 +282,26 @@ def test_bits_per_byte_without_byte_tokens_is_undefined_not_zero():
 def test_log_jsonl_stays_strict_json_with_an_undefined_metric(tmp_path):
     """json.dumps writes NaN bare, which jq or serde refuse: an undefined val_bpb is null."""
     path = tmp_path / "log.jsonl"
-    args = SimpleNamespace(log_jsonl=str(path), run="dummy")
+    args = SimpleNamespace(log_jsonl=str(path), run="dummy", resume=False)
     log = train.Logger(args, train.DistInfo(ddp=False, rank=0, local_rank=0, world_size=1, device=torch.device("cpu")))
     log.record("eval", dict(step=3, val_loss=1.5, val_bpb=float("nan")))
     log.close()
     line = path.read_text()
     assert json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in {line}")) == \
         dict(type="eval", step=3, val_loss=1.5, val_bpb=None)
+
+
+def test_log_jsonl_starts_over_for_a_new_run_and_continues_a_resumed_one(tmp_path):
+    """A new run appended to an earlier run's log: two runs' steps read as one."""
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"type": "step", "step": 1, "from": "an earlier run"}\n')
+    info = train.DistInfo(ddp=False, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    for resume, expected in ((False, [1]), (True, [1, 2])):
+        log = train.Logger(SimpleNamespace(log_jsonl=str(path), run="dummy", resume=resume), info)
+        log.record("step", dict(step=len(expected)))
+        log.close()
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [r["step"] for r in lines] == expected and all("from" not in r for r in lines)
 
 
 @pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
@@ -536,7 +550,7 @@ def test_data_dir_reaches_the_mixture_and_the_metric_tasks(base_dir, monkeypatch
 
     monkeypatch.setattr(tasks, "build_mixture", build_mixture)
     args = make_args(base_dir, "--data-dir", "/mirror")
-    args.train_data = None
+    args.train_data = args.val_data = None
     with pytest.raises(tasks.TaskError, match="stop here"):
         train.run(args)
     assert seen == [("mixture", "train", "/mirror")]
@@ -782,6 +796,54 @@ def test_training_from_a_prep_shard_equals_training_from_jsonl(base_dir):
     args.train_data = str(shard)
     from_shard = train.run(args)
     assert from_shard["losses"] == from_jsonl["losses"]
+
+
+def test_a_shard_cut_shorter_than_the_rows_is_said(base_dir, capsys):
+    """A shard prepared with --max-tokens below the rows' length trained its cut conversations
+    shorter than the JSONL would, and nothing said so."""
+    from sftfast import prep
+
+    shard = base_dir / "short"
+    rc = prep.main([str(base_dir / "train.jsonl"), "--tokenizer", str(base_dir / "tokenizer" / "tokenizer.sftfast"),
+                    "--out", str(shard), "--quiet", "--no-progress", "--max-tokens", "40"])
+    assert rc == 0
+    cut = ShardDataset(shard).manifest["num_truncated"]
+    assert cut > 0
+    args = make_args(base_dir, "--num-iterations", "1", "--eval-every", "-1")
+    args.train_data = str(shard)
+    train.run(args)
+    assert (f"warning: --train-data {shard}: {cut} conversations were cut at max_tokens=40 when it was prepared, "
+            "and rows hold 65 tokens") in capsys.readouterr().out
+
+
+def test_training_data_paths_that_are_not_data(base_dir):
+    """A missing path or a directory without a manifest was reported as "CustomJSON: X is not
+    a file"; --val-data without --train-data was silently ignored (the mixture's own
+    validation part was used)."""
+    args = make_args(base_dir, "--num-iterations", "1")
+    args.train_data = str(base_dir / "nope")
+    with pytest.raises(FileNotFoundError, match="nope: no such file or directory"):
+        train.run(args)
+    (base_dir / "empty_dir").mkdir()
+    args.train_data = str(base_dir / "empty_dir")
+    with pytest.raises(ValueError, match="empty_dir is a directory without manifest.json: not a shard"):
+        train.run(args)
+    args = make_args(base_dir, "--num-iterations", "1", "--mixture", "demo")
+    args.train_data = None
+    with pytest.raises(ValueError, match="--val-data .*val.jsonl goes with --train-data"):
+        train.run(args)
+
+
+def test_validation_data_smaller_than_the_world_is_refused_at_startup(base_dir, monkeypatch):
+    """A validation set with fewer conversations than ranks failed at the first evaluation
+    (with the default eval_every, at the end of the run, without a checkpoint)."""
+    (base_dir / "val1.jsonl").write_text(json.dumps(conversations(1, seed=3)[0]) + "\n")
+    args = make_args(base_dir, "--num-iterations", "1", "--val-data", str(base_dir / "val1.jsonl"))
+    # rank 0 of 2 as it sees itself (the check comes before anything talks to the other rank)
+    monkeypatch.setattr(train, "init_distributed", lambda device: train.DistInfo(False, 0, 0, 2, torch.device("cpu")))
+    with pytest.raises(ValueError, match="the validation data has 1 conversations, fewer than the 2 ranks"):
+        train.run(args)
+    assert not (base_dir / "chatsft_checkpoints").exists() or not any((base_dir / "chatsft_checkpoints").rglob("*.pt"))
 
 
 def test_training_data_is_shuffled_deterministically(base_dir):

@@ -1,6 +1,6 @@
 """Tokenize-only preprocessing: render an SFT mixture once into memory-mapped shards.
 
-    python -m sftfast.prep INPUT... --tokenizer PATH --out DIR [--max-tokens 2048]
+    python -m sftfast.prep INPUT... --tokenizer PATH --out DIR [--max-tokens 2049]
                            [--on-error fail|skip] [--num-threads N] [--force]
     python -m sftfast.prep --mixture seed --tokenizer ~/.cache/nanochat/tokenizer --out shards/seed
     python -m sftfast.prep --inspect DIR [--index i]
@@ -20,8 +20,10 @@ INPUT is any of
 
 The output directory (layout in sftfast/shards.py) is built under a temporary name and
 renamed into place, so an interrupted run never leaves a shard that looks whole. Its
-manifest holds a key over (inputs' contents, tokenizer, renderer, max_tokens, on_error):
+manifest holds a key over (inputs' contents, tokenizer, renderer, max_tokens):
 a second run with the same key reuses the shard (and says so); any change rebuilds it.
+--on-error is not part of the key (a shard without bad records is the same under both); a
+fail-mode run over a shard built with skipped records stops at the first of them.
 
 Bad records: `--on-error fail` (default) stops at the first one with `file:line: reason`;
 `--on-error skip` goes on and lists every one, `location: reason`, in DIR/bad_records.txt.
@@ -39,6 +41,7 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -49,7 +52,7 @@ from sftfast import _core
 from sftfast.cli import at_least
 from sftfast.shards import MANIFEST_FILE, REPORT_FILE, ShardDataset, is_shard
 from sftfast import tokenizer as tokenizer_io
-from sftfast.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERNS, Tokenizer
+from sftfast.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERNS, Tokenizer, split_pattern
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
 
@@ -97,6 +100,29 @@ def _sha256_file(path: Path) -> str:
 def _dumps(record) -> str:
     # default=str: dataset rows can carry dates or numpy scalars in extra fields we ignore.
     return json.dumps(record, ensure_ascii=False, default=str)
+
+
+def _finite(value):
+    """value with every NaN / inf float replaced by None (JSON has no such numbers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _record_json(record) -> str:
+    """A Python-side record (a dataset row, a task's conversation) as the renderer reads it: its
+    messages only. Other columns are never rendered, and one of them holding a NaN float (common
+    in hub datasets), which JSON cannot write, must not fail the row as "invalid JSON"."""
+    if isinstance(record, dict):
+        record = {"messages": record["messages"]} if "messages" in record else {}
+    try:
+        return json.dumps(record, ensure_ascii=False, default=str, allow_nan=False)
+    except ValueError:  # a NaN inside the messages: null, which the renderer names as not a string
+        return json.dumps(_finite(record), ensure_ascii=False, default=str)
 
 
 # --------------------------------------------------------------------------------------
@@ -220,7 +246,7 @@ class Source:
                     on_progress(1, 0)
                     batch, first = [], rec.index + 1
                     continue
-                batch.append(_dumps(rec))
+                batch.append(_record_json(rec))
                 if len(batch) == PY_BATCH:
                     flush()
                     first += len(batch)
@@ -252,6 +278,17 @@ def parse_hf(spec: str) -> tuple[str, str | None, str]:
     return name, config or None, split or "train"
 
 
+def _inside_shard(file: Path, root: Path) -> bool:
+    """Whether `file` belongs to a shard (its manifest, report) or to a build's temporary
+    directory below `root`: a directory input that also holds the shards written from it (a
+    second run with the same --out under it) must not read them as conversations."""
+    for parent in file.relative_to(root).parents:
+        d = root / parent
+        if d != root and (is_shard(d) or (d.name.startswith(".") and ".tmp-" in d.name)):
+            return True
+    return False
+
+
 def resolve_inputs(inputs, mixture=None, mixture_split="train", data_dir=None) -> list[Source]:
     sources = []
     for spec in inputs:
@@ -267,8 +304,12 @@ def resolve_inputs(inputs, mixture=None, mixture_split="train", data_dir=None) -
             sources.append(Source("hf", spec, (name, config, split)))
             continue
         path = Path(spec)
+        if is_shard(path):
+            raise PrepError(f"{path}: is an sftfast shard (rendered output), not conversations; "
+                            "train on it with --data, or give the files it was built from")
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in INPUT_SUFFIXES)
+            files = sorted(p for p in path.rglob("*")
+                           if p.is_file() and p.suffix in INPUT_SUFFIXES and not _inside_shard(p, path))
             if not files:
                 raise PrepError(f"{path}: directory holds no {', '.join(INPUT_SUFFIXES)} files")
         elif path.is_file():
@@ -531,9 +572,10 @@ def build(args) -> int:
                         first = f.readline().rstrip("\n")
                     raise PrepError(f"{first}\n(the shard at {out} was built from these inputs with --on-error skip: "
                                     f"{skipped} bad records, listed in {out / REPORT_FILE})")
-                say(f"reusing {out}: same inputs, tokenizer, renderer and max_tokens (key {key[:19]}...)")
                 if not args.quiet:
-                    summarize(data)
+                    _report_written(out, lambda: (
+                        say(f"reusing {out}: same inputs, tokenizer, renderer and max_tokens (key {key[:19]}...)"),
+                        summarize(data)))
                 return EXIT_SKIPPED if skipped else EXIT_OK
             say(f"rebuilding {out} ({why})")
         elif out.is_dir() and any(out.iterdir()):
@@ -544,7 +586,9 @@ def build(args) -> int:
     extra = {
         "key": key,
         "tokenizer": {"fingerprint": tok_fp, "path": str(Path(args.tokenizer).resolve()),
-                      "pattern": pattern_name if Path(args.tokenizer).suffix == ".tiktoken" else None,
+                      # the pattern given to a .tiktoken rank file (also one found in a
+                      # directory): --inspect must load the tokenizer the same way
+                      "pattern": pattern_name if tokenizer.pattern == split_pattern(pattern_name) else None,
                       "n_vocab": tokenizer.n_vocab, "bos_id": tokenizer.bos_id},
         "renderer": {"version": _core.RENDERER_VERSION, "fingerprint": rend_fp},
         "inputs": [s.describe() for s in sources],
@@ -569,6 +613,10 @@ def build(args) -> int:
             builder.begin_source(s.name)
             if lost := s.feed(builder, on_progress, args.on_error):
                 failed[k] = lost
+        if builder.conversations == 0:
+            bad = json.loads(builder.stats_json()).get("num_skipped", 0) + sum(map(len, failed.values()))
+            raise PrepError("the inputs hold no conversations" + (f" ({bad} bad records skipped)" if bad else "")
+                            + ": an empty shard would stop training only when it is read")
         if failed:
             # The builder knows only the records it rendered; the report and counts get these
             # after it has moved the shard into place. Until then the manifest's key matches no
@@ -584,7 +632,8 @@ def build(args) -> int:
         manifest = add_failed_records(out, manifest, failed, key)
     elapsed = time.perf_counter() - t0
     data = ShardDataset(out)
-    if not args.quiet:
+
+    def report():
         breakdowns = {}
         for s, stats in zip(sources, data.manifest["sources"]):
             task_of = s.task_names()
@@ -593,7 +642,29 @@ def build(args) -> int:
         summarize(data, elapsed, breakdowns=breakdowns)
         if save_length_plot(data, out / "lengths.png"):
             say(f"  length histogram plot: {out / 'lengths.png'}")
+
+    if not args.quiet:
+        _report_written(out, report)
     return EXIT_SKIPPED if manifest["num_skipped"] else EXIT_OK
+
+
+def _report_written(out: Path, report) -> None:
+    """Runs `report` (the summary of a shard that is in place). Its failure (stdout on a full
+    disk, a closed pipe) is said on stderr and does not fail the run: the shard is written."""
+    try:
+        report()
+        sys.stdout.flush()
+    except OSError as e:
+        print(f"warning: {out} is written, but its summary could not be printed: {e}", file=sys.stderr)
+        _stdout_to_devnull()
+
+
+def _stdout_to_devnull() -> None:
+    """After a failed write to stdout: what is still buffered would fail again when Python
+    flushes it at exit (status 120), so it goes nowhere instead."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 PENDING_KEY_PREFIX = "pending:"
@@ -707,7 +778,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="saved sftfast tokenizer, nanochat tokenizer dir, or .tiktoken rank file")
     p.add_argument("--pattern", default=None, help="split pattern for .tiktoken files: nanochat (default), cl100k, o200k, or a regex")
     p.add_argument("--out", help="output shard directory")
-    p.add_argument("--max-tokens", type=at_least(1), default=2048, help="truncate each conversation to this many tokens")
+    p.add_argument("--max-tokens", type=at_least(1), default=2049,
+                   help="truncate each conversation to this many tokens; the default is what a training row "
+                        "holds with the trainer's default --max-seq-len 2048 (+1 for the shifted targets)")
     p.add_argument("--on-error", choices=["fail", "skip"], default="fail")
     p.add_argument("--num-threads", type=at_least(0), default=0, help="render threads (0 = all cores)")
     p.add_argument("--force", action="store_true", help="rebuild even when an identical shard exists")
@@ -736,6 +809,12 @@ def main(argv=None) -> int:
             parser.error("no inputs: give files, directories, hf:NAME, mixture:NAME or --mixture NAME")
     try:
         return inspect(args) if args.inspect else build(args)
+    except BrokenPipeError:
+        if not args.inspect:
+            raise
+        # `--inspect ... | head`: the reader stopped reading, which is not an error
+        _stdout_to_devnull()
+        return EXIT_OK
     except (PrepError, _core.SftfastError, OSError) as e:
         # SftfastError covers ConversationError / BadRecordError (`file:line: ... reason`)
         # and ShardError; nothing was written (the builder aborted).

@@ -286,7 +286,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-metrics-every", type=int, default=200, help="task accuracies every N steps (-1: only at the end)")
     g.add_argument("--eval-metrics-max-problems", type=at_least(1), default=1024, help="problems per task and evaluation")
     g.add_argument("--eval-tasks", default="MMLU,ARC-Easy", help="categorical tasks scored every eval_metrics_every steps and at the end, whatever the training data ('' = none)")
-    g.add_argument("--log-jsonl", default=None, help="append one JSON object per step and per evaluation to this file")
+    g.add_argument("--log-jsonl", default=None, help="write one JSON object per step and per evaluation to this file (--resume appends)")
     g.add_argument("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
@@ -309,10 +309,28 @@ def _set_rng_state(s):
     random.setstate((3, tuple(int(v) for v in s["python"]), s["python_pos"]))
 
 
+def warn_shard_cut_short(flag: str, data, row_tokens: int, log) -> None:
+    """A shard prepared with a smaller --max-tokens than a training row holds: the conversations
+    prep cut there train shorter than they would from the raw data. Said, with the count."""
+    from sftfast.shards import ShardDataset
+
+    shard = getattr(data, "dataset", data)  # ShuffledShard wraps it
+    if not isinstance(shard, ShardDataset):
+        return
+    cut = int(shard.manifest.get("num_truncated", 0))
+    if cut and shard.max_tokens < row_tokens:
+        log.print(f"warning: {flag} {shard.path}: {cut} conversations were cut at max_tokens={shard.max_tokens} "
+                  f"when it was prepared, and rows hold {row_tokens} tokens: they train shorter than from the raw "
+                  f"data (python -m sftfast.prep --max-tokens {row_tokens} keeps them up to the row)")
+
+
 class Logger:
     def __init__(self, args, info):
         self.master = info.rank == 0
-        self.jsonl = open(args.log_jsonl, "a", encoding="utf-8") if (args.log_jsonl and self.master) else None
+        # a resumed run continues its log; a new run starts it over (two runs' steps in one file
+        # would read as one run)
+        mode = "a" if args.resume else "w"
+        self.jsonl = open(args.log_jsonl, mode, encoding="utf-8") if (args.log_jsonl and self.master) else None
         self.wandb = None
         if self.master and args.run != "dummy":
             try:
@@ -423,14 +441,23 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
     fwd = torch.compile(model, dynamic=False) if args.compile else model
 
     # --- data
+    if train_ds is None and args.val_data and not args.train_data:
+        raise ValueError(f"--val-data {args.val_data} goes with --train-data; a --mixture has its own validation part")
     if train_ds is None and args.train_data:
         train_ds = read_training_data(args.train_data, tokenizer)
         val_ds = read_training_data(args.val_data, tokenizer, shuffle=False) if args.val_data else None
+        for flag, data in (("--train-data", train_ds), ("--val-data", val_ds)):
+            warn_shard_cut_short(flag, data, args.max_seq_len + 1, log)
     if train_ds is None:
         from sftfast import tasks
 
         train_ds = tasks.build_mixture(args.mixture, split="train", data_dir=args.data_dir)
         val_ds = tasks.build_mixture(args.mixture, split="val", data_dir=args.data_dir)
+    if val_ds is not None and len(val_ds) < info.world_size:
+        # checked now: the validation loader is first made at the first evaluation, possibly
+        # only at the end of the run
+        raise ValueError(f"the validation data has {len(val_ds)} conversations, fewer than the {info.world_size} "
+                         "ranks: every rank needs at least one")
     fingerprint = data_fingerprint(train_ds)  # saved with each checkpoint, checked by --resume
     if metric_tasks is None and args.eval_tasks:  # whatever the training data (a shard too)
         from sftfast import tasks

@@ -185,12 +185,17 @@ def read_training_data(path, tokenizer, shuffle: bool = True):
     items already rendered), or a JSONL file of conversations; shuffled with seed 42."""
     from sftfast.shards import MANIFEST_FILE, ShardDataset, is_shard
 
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
     # A directory with a manifest is meant as a shard: a damaged manifest is reported as such
     # (ShardDataset says what is wrong) rather than the path being read as a JSONL file.
     if is_shard(path) or (Path(path) / MANIFEST_FILE).is_file():
         data = ShardDataset(path)
         data.check_tokenizer(tokenizer)
         data.prerendered = True
+    elif Path(path).is_dir():
+        raise ValueError(f"{path} is a directory without {MANIFEST_FILE}: not a shard written by "
+                         "python -m sftfast.prep (give that, or a JSONL file)")
     else:
         data = read_jsonl_conversations(path)
     if not shuffle:

@@ -329,6 +329,18 @@ pub fn parse_json(bytes: &[u8]) -> serde_json::Result<Value> {
     }
 }
 
+/// The reason a record's JSON was refused: serde_json's own words, except for its nesting
+/// limit, which is not a syntax error and is named as what it is.
+pub fn json_error_reason(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    if text.starts_with("recursion limit exceeded") {
+        // serde_json's fixed limit (no feature of ours raises it); Python's json goes deeper
+        format!("nested deeper than 128 levels, more than the JSON reader takes ({text})")
+    } else {
+        format!("invalid JSON: {text}")
+    }
+}
+
 /// The code unit of four hex digits at the start of `b`.
 fn hex4(b: &[u8]) -> Option<u16> {
     let digits = b.get(..4)?;
@@ -388,8 +400,8 @@ fn replace_lone_surrogates(bytes: &[u8]) -> Vec<u8> {
 
 /// One JSONL line -> conversation; a JSON syntax error is reported at `location` too.
 pub fn parse_json_line(line: &str, location: &str) -> Result<Conversation> {
-    let value: Value = parse_json(line.as_bytes())
-        .map_err(|e| conv_err(location, "-", format!("invalid JSON: {e}")))?;
+    let value: Value =
+        parse_json(line.as_bytes()).map_err(|e| conv_err(location, "-", json_error_reason(&e)))?;
     parse_json_conversation(&value, location)
 }
 

@@ -408,12 +408,15 @@ impl JsonlReader {
                 let pos = self.next_line;
                 self.next_line += 1;
                 // Blank lines are not records (a trailing newline, spacing between records).
-                if !is_blank(&chunk.buf[line_start..line_end]) {
-                    chunk.buf.copy_within(line_start..line_end, kept);
+                // A record is its line without the terminator, so that a parse error's
+                // position is in the line ("line 1 column 65"), never past it ("line 2").
+                let text_end = line_start + text_len(&chunk.buf[line_start..line_end]);
+                if !is_blank(&chunk.buf[line_start..text_end]) {
+                    chunk.buf.copy_within(line_start..text_end, kept);
                     chunk
                         .records
-                        .push((pos, kept, kept + line_end - line_start));
-                    kept += line_end - line_start;
+                        .push((pos, kept, kept + text_end - line_start));
+                    kept += text_end - line_start;
                 }
                 line_start = line_end;
             }
@@ -431,6 +434,18 @@ fn line_end(bytes: &[u8]) -> usize {
         Some(at) if bytes[at] == b'\r' && bytes.get(at + 1) == Some(&b'\n') => at + 2,
         Some(at) => at + 1,
     }
+}
+
+/// The length of a line without its terminator ("\n", "\r\n" or "\r").
+fn text_len(line: &[u8]) -> usize {
+    let mut n = line.len();
+    if n > 0 && line[n - 1] == b'\n' {
+        n -= 1;
+    }
+    if n > 0 && line[n - 1] == b'\r' {
+        n -= 1;
+    }
+    n
 }
 
 /// Whether a line holds only whitespace as Python's `str.strip()` sees it (Unicode white
@@ -459,7 +474,7 @@ pub fn read_json_file(path: &Path) -> Result<Vec<Value>> {
     let body = text.strip_prefix(UTF8_BOM).unwrap_or(&text);
     let value: Value = chat::parse_json(body).map_err(|e| Error::Record {
         location: format!("{}:{}", path.display(), e.line()),
-        reason: format!("invalid JSON: {e}"),
+        reason: chat::json_error_reason(&e),
     })?;
     Ok(match value {
         Value::Array(items) => {
@@ -540,7 +555,7 @@ impl RecordRenderer for ChatRenderer {
         let value: Value = chat::parse_json(bytes).map_err(|e| Error::Conversation {
             location: location.to_string(),
             message: "-".into(),
-            reason: format!("invalid JSON: {e}"),
+            reason: chat::json_error_reason(&e),
         })?;
         self.render_value(&value, location)
     }
@@ -917,7 +932,12 @@ impl Shard {
         if version != Some(FORMAT_VERSION) {
             return Err(bad_shard(
                 dir,
-                format!("format_version {version:?}, this build reads {FORMAT_VERSION}"),
+                match version {
+                    Some(v) => format!("format_version {v}, this build reads {FORMAT_VERSION}"),
+                    None => format!(
+                        "format_version missing or not a number, this build reads {FORMAT_VERSION}"
+                    ),
+                },
             ));
         }
         let ids = map_file(&dir.join(IDS_FILE))?;
@@ -1375,11 +1395,11 @@ mod tests {
         assert_eq!(
             records,
             vec![
-                (1, &b"a\n"[..]),
-                (2, &b"b\r\n"[..]),
-                (3, &b"c\r"[..]),
-                (4, &b"d\r"[..]),
-                (5, &b"e\n"[..]),
+                (1, &b"a"[..]),
+                (2, &b"b"[..]),
+                (3, &b"c"[..]),
+                (4, &b"d"[..]),
+                (5, &b"e"[..]),
                 (9, &b"f"[..]),
             ]
         );
@@ -1403,8 +1423,44 @@ mod tests {
             .collect();
         assert_eq!(
             records,
-            vec![&b"{\"messages\": []}\n"[..], &b"{\"messages\": []}\n"[..]]
+            vec![&b"{\"messages\": []}"[..], &b"{\"messages\": []}"[..]]
         );
+    }
+
+    #[test]
+    fn a_record_error_points_into_its_line_and_names_deep_nesting() {
+        // The record's terminator was part of it: a cut record said "line 2 column 0" when its
+        // line ended in "\n" and "line 1 column 17" when it did not.
+        let r = ChatRenderer::new(byte_bpe(256), 64).unwrap();
+        for terminator in ["\n", "\r\n", "\r", ""] {
+            let d = tmp("cut");
+            let j = d.join("a.jsonl");
+            fs::write(&j, format!("{{\"messages\": [{{{terminator}")).unwrap();
+            let mut reader = JsonlReader::open(&j).unwrap();
+            let mut chunk = Chunk::default();
+            assert!(reader.read_chunk(&mut chunk, 10, 1 << 20).unwrap());
+            let (_, a, b) = chunk.records[0];
+            let err = r
+                .render_bytes(&chunk.buf[a..b], "a.jsonl:1")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("invalid JSON: EOF while parsing an object at line 1 column 15"),
+                "{err}"
+            );
+        }
+        // serde_json's nesting limit is not a syntax error
+        let deep = format!(
+            "{{\"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}], \"x\": {}{}}}",
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        let err = r
+            .render_bytes(deep.as_bytes(), "a.jsonl:1")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nested deeper than 128 levels"), "{err}");
+        assert!(!err.contains("invalid JSON"), "{err}");
     }
 
     fn byte_bpe(special_base: u32) -> Arc<CoreBPE> {
