@@ -6,7 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$(pwd)/.venv/bin/python}
-[ -x "$PY" ] || PY=/work/main/.venv/bin/python
+if [ ! -x "$PY" ]; then
+    echo "error: no Python at $PY: run 'make build' first (it creates .venv), or set PY=/path/to/venv/bin/python" >&2
+    exit 1
+fi
 suffix=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 PYO3_PYTHON="$PY" cargo build --profile fast --features python --lib
 cp target/fast/libsftfast.so "python/sftfast/_core$suffix"

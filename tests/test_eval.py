@@ -182,6 +182,16 @@ def test_eval_cli(saved_run, capsys):
     assert again["chatcore"] == out["chatcore"]
 
 
+def test_eval_cli_without_a_checkpoint_says_so_before_loading_tasks(tmp_path, capsys, monkeypatch):
+    """With no checkpoint, eval first loaded the tasks (minutes of hub retries offline) and
+    reported the dataset, not the missing checkpoint."""
+    from sftfast import eval as eval_cli
+
+    monkeypatch.setattr(eval_cli, "get_task", lambda *a, **k: pytest.fail("tasks loaded before the checkpoint was found"))
+    assert eval_cli.main(["--base-dir", str(tmp_path), "-a", "ARC-Easy"]) == 1
+    assert "no checkpoints directory" in capsys.readouterr().err
+
+
 def test_chat_cli_one_prompt(saved_run, capsys):
     from sftfast import chat
 

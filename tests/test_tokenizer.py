@@ -421,6 +421,13 @@ def test_train_tokenizer_cli(tmp_path, capsys):
     assert tok.n_vocab == 270 and tok.training_stats is None
     assert main(["encode", "--tokenizer", str(out), "the cat"]) == 0
     assert capsys.readouterr().out.strip().endswith(str(tok.encode("the cat")))
+    # the defaults (bundled text) give the vocabulary asked for: 4096 ran out of merges and warned
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["train", "--out", str(out)]) == 0
+    assert Tokenizer.load(out).n_vocab == 2048
     # a pattern by name, as prep takes it (it was used as a literal regex: a tokenizer of nothing)
     assert main(["train", str(corpus), "--vocab-size", "270", "--pattern", "cl100k", "--out", str(out)]) == 0
     assert Tokenizer.load(out).decode(Tokenizer.load(out).encode("a cat b")) == "a cat b"

@@ -779,6 +779,9 @@ def test_demo_end_to_end_scaled_down(tmp_path):
     assert os.path.exists(os.path.join(out["checkpoint_dir"], f"model_{out['steps']:06d}.pt"))
     assert os.path.exists(tmp_path / "tokenizer" / "tokenizer.sftfast")
     assert out["chat"] and all(isinstance(r, str) for r in out["chat"].values())
+    # the base model is saved under its last base-training step (it was "step 0"), once
+    base_steps = max(10, int(demo.BASE_STEPS * 0.02))
+    assert ckpt.complete_steps(str(tmp_path / "base_checkpoints" / "demo")) == [base_steps]
 
 
 def test_training_from_a_prep_shard_equals_training_from_jsonl(base_dir):

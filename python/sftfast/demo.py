@@ -216,10 +216,15 @@ def main(args: argparse.Namespace) -> dict:
     model = GPT(config)
     model.init_weights(seed=SEED)
     log(f"base model: {model.num_params():,} parameters, {len(stream):,} tokens of text")
-    base_loss = base_train(model, stream, max(10, int(BASE_STEPS * scale)), BASE_BATCH, log)
+    base_steps = max(10, int(BASE_STEPS * scale))
+    base_loss = base_train(model, stream, base_steps, BASE_BATCH, log)
     base_dir = os.path.join(ckpt.checkpoints_dir(run_dir, "base"), "demo")
-    ckpt.save_checkpoint(base_dir, 0, model.state_dict(), None, dict(**ckpt.model_config_meta(config), step=0, train_loss=base_loss,
-                                                                              tokenizer="tokenizer/tokenizer.sftfast"))
+    # saved under its last step, as nanochat saves a base model (an earlier demo's base
+    # checkpoint of another length would otherwise be the one found: the latest step wins)
+    ckpt.remove_checkpoints(base_dir)
+    ckpt.save_checkpoint(base_dir, base_steps, model.state_dict(), None,
+                         dict(**ckpt.model_config_meta(config), step=base_steps, train_loss=base_loss,
+                              tokenizer="tokenizer/tokenizer.sftfast"))
 
     # 3-4. SFT with the real trainer; evaluation before (step 0) and after (last step)
     sft_args = argparse.Namespace(**vars(args))

@@ -22,6 +22,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from sftfast.checkpoint import resolve
 from sftfast.cli import at_least
 from sftfast.engine import Engine, add_checkpoint_arguments, load_for_inference
 from sftfast.evaluate import BASELINES, chatcore, evaluate_task
@@ -70,8 +71,10 @@ def main(argv=None) -> int:
             torch.cuda.set_device(device)
     rank = dist.get_rank() if distributed else 0
     try:
-        # every task is found (and its data loaded) before the model, and before the first is
-        # evaluated: a typo in the last name must not cost the results of the ones before it
+        # the checkpoint is found first (cheap, no hub), then every task (and its data) before
+        # the model is loaded and before the first is evaluated: a typo in the last name must
+        # not cost the results of the ones before it
+        resolve(args.base_dir, args.source, args.model_tag, args.step)
         tasks = {name: get_task(name, data_dir=args.data_dir, role="eval") for name in names}
         unscored = [name for name, task in tasks.items() if not task.can_evaluate]
         if unscored:

@@ -453,7 +453,9 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
 
         train_ds = tasks.build_mixture(args.mixture, split="train", data_dir=args.data_dir)
         val_ds = tasks.build_mixture(args.mixture, split="val", data_dir=args.data_dir)
-    if val_ds is not None and len(val_ds) < info.world_size:
+    if val_ds is None:
+        log.print("no validation data (--val-data goes with --train-data): no validation loss is computed")
+    elif len(val_ds) < info.world_size:
         # checked now: the validation loader is first made at the first evaluation, possibly
         # only at the end of the run
         raise ValueError(f"the validation data has {len(val_ds)} conversations, fewer than the {info.world_size} "
@@ -463,8 +465,11 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
         from sftfast import tasks
 
         names = [name.strip() for name in args.eval_tasks.split(",") if name.strip()]
-        metric_tasks = {name.lower().replace("-", "_"): tasks.get_task(name, data_dir=args.data_dir, role="eval")
-                        for name in names}
+        try:
+            metric_tasks = {name.lower().replace("-", "_"): tasks.get_task(name, data_dir=args.data_dir, role="eval")
+                            for name in names}
+        except tasks.TaskError as e:
+            raise tasks.TaskError(f"--eval-tasks {args.eval_tasks}: {e} (--eval-tasks '' scores no task)") from None
     metric_tasks = metric_tasks or {}
     generative = [task.name for task in metric_tasks.values() if task.eval_type != "categorical"]
     if generative:  # refused now, not at the first metric evaluation after hours of training

@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a vocabulary on text files (default: the bundled text)")
     p.add_argument("files", nargs="*", help="UTF-8 text files, one document per line")
-    p.add_argument("--vocab-size", type=positive_int, default=4096, help="total tokens, special tokens included")
+    p.add_argument("--vocab-size", type=positive_int, default=2048,
+                   help="total tokens, special tokens included (the bundled text has merges for about 3,100)")
     p.add_argument("--pattern", default="nanochat",
                    help=f"split regex, or one of {', '.join(SPLIT_PATTERNS)} (default: nanochat's)")
     p.add_argument("--out", required=True, help="where to save the tokenizer")

@@ -1156,12 +1156,12 @@ mod tests {
         }
     }
 
-    fn tmp(name: &str) -> PathBuf {
-        let d =
-            std::env::temp_dir().join(format!("sftfast-shards-test-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        fs::create_dir_all(&d).unwrap();
-        d
+    /// A fresh directory, removed with everything in it when the test drops it.
+    fn tmp(name: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("sftfast-shards-test-{name}-"))
+            .tempdir()
+            .unwrap()
     }
 
     fn leftovers(parent: &Path) -> Vec<String> {
@@ -1174,7 +1174,8 @@ mod tests {
 
     #[test]
     fn jsonl_round_trip_with_truncation_and_blank_lines() {
-        let d = tmp("rt");
+        let dir = tmp("rt");
+        let d = dir.path();
         let input = d.join("in.jsonl");
         fs::write(&input, "[1,-2,3]\n\n[4]\n[1,2,3,4,5,6,7]\n").unwrap();
         let out = d.join("shard");
@@ -1200,12 +1201,13 @@ mod tests {
         assert_eq!(s.get(2).unwrap().0, &[1u32, 2, 3, 4, 5]);
         assert_eq!(s.lengths(), vec![3, 1, 5]);
         assert!(s.get(3).is_err());
-        assert!(leftovers(&d).is_empty());
+        assert!(leftovers(d).is_empty());
     }
 
     #[test]
     fn fail_names_first_bad_line_and_leaves_nothing() {
-        let d = tmp("fail");
+        let dir = tmp("fail");
+        let d = dir.path();
         let input = d.join("in.jsonl");
         // Bad lines 2 and 4: the error must name line 2 even though chunks render in parallel.
         let mut text = String::from("[1]\n{\"x\": 1}\n[2]\nnot json\n");
@@ -1222,12 +1224,13 @@ mod tests {
         );
         drop(p);
         assert!(!out.exists());
-        assert!(leftovers(&d).is_empty());
+        assert!(leftovers(d).is_empty());
     }
 
     #[test]
     fn skip_reports_every_bad_record() {
-        let d = tmp("skip");
+        let dir = tmp("skip");
+        let d = dir.path();
         let input = d.join("in.jsonl");
         fs::write(&input, "[1]\n{\"x\": 1}\n[2]\nnot json\n[5]\n").unwrap();
         let out = d.join("shard");
@@ -1246,7 +1249,8 @@ mod tests {
 
     #[test]
     fn values_sources_and_replacement() {
-        let d = tmp("values");
+        let dir = tmp("values");
+        let d = dir.path();
         let out = d.join("shard");
         fs::create_dir_all(&out).unwrap();
         fs::write(out.join("stale"), "x").unwrap();
@@ -1270,12 +1274,13 @@ mod tests {
         assert!(!out.join("stale").exists());
         let report = fs::read_to_string(out.join(REPORT_FILE)).unwrap();
         assert!(report.starts_with("a.json[1]: not an array"), "{report}");
-        assert!(leftovers(&d).is_empty());
+        assert!(leftovers(d).is_empty());
     }
 
     #[test]
     fn open_rejects_inconsistent_files() {
-        let d = tmp("bad");
+        let dir = tmp("bad");
+        let d = dir.path();
         let out = d.join("shard");
         let mut p = Preprocessor::new(&out, Toy, 5, OnError::Fail, 1).unwrap();
         p.process_values("x", LocKind::Index, 0, &[serde_json::json!([1, 2, 3])])
@@ -1289,7 +1294,8 @@ mod tests {
 
     #[test]
     fn open_checks_the_contents() {
-        let d = tmp("content");
+        let dir = tmp("content");
+        let d = dir.path();
         let out = d.join("shard");
         let mut p = Preprocessor::new(&out, Toy, 5, OnError::Fail, 1).unwrap();
         p.process_values(
@@ -1365,7 +1371,8 @@ mod tests {
 
     #[test]
     fn json_file_array_or_single() {
-        let d = tmp("json");
+        let dir = tmp("json");
+        let d = dir.path();
         let a = d.join("a.json");
         fs::write(&a, r#"[{"messages": []}, {"messages": []}]"#).unwrap();
         assert_eq!(read_json_file(&a).unwrap().len(), 2);
@@ -1378,7 +1385,8 @@ mod tests {
 
     #[test]
     fn lines_end_and_blank_lines_are_skipped_as_python_text_mode_reads_them() {
-        let d = tmp("lines");
+        let dir = tmp("lines");
+        let d = dir.path();
         let j = d.join("a.jsonl");
         // LF, CRLF, lone CR (twice on one LF-line), a last line without a terminator;
         // blank lines of ASCII and Unicode white space (NBSP, U+2028, U+001F) are not records
@@ -1407,7 +1415,8 @@ mod tests {
 
     #[test]
     fn a_leading_byte_order_mark_is_not_part_of_the_first_record() {
-        let d = tmp("bom");
+        let dir = tmp("bom");
+        let d = dir.path();
         let a = d.join("a.json");
         fs::write(&a, b"\xef\xbb\xbf[{\"messages\": []}]").unwrap();
         assert_eq!(read_json_file(&a).unwrap().len(), 1);
@@ -1433,7 +1442,8 @@ mod tests {
         // line ended in "\n" and "line 1 column 17" when it did not.
         let r = ChatRenderer::new(byte_bpe(256), 64).unwrap();
         for terminator in ["\n", "\r\n", "\r", ""] {
-            let d = tmp("cut");
+            let dir = tmp("cut");
+            let d = dir.path();
             let j = d.join("a.jsonl");
             fs::write(&j, format!("{{\"messages\": [{{{terminator}")).unwrap();
             let mut reader = JsonlReader::open(&j).unwrap();
@@ -1532,7 +1542,8 @@ mod tests {
 
     #[test]
     fn chat_pipeline_end_to_end() {
-        let d = tmp("chat");
+        let dir = tmp("chat");
+        let d = dir.path();
         let input = d.join("c.jsonl");
         let good = r#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "python", "text": "1+1"}, {"type": "python_output", "text": "2"}]}]}"#;
         fs::write(
@@ -1562,7 +1573,8 @@ mod tests {
     /// num_tokens must match the ids.
     #[test]
     fn open_checks_the_first_offset_and_the_manifest_counts() {
-        let d = tmp("offsets-start");
+        let dir = tmp("offsets-start");
+        let d = dir.path();
         let out = d.join("shard");
         let mut p = Preprocessor::new(&out, Toy, 5, OnError::Fail, 1).unwrap();
         p.process_values(
@@ -1603,7 +1615,6 @@ mod tests {
         }
         fs::write(out.join(MANIFEST_FILE), manifest.to_string()).unwrap();
         assert!(Shard::open(&out).is_ok());
-        let _ = fs::remove_dir_all(&d);
     }
 
     /// Null fields (json.loads' None for an absent value) are accepted, as the loader accepts
