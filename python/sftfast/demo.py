@@ -228,7 +228,7 @@ def main(args: argparse.Namespace) -> dict:
 
     # 3-4. SFT with the real trainer; evaluation before (step 0) and after (last step)
     sft_args = argparse.Namespace(**vars(args))
-    sft_args.base_dir, sft_args.source, sft_args.model_tag, sft_args.step = run_dir, "base", "demo", 0
+    sft_args.base_dir, sft_args.source, sft_args.model_tag, sft_args.step = run_dir, "base", "demo", base_steps
     sft_args.max_seq_len = config.sequence_len
     sft_args.device_batch_size, sft_args.target_examples_per_step = 8, 16
     sft_args.num_epochs, sft_args.num_iterations = 2, -1
