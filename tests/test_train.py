@@ -294,8 +294,12 @@ def test_log_jsonl_stays_strict_json_with_an_undefined_metric(tmp_path):
 def test_log_jsonl_starts_over_for_a_new_run_and_continues_a_resumed_one(tmp_path):
     """A new run appended to an earlier run's log: two runs' steps read as one."""
     path = tmp_path / "log.jsonl"
-    path.write_text('{"type": "step", "step": 1, "from": "an earlier run"}\n')
+    earlier = '{"type": "step", "step": 1, "from": "an earlier run"}\n'
+    path.write_text(earlier)
     info = train.DistInfo(ddp=False, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    # a run that stops before its first record (refused at startup) leaves the log as it was
+    train.Logger(SimpleNamespace(log_jsonl=str(path), run="dummy", resume=False), info).close()
+    assert path.read_text() == earlier
     for resume, expected in ((False, [1]), (True, [1, 2])):
         log = train.Logger(SimpleNamespace(log_jsonl=str(path), run="dummy", resume=resume), info)
         log.record("step", dict(step=len(expected)))

@@ -572,10 +572,12 @@ def build(args) -> int:
                         first = f.readline().rstrip("\n")
                     raise PrepError(f"{first}\n(the shard at {out} was built from these inputs with --on-error skip: "
                                     f"{skipped} bad records, listed in {out / REPORT_FILE})")
+                def report_reuse():
+                    say(f"reusing {out}: same inputs, tokenizer, renderer and max_tokens (key {key[:19]}...)")
+                    summarize(data)
+
                 if not args.quiet:
-                    _report_written(out, lambda: (
-                        say(f"reusing {out}: same inputs, tokenizer, renderer and max_tokens (key {key[:19]}...)"),
-                        summarize(data)))
+                    _report_written(out, report_reuse)
                 return EXIT_SKIPPED if skipped else EXIT_OK
             say(f"rebuilding {out} ({why})")
         elif out.is_dir() and any(out.iterdir()):

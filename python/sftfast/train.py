@@ -327,10 +327,11 @@ def warn_shard_cut_short(flag: str, data, row_tokens: int, log) -> None:
 class Logger:
     def __init__(self, args, info):
         self.master = info.rank == 0
-        # a resumed run continues its log; a new run starts it over (two runs' steps in one file
-        # would read as one run)
-        mode = "a" if args.resume else "w"
-        self.jsonl = open(args.log_jsonl, mode, encoding="utf-8") if (args.log_jsonl and self.master) else None
+        # opened now (a bad path fails before any work), emptied at the first record of a new
+        # run: a resumed run continues its log, a new one starts it over (two runs' steps in one
+        # file would read as one run), and a run refused at startup leaves the earlier log alone
+        self.jsonl = open(args.log_jsonl, "a", encoding="utf-8") if (args.log_jsonl and self.master) else None
+        self.start_over = not args.resume
         self.wandb = None
         if self.master and args.run != "dummy":
             try:
@@ -359,6 +360,9 @@ class Logger:
         if not self.master:
             return
         if self.jsonl:
+            if self.start_over:
+                self.jsonl.truncate(0)
+                self.start_over = False
             # strict JSON: an undefined metric (NaN bits per byte) is null, not a bare NaN
             self.jsonl.write(json.dumps(dict(type=kind, **finite_or_none(data))) + "\n")
             self.jsonl.flush()
