@@ -182,6 +182,35 @@ class FlakySource:
         return self.convs[i]
 
 
+class BrokenSource:
+    """A source whose __getitem__ fails with something other than a bad record (a bug, I/O)."""
+
+    def __init__(self, convs, at):
+        self.convs, self.at = convs, at
+
+    def __len__(self):
+        return len(self.convs)
+
+    def __getitem__(self, i):
+        if i == self.at:
+            raise KeyError("boom")
+        return self.convs[i]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_source_failure_names_the_conversation(tok, num_workers):
+    """A RuntimeError or KeyError from the source surfaced bare: nothing said which conversation
+    was being read. It is not skippable (not a bad record), but it is located."""
+    loader = SFTLoader(BrokenSource(make_convs(60), at=37), tok, batch_size=2, seq_len=64, rank=1, world_size=3,
+                       on_error="skip", num_epochs=1, num_workers=num_workers)
+    try:
+        with pytest.raises(KeyError) as info:
+            list(loader)
+    finally:
+        loader.close()
+    assert "while the loader read conversation 37 of the source" in getattr(info.value, "__notes__", [])
+
+
 def test_a_loader_that_skipped_everything_saves_a_state_it_can_load(tok):
     """With every conversation skipped no batch carried the final position: the state said 10
     consumed at position 0, which load_state_dict (rightly) refuses as impossible."""

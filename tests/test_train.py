@@ -823,6 +823,52 @@ def test_a_shard_cut_shorter_than_the_rows_is_said(base_dir, capsys):
             "and rows hold 65 tokens") in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("loader", ["rust", "python"])
+def test_the_run_reports_what_its_batches_held(base_dir, capsys, loader):
+    """Padding, truncation, rows without a supervised token and skips were counted by the loader
+    and never shown; a shard's conversations cut at prep (max_tokens = the row) were reported
+    nowhere."""
+    log = base_dir / "log.jsonl"
+    train.run(make_args(base_dir, "--eval-every", "-1", "--packing", "padded", "--loader", loader,
+                        "--log-jsonl", str(log)))
+    data = [json.loads(line) for line in log.read_text().splitlines() if '"type": "data"' in line]
+    assert len(data) == 1
+    d = data[0]
+    assert d["conversations"] == 48 and d["batches"] == 24 and d["skipped"] == 0 and "cut_at_prep" not in d
+    assert 0 < d["padding"] < d["positions"]
+    out = capsys.readouterr().out
+    assert f"data | 48 conversations in 24 batches | padding {100 * d['padding'] / d['positions']:.1f}% |" in out
+
+
+def test_a_shard_reports_the_conversations_prep_cut(base_dir, capsys):
+    from sftfast import prep
+
+    shard, long = base_dir / "row", base_dir / "long.jsonl"
+    long.write_text("".join(json.dumps(c) + "\n" for c in conversations(16, seed=5, long_user=True)))
+    assert prep.main([str(long), "--tokenizer", str(base_dir / "tokenizer" / "tokenizer.sftfast"),
+                      "--out", str(shard), "--quiet", "--no-progress", "--max-tokens", "65"]) == 0
+    cut = ShardDataset(shard).manifest["num_truncated"]
+    assert cut > 0
+    args = make_args(base_dir, "--num-iterations", "1", "--eval-every", "-1")
+    args.train_data = str(shard)
+    train.run(args)
+    out = capsys.readouterr().out
+    assert f"cut at prep's max_tokens=65: {cut} of the shard" in out and "warning" not in out  # 65 = the row
+
+
+def test_validation_reads_each_conversation_once(base_dir):
+    """The validation loader was endless: with more eval_steps than the set fills, best-fit
+    mixed the next pass's copies in (some conversations counted twice, others never)."""
+    tok = byte_tokenizer()
+    val = train_data.read_jsonl_conversations(base_dir / "val.jsonl")
+    row = 64 + 1
+    expected = sum(sum(tok.render_conversation(c, max_tokens=row)[1][1:]) for c in val)
+    for packing in ("bestfit", "padded"):
+        out = train.run(make_args(base_dir, "--num-iterations", "1", "--eval-steps", "50", "--packing", packing))
+        shutil.rmtree(base_dir / "chatsft_checkpoints")
+        assert out["metrics"]["val_tokens"] == expected, packing
+
+
 def test_training_data_paths_that_are_not_data(base_dir):
     """A missing path or a directory without a manifest was reported as "CustomJSON: X is not
     a file"; --val-data without --train-data was silently ignored (the mixture's own

@@ -395,6 +395,8 @@ class SFTLoader:
             conversations=self._consumed,
             batches=tot["batches"],
             supervised_tokens=tot["supervised"],
+            positions=tot["positions"],
+            padding=tot["pad"],
             padding_pct=100.0 * tot["pad"] / max(tot["positions"], 1),
             truncated_pct=100.0 * tot["truncated"] / consumed,
             truncated=tot["truncated"],

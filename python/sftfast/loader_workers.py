@@ -79,6 +79,10 @@ def prepare(source, tokenizer, spec: ChunkSpec, tags):
                 break
             failed.append((t, msg))
             continue
+        except Exception as e:  # a bug or an I/O failure in the source: not skippable, but located
+            if hasattr(e, "add_note"):  # Python 3.11+
+                e.add_note(f"while the loader read conversation {i} of the source")
+            raise
         items.append(item)
         fed_tags.append(t)
         indices.append(i)  # errors name the source index, not the stream tag

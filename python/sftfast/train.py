@@ -175,6 +175,8 @@ def evaluate_loss(model, loader, steps, token_bytes, info: DistInfo, autocast, d
     sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss nats, tokens, nats on byte tokens, bytes
     for _ in range(steps):
         b = loader.next()
+        if b is None:  # one pass over a validation set smaller than `steps` batches
+            break
         x, y = b.inputs.to(info.device), b.targets.to(info.device)
         d = b.doc_ids.to(info.device) if doc_mask else None
         with autocast:
@@ -307,6 +309,31 @@ def _set_rng_state(s):
     if torch.cuda.is_available() and s["cuda"]:
         torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
     random.setstate((3, tuple(int(v) for v in s["python"]), s["python_pos"]))
+
+
+DATA_COUNTS = ("conversations", "batches", "positions", "padding", "truncated", "empty_rows", "empty_batches", "skipped")
+
+
+def report_data(loader, dataset, info: DistInfo, log) -> None:
+    """What the training batches held, over all ranks: padding, conversations cut to the row,
+    rows and batches with no supervised token (the loss gives them 0, not NaN), skips; for a
+    shard also the conversations prep cut at its max_tokens. One line and a "data" record."""
+    from sftfast.shards import ShardDataset
+
+    stats = loader.stats()
+    counts = torch.tensor([stats[k] for k in DATA_COUNTS], dtype=torch.float64, device=info.device)
+    all_reduce(counts, info)
+    c = dict(zip(DATA_COUNTS, (int(v) for v in counts.tolist())))
+    shard = getattr(dataset, "dataset", dataset)
+    if isinstance(shard, ShardDataset):
+        c["cut_at_prep"] = int(shard.manifest.get("num_truncated", 0))
+    line = (f"data | {c['conversations']:,} conversations in {c['batches']:,} batches | padding "
+            f"{100 * c['padding'] / max(c['positions'], 1):.1f}% | cut to the row {c['truncated']:,} | rows without a "
+            f"supervised token {c['empty_rows']:,} (whole batches {c['empty_batches']:,}) | skipped {c['skipped']:,}")
+    if "cut_at_prep" in c:
+        line += f" | cut at prep's max_tokens={shard.max_tokens}: {c['cut_at_prep']:,} of the shard"
+    log.print(line)
+    log.record("data", c)
 
 
 def warn_shard_cut_short(flag: str, data, row_tokens: int, log) -> None:
@@ -581,7 +608,10 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
         last_step = (budget and step >= num_iterations) or (derived and progress >= 1.0)
 
         if val_ds is not None and (last_step or (args.eval_every > 0 and step % args.eval_every == 0)):
-            val_loader = make_loader(val_ds, tokenizer, args.device_batch_size, T, info.rank, info.world_size, args.packing, args.loader, device)
+            # one pass at most: an endless loader's best-fit buffer would mix in the next pass's
+            # copies before the first ends (some conversations counted twice, others never)
+            val_loader = make_loader(val_ds, tokenizer, args.device_batch_size, T, info.rank, info.world_size, args.packing,
+                                     args.loader, device, num_epochs=1)
             opened.append(val_loader)
             metrics.update(evaluate_loss(model, val_loader, args.eval_steps, token_bytes, info, autocast, doc_mask))
             if hasattr(val_loader, "close"):
@@ -672,6 +702,7 @@ def _run(args, train_ds, val_ds, metric_tasks, tokenizer, opened: list) -> dict:
             log.bar.update(1)
         history.append(train_loss)
 
+    report_data(train_loader, train_ds, info, log)
     metrics["train_loss"] = train_loss
     if step > start_step:
         save(step, metrics)

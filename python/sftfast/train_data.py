@@ -71,6 +71,7 @@ class PyPackedLoader:
 
         self._render, self._enc = reference.render_conversation, tokenizer.to_tiktoken()
         self.cursor, self.consumed, self.n_truncated = 0, 0, 0  # cursor: position within this rank's shard
+        self.totals = dict(batches=0, positions=0, pad=0, supervised=0, empty_rows=0, empty_batches=0)
         self.end = None if num_epochs is None else num_epochs * self.shard_len  # the cursor's end, if any
         self.buffer: list[tuple[int, list[int], list[int], bool]] = []  # (shard position, ids, mask, truncated)
 
@@ -133,17 +134,35 @@ class PyPackedLoader:
             doc_ids[i, :n] = docs[:n]
             doc_ids[i, n:] = (docs[n - 1] + 1) if n else 0  # padding: a conversation of its own
         targets = np.where(targets_mask[:, 1:], inputs[:, 1:], -1)
+        supervised = (targets != -1).sum(axis=1)
+        tot = self.totals
+        tot["batches"] += 1
+        tot["positions"] += targets.size
+        tot["pad"] += sum(width - 1 - min(len(row[0]), width - 1) for row in rows)
+        tot["supervised"] += int(supervised.sum())
+        tot["empty_rows"] += int((supervised == 0).sum())
+        tot["empty_batches"] += int(supervised.sum() == 0)
         return Batch(
             torch.from_numpy(inputs[:, :-1].copy()), torch.from_numpy(targets),
             torch.from_numpy(doc_ids[:, :-1].copy()), self.consumed / self.shard_len,
         )
 
+    def stats(self) -> dict:
+        """The same counts as SFTLoader.stats() (this loader skips nothing: it raises)."""
+        tot, consumed = self.totals, max(self.consumed, 1)
+        return dict(epoch=self.consumed / self.shard_len, conversations=self.consumed, batches=tot["batches"],
+                    supervised_tokens=tot["supervised"], positions=tot["positions"], padding=tot["pad"],
+                    padding_pct=100.0 * tot["pad"] / max(tot["positions"], 1),
+                    truncated_pct=100.0 * self.n_truncated / consumed, truncated=self.n_truncated,
+                    empty_rows=tot["empty_rows"], empty_batches=tot["empty_batches"], skipped=0)
+
     def state_dict(self) -> dict:
         return dict(cursor=self.cursor, consumed=self.consumed, n_truncated=self.n_truncated,
-                    buffer=[b[0] for b in self.buffer])
+                    buffer=[b[0] for b in self.buffer], totals=dict(self.totals))
 
     def load_state_dict(self, state: dict) -> None:
         self.consumed, self.n_truncated = int(state["consumed"]), int(state["n_truncated"])
+        self.totals.update(state.get("totals", {}))
         self.buffer = []
         for pos in state["buffer"]:  # re-render the buffered conversations
             self.cursor = int(pos)
@@ -287,6 +306,9 @@ class RustLoader:
         # position ids restart at 0 at each conversation (and at a row's padding tail): one label each
         doc_ids = (b.position_ids == 0).cumsum(dim=1, dtype=torch.int32)
         return Batch(b.inputs.long(), b.targets, doc_ids, b.epoch)
+
+    def stats(self) -> dict:
+        return self.loader.stats()
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()
