@@ -1164,6 +1164,23 @@ mod tests {
             .unwrap()
     }
 
+    /// A whole Toy shard of two records, `first` and [4, 5], that opens: (its directory,
+    /// the shard's path, its manifest). Tests then damage one file at a time.
+    fn toy_shard(
+        name: &str,
+        first: [i64; 3],
+        extra: &Map<String, Value>,
+    ) -> (tempfile::TempDir, PathBuf, Value) {
+        let dir = tmp(name);
+        let out = dir.path().join("shard");
+        let mut p = Preprocessor::new(&out, Toy, 5, OnError::Fail, 1).unwrap();
+        let records = [serde_json::json!(first), serde_json::json!([4, 5])];
+        p.process_values("x", LocKind::Index, 0, &records).unwrap();
+        let (_, manifest) = p.finish(extra).unwrap();
+        assert!(Shard::open(&out).is_ok());
+        (dir, out, manifest)
+    }
+
     fn leftovers(parent: &Path) -> Vec<String> {
         fs::read_dir(parent)
             .unwrap()
@@ -1294,24 +1311,12 @@ mod tests {
 
     #[test]
     fn open_checks_the_contents() {
-        let dir = tmp("content");
-        let d = dir.path();
-        let out = d.join("shard");
-        let mut p = Preprocessor::new(&out, Toy, 5, OnError::Fail, 1).unwrap();
-        p.process_values(
-            "x",
-            LocKind::Index,
-            0,
-            &[serde_json::json!([1, -2, 3]), serde_json::json!([4, 5])],
-        )
-        .unwrap();
         let mut extra = Map::new();
         extra.insert(
             "tokenizer".into(),
             serde_json::json!({"n_vocab": 10, "bos_id": 1}),
         );
-        let (_, manifest) = p.finish(&extra).unwrap();
-        assert!(Shard::open(&out).is_ok());
+        let (_dir, out, manifest) = toy_shard("content", [1, -2, 3], &extra);
         let open_err = |ids: &[u32], mask: &[u8], manifest: &Value| {
             let bytes: Vec<u8> = ids.iter().flat_map(|x| x.to_le_bytes()).collect();
             fs::write(out.join(IDS_FILE), bytes).unwrap();
@@ -1573,19 +1578,7 @@ mod tests {
     /// num_tokens must match the ids.
     #[test]
     fn open_checks_the_first_offset_and_the_manifest_counts() {
-        let dir = tmp("offsets-start");
-        let d = dir.path();
-        let out = d.join("shard");
-        let mut p = Preprocessor::new(&out, Toy, 5, OnError::Fail, 1).unwrap();
-        p.process_values(
-            "x",
-            LocKind::Index,
-            0,
-            &[serde_json::json!([1, 2, 3]), serde_json::json!([4, 5])],
-        )
-        .unwrap();
-        let (_, manifest) = p.finish(&Map::new()).unwrap();
-        assert!(Shard::open(&out).is_ok());
+        let (_dir, out, manifest) = toy_shard("offsets-start", [1, 2, 3], &Map::new());
         let open_err = || {
             Shard::open(&out)
                 .err()
